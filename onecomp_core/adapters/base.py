@@ -1,0 +1,70 @@
+"""The model adapter interface and the lookup by ``model_type``."""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import attrs
+import torch
+
+from ..errors import OnecompError
+
+
+class ModelAdapter:
+    """Knows an architecture: where its blocks are, each block's linear modules in execution
+    order grouped by shared input, the coupled submodules LPCD works on, and how checkpoint
+    keys map to module parameters.
+
+    Subclasses set ``name`` and ``model_types`` and may override any method.
+    """
+    name: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]] = ()
+
+    @attrs.define(frozen=True)
+    class Options:
+        pass
+
+    def __init__(self, config, options=None):
+        self.config = config
+        self.options = options if options is not None else self.Options()
+
+    @classmethod
+    def supports(cls, config) -> bool:
+        return getattr(config, "model_type", None) in cls.model_types
+
+    # -- structure -------------------------------------------------------------------------
+    def blocks_path(self) -> str:
+        return "model.layers"
+
+    def num_blocks(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    def prepare_block(self, block: torch.nn.Module) -> torch.nn.Module:
+        """Rewrite a freshly built (meta) block into the form that is quantized and saved,
+        e.g. split fused expert tensors into one linear per expert. Default: unchanged."""
+        return block
+
+    def linear_groups(self, block: torch.nn.Module) -> list[list[str]]:
+        """Names (relative to the block) of the linears to quantize, in execution order;
+        the linears of one group read the same input and are quantized together."""
+        raise NotImplementedError
+
+    def submodules(self, block: torch.nn.Module) -> dict[str, list[str]]:
+        """Coupled layer groups for submodule-level corrections (LPCD): ``qk``, ``vo``,
+        ``mlp`` -> relative linear names."""
+        return {}
+
+    def checkpoint_keys(self, key: str) -> list[str]:
+        """Checkpoint keys to try, in order, for a parameter named ``key`` in the model."""
+        return [key]
+
+
+def find_adapter(config, registry) -> ModelAdapter:
+    adapters = registry.items("model_adapter")
+    for name in sorted(adapters):
+        if adapters[name].supports(config):
+            return adapters[name](config)
+    mt = getattr(config, "model_type", "?")
+    known = sorted({t for a in adapters.values() for t in a.model_types})
+    raise OnecompError(
+        f"unsupported architecture {mt!r}; supported model types: {', '.join(known)}. "
+        f"To add one, write a ModelAdapter plugin (docs/plugins.md#model-adapters)")

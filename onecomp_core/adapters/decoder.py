@@ -1,0 +1,94 @@
+"""One adapter for Llama-like decoders: Llama, Mistral, Qwen2, Qwen3, Gemma 2/3, Phi-3 (fused
+qkv and gate_up), and Mixtral (experts split into one linear per expert)."""
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn as nn
+
+from .base import ModelAdapter
+
+ATTN_IN = ("q_proj", "k_proj", "v_proj", "qkv_proj")
+ATTN_OUT = ("o_proj",)
+MLP_IN = ("gate_proj", "up_proj", "gate_up_proj")
+MLP_OUT = ("down_proj",)
+
+
+class ExpertMLP(nn.Module):
+    def __init__(self, hidden: int, inter: int, act, dtype, device):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False, dtype=dtype, device=device)
+        self.up_proj = nn.Linear(hidden, inter, bias=False, dtype=dtype, device=device)
+        self.down_proj = nn.Linear(inter, hidden, bias=False, dtype=dtype, device=device)
+        self.act_fn = act
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SplitExperts(nn.ModuleList):
+    """Drop-in for transformers' fused experts (3-D gate_up/down tensors): one ExpertMLP per
+    expert, same routing arithmetic, so every expert is an ordinary linear to quantize."""
+
+    @classmethod
+    def from_fused(cls, fused: nn.Module) -> "SplitExperts":
+        E, two_i, h = fused.gate_up_proj.shape
+        dev, dt = fused.gate_up_proj.device, fused.gate_up_proj.dtype
+        return cls([ExpertMLP(h, two_i // 2, fused.act_fn, dt, dev) for _ in range(E)])
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        for e, expert in enumerate(self):
+            token_idx, k_pos = torch.where(top_k_index == e)
+            if token_idx.numel() == 0:
+                continue
+            y = expert(hidden_states[token_idx]) * top_k_weights[token_idx, k_pos, None]
+            out.index_add_(0, token_idx, y.to(out.dtype))
+        return out
+
+
+class DecoderAdapter(ModelAdapter):
+    name = "decoder"
+    model_types = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "mixtral")
+
+    def prepare_block(self, block):
+        for name, mod in list(block.named_modules()):
+            if hasattr(mod, "gate_up_proj") and isinstance(getattr(mod, "gate_up_proj"), nn.Parameter) \
+                    and getattr(mod, "gate_up_proj").dim() == 3:
+                parent_name, _, child = name.rpartition(".")
+                parent = block.get_submodule(parent_name) if parent_name else block
+                setattr(parent, child, SplitExperts.from_fused(mod))
+        return block
+
+    def _linears(self, block):
+        return [n for n, m in block.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1]
+                in ATTN_IN + ATTN_OUT + MLP_IN + MLP_OUT]
+
+    def linear_groups(self, block):
+        names = self._linears(block)
+        groups = [[n for n in names if n.rsplit(".", 1)[-1] in kind]
+                  for kind in (ATTN_IN, ATTN_OUT, MLP_IN, MLP_OUT)]
+        return [g for g in groups if g]
+
+    def submodules(self, block):
+        names = self._linears(block)
+        pick = lambda *leaf: [n for n in names if n.rsplit(".", 1)[-1] in leaf]
+        subs = {"qk": pick("q_proj", "k_proj") or pick("qkv_proj"),
+                "vo": (pick("v_proj") or pick("qkv_proj")) + pick("o_proj"),
+                "mlp": pick("gate_proj", "up_proj", "gate_up_proj", "down_proj")}
+        return {k: v for k, v in subs.items() if v}
+
+    # transformers writes Mixtral checkpoints with the original expert names
+    _MIXTRAL = [(r"\.mlp\.experts\.(\d+)\.gate_proj\.", r".block_sparse_moe.experts.\1.w1."),
+                (r"\.mlp\.experts\.(\d+)\.down_proj\.", r".block_sparse_moe.experts.\1.w2."),
+                (r"\.mlp\.experts\.(\d+)\.up_proj\.", r".block_sparse_moe.experts.\1.w3."),
+                (r"\.mlp\.gate\.weight$", r".block_sparse_moe.gate.weight")]
+
+    def checkpoint_keys(self, key):
+        keys = [key]
+        if self.config.model_type == "mixtral":
+            for pat, rep in self._MIXTRAL:
+                if re.search(pat, key):
+                    keys.append(re.sub(pat, rep, key))
+        return keys

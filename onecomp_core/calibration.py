@@ -1,0 +1,154 @@
+"""Calibration samples: token id sequences of one length, from text files, jsonl, parquet or a
+``datasets`` dataset; strategies concat_chunk, drop_head, drop_rand; seeded; cached on disk."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from pathlib import Path
+
+import torch
+
+from .errors import OnecompError
+from .model_source import cache_root
+
+STRATEGIES = ("concat_chunk", "drop_head", "drop_rand")
+DEFAULT_TEXT = Path(__file__).parent / "data" / "enwiki_excerpt.txt"
+
+
+def read_documents(source: str, text_field: str = "text", split: str = "train") -> list[str]:
+    """Documents of a calibration source. A .txt file is split at blank lines."""
+    p = Path(source).expanduser()
+    if p.is_file():
+        suffix = p.suffix.lower()
+        if suffix in (".txt", ".md", ".text", ""):
+            text = p.read_text(encoding="utf-8", errors="replace")
+            docs = [d.strip() for d in text.split("\n\n")]
+        elif suffix in (".jsonl", ".json"):
+            docs = []
+            for i, line in enumerate(p.read_text(encoding="utf-8").splitlines()):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    raise OnecompError(f"{p}:{i + 1} is not a JSON line") from None
+                if not isinstance(rec, dict) or text_field not in rec:
+                    raise OnecompError(f"{p}:{i + 1} has no {text_field!r} field; set calibration.text_field")
+                docs.append(str(rec[text_field]))
+        elif suffix == ".parquet":
+            import pyarrow.parquet as pq
+            table = pq.read_table(p)
+            if text_field not in table.column_names:
+                raise OnecompError(f"{p} has no column {text_field!r} (columns: {', '.join(table.column_names)}); "
+                                   f"set calibration.text_field")
+            docs = [str(x) for x in table.column(text_field).to_pylist()]
+        else:
+            raise OnecompError(f"calibration file {p} has an unknown type; use .txt, .jsonl or .parquet")
+    elif p.is_dir():
+        docs = _from_datasets_disk(p, text_field, split)
+    elif "/" in source and not source.startswith((".", "/", "~")):
+        docs = _from_hub(source, text_field, split)
+    else:
+        raise OnecompError(f"calibration source {source!r} does not exist; give a .txt/.jsonl/.parquet file, "
+                           f"a dataset folder, or a hub dataset id")
+    docs = [d for d in docs if d and d.strip()]
+    if not docs:
+        raise OnecompError(f"calibration source {source!r} is empty; give a file with text in it")
+    return docs
+
+
+def _column(ds, text_field, where):
+    if text_field not in ds.column_names:
+        raise OnecompError(f"{where} has no column {text_field!r} (columns: {', '.join(ds.column_names)}); "
+                           f"set calibration.text_field")
+    return [str(x) for x in ds[text_field]]
+
+
+def _from_datasets_disk(p: Path, text_field: str, split: str) -> list[str]:
+    import datasets
+    try:
+        ds = datasets.load_from_disk(str(p))
+    except Exception as exc:
+        raise OnecompError(f"{p} is not a saved `datasets` dataset: {str(exc).splitlines()[0]}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise OnecompError(f"{p} has no split {split!r} (splits: {', '.join(ds)}); set calibration.split")
+        ds = ds[split]
+    return _column(ds, text_field, str(p))
+
+
+def _from_hub(name: str, text_field: str, split: str) -> list[str]:
+    import datasets
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as exc:
+        raise OnecompError(f"cannot load hub dataset {name!r} ({str(exc).splitlines()[0]}); offline? "
+                           f"use a local file") from None
+    return _column(ds, text_field, name)
+
+
+def select(docs_tokens: list[list[int]], n: int, seq_len: int, strategy: str, seed: int) -> torch.Tensor:
+    """(n, seq_len) token ids from tokenized documents.
+
+    concat_chunk: concatenate everything, cut consecutive seq_len chunks, keep the first n.
+    drop_head:    documents of at least seq_len tokens, their first seq_len tokens, n drawn at random.
+    drop_rand:    documents of at least seq_len tokens, a random seq_len window of each, n drawn.
+    """
+    rng = random.Random(seed)
+    if strategy == "concat_chunk":
+        flat = [t for d in docs_tokens for t in d]
+        have = len(flat) // seq_len
+        if have == 0:
+            raise OnecompError(f"calibration text has {len(flat)} tokens, shorter than one sample of "
+                               f"{seq_len}; give more text or lower calibration.seq_len")
+        if have < n:
+            raise OnecompError(f"calibration text gives {have} samples of {seq_len} tokens, {n} asked; "
+                               f"give more text or lower calibration.num_samples")
+        return torch.tensor(flat[: n * seq_len]).view(n, seq_len)
+    if strategy not in STRATEGIES:
+        raise OnecompError(f"unknown calibration strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
+    long = [d for d in docs_tokens if len(d) >= seq_len]
+    if len(long) < n:
+        raise OnecompError(f"strategy {strategy} needs {n} documents of at least {seq_len} tokens, the "
+                           f"calibration text has {len(long)}; use concat_chunk or lower seq_len/num_samples")
+    picked = rng.sample(long, n)
+    rows = []
+    for d in picked:
+        start = 0 if strategy == "drop_head" else rng.randrange(0, len(d) - seq_len + 1)
+        rows.append(d[start:start + seq_len])
+    return torch.tensor(rows)
+
+
+def calibration_samples(source: str | None, tokenizer, num_samples: int, seq_len: int,
+                        strategy: str = "concat_chunk", seed: int = 0, text_field: str = "text",
+                        split: str = "train", use_cache: bool = True) -> torch.Tensor:
+    src = str(source) if source else str(DEFAULT_TEXT)
+    key = _cache_key(src, tokenizer, num_samples, seq_len, strategy, seed, text_field, split)
+    cache = cache_root() / "calibration" / f"{key}.pt"
+    if use_cache and cache.is_file():
+        return torch.load(cache)
+    docs = read_documents(src, text_field, split)
+    if strategy == "concat_chunk":   # the running text, as perplexity sees it
+        docs = ["\n\n".join(docs)]
+    tokens = [tokenizer(d, add_special_tokens=False)["input_ids"] for d in docs]
+    ids = select(tokens, num_samples, seq_len, strategy, seed)
+    if use_cache:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".tmp{os.getpid()}")
+        torch.save(ids, tmp)
+        os.replace(tmp, cache)
+    return ids
+
+
+def _cache_key(src, tokenizer, *parts) -> str:
+    h = hashlib.sha1()
+    p = Path(src)
+    if p.exists():
+        st = p.stat()
+        h.update(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    else:
+        h.update(src.encode())
+    h.update(f"{getattr(tokenizer, 'name_or_path', '')}:{len(tokenizer)}:{parts}".encode())
+    return h.hexdigest()[:16]

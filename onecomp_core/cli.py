@@ -1,0 +1,174 @@
+"""The ``onecomp`` command: quantize, eval, plugins, config."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import OnecompError
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", help="model folder, .gguf file or hub id")
+    p.add_argument("--config", help="YAML/TOML/JSON file with any of the fields below")
+    p.add_argument("--out", help="output folder (appears complete or not at all)")
+    p.add_argument("--bits", type=int)
+    p.add_argument("--group-size", help="positive integer, or -1 / channel for per-channel")
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="symmetric", action="store_const", const=True)
+    sym.add_argument("--asym", dest="symmetric", action="store_const", const=False)
+    p.add_argument("--projector", help="projector name (rtn, gptq, ...)")
+    p.add_argument("--correction", action="append", dest="corrections", help="layer-wise correction (repeatable)")
+    p.add_argument("--planner", help="planner name (uniform, autobit, ...)")
+    p.add_argument("--target-bpw", type=float, help="average bits per weight (budget planners)")
+    p.add_argument("--format", help="format name (uniform, ...)")
+    p.add_argument("--calibration", help="calibration text: .txt/.jsonl/.parquet, dataset folder or hub id")
+    p.add_argument("--num-samples", type=int)
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--strategy", help="concat_chunk, drop_head or drop_rand")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--exclude", action="append", help="module name pattern to keep in full precision")
+    p.add_argument("--option", action="append", default=[], metavar="COMPONENT.KEY=VALUE",
+                   help="a component option, e.g. gptq.damp=0.02 (value parsed as JSON when it can be)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--dtype", help="auto or a torch dtype name")
+    p.add_argument("--eval-text", help="after quantizing, measure perplexity and KL on this text")
+    p.add_argument("--overwrite", action="store_const", const=True)
+
+
+def _options(items) -> dict:
+    opts: dict = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        comp, dot, field = key.partition(".")
+        if not eq or not dot or not comp or not field:
+            raise OnecompError(f"--option {item!r}: write COMPONENT.KEY=VALUE, e.g. gptq.damp=0.02")
+        try:
+            v = json.loads(value)
+        except json.JSONDecodeError:
+            v = value
+        opts.setdefault(comp, {})[field] = v
+    return opts
+
+
+def _run_config(a):
+    from .api import make_config
+    from .config import read_file
+    base = read_file(a.config) if a.config else {}
+    if a.option:
+        merged = dict(base.get("options", {}))
+        for comp, kv in _options(a.option).items():
+            merged[comp] = {**merged.get(comp, {}), **kv}
+        base["options"] = merged
+    return make_config(a.model, base, out=a.out, bits=a.bits, group_size=a.group_size, symmetric=a.symmetric,
+                       projector=a.projector, corrections=a.corrections, planner=a.planner,
+                       target_bpw=a.target_bpw, format=a.format, calibration=a.calibration,
+                       num_samples=a.num_samples, seq_len=a.seq_len, strategy=a.strategy, seed=a.seed,
+                       exclude=a.exclude, device=a.device, dtype=a.dtype, eval_text=a.eval_text,
+                       overwrite=a.overwrite)
+
+
+def cmd_quantize(a) -> int:
+    from .api import Resolved, Runner
+    from .plugins import load_plugins
+    run = _run_config(a)
+    if not run.out:
+        raise OnecompError("no output folder: pass --out DIR")
+    report = Runner(Resolved(run, load_plugins())).run()
+    s = report["summary"]
+    print(f"wrote {report['out']}: {s['bpw']} bits per weight, {s['wall_seconds']} s, peak RSS {s['peak_rss_mb']} MB")
+    if report.get("evaluation"):
+        print(json.dumps(report["evaluation"]))
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from transformers import AutoTokenizer
+    from .checkpoint import load_quantized, read_meta
+    from .evaluate import evaluate, load_reference, text_tokens
+    read_meta(a.dir)
+    model = load_quantized(a.dir, a.device, a.dtype)
+    tok = AutoTokenizer.from_pretrained(a.dir)
+    ids = text_tokens(tok, a.text, a.max_tokens)
+    ref = load_reference(a.ref, a.device, a.dtype)[0] if a.ref else None
+    result = evaluate(model, ids, ref=ref, seq_len=a.seq_len, stride=a.stride)
+    if a.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k}: {v}")
+    return 0
+
+
+def cmd_plugins(a) -> int:
+    from .plugins import load_plugins
+    ps = load_plugins()
+    rows = []
+    for p in ps.plugins:
+        regs = ", ".join(f"{k} {n}" for k, n in p.registers) or "-"
+        state = f"FAILED: {p.error}" if p.error else regs
+        rows.append({"name": p.name, "distribution": p.distribution, "version": p.version,
+                     "module": p.module, "registers": [list(r) for r in p.registers], "error": p.error})
+        if not a.json:
+            print(f"{p.name:<12} {p.distribution or '-':<28} {p.version or '-':<10} {state}")
+    if a.json:
+        print(json.dumps(rows, indent=2))
+    return 1 if ps.failed and a.strict else 0
+
+
+def cmd_config(a) -> int:
+    from .api import Resolved
+    from .plugins import load_plugins
+    run = _run_config(a)
+    desc = Resolved(run, load_plugins()).describe()
+    if a.json:
+        print(json.dumps(desc, indent=2))
+    else:
+        import yaml
+        print(yaml.safe_dump(desc, sort_keys=False), end="")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="onecomp", description="Quantize Hugging Face causal LMs to low-bit checkpoints.")
+    sub = p.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("quantize", help="quantize a model into an output folder")
+    _add_run_flags(q)
+    q.set_defaults(fn=cmd_quantize)
+    e = sub.add_parser("eval", help="perplexity (and KL with --ref) of a quantized folder")
+    e.add_argument("dir")
+    e.add_argument("--text", required=True, help="text file to measure perplexity on")
+    e.add_argument("--ref", help="full-precision model (folder, .gguf, hub id) for KL and its perplexity")
+    e.add_argument("--seq-len", type=int, default=512)
+    e.add_argument("--stride", type=int, default=None)
+    e.add_argument("--max-tokens", type=int, default=16384)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--dtype", default="auto")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.set_defaults(fn=cmd_eval)
+    pl = sub.add_parser("plugins", help="installed plugins, versions and what each registers")
+    pl.add_argument("--json", action="store_true")
+    pl.add_argument("--strict", action="store_true", help="exit 1 when a plugin failed to load")
+    pl.set_defaults(fn=cmd_plugins)
+    c = sub.add_parser("config", help="print the resolved config")
+    _add_run_flags(c)
+    c.add_argument("--show", action="store_true", help="print the resolved config (the default)")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(fn=cmd_config)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except OnecompError as exc:
+        print(f"onecomp: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("onecomp: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Base classes of the component kinds that plugins register (formats and adapters live in
+their own modules). Each has a ``name`` and a nested attrs ``Options`` class."""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import attrs
+import torch
+
+from .spec import LayerSpec, Plan
+
+
+class Component:
+    name: ClassVar[str]
+
+    @attrs.define(frozen=True)
+    class Options:
+        pass
+
+    def __init__(self, options=None):
+        self.options = options if options is not None else self.Options()
+
+
+class Projector(Component):
+    """(W, statistics, spec) -> a quantized tensor of ``spec.format``.
+
+    ``W`` is the float32 target (out x in); ``H`` the input Gram matrix X X^T / N (in x in,
+    float32) of the layer's calibration inputs, or None when ``needs_hessian`` is False."""
+    needs_hessian: ClassVar[bool] = True
+
+    def project(self, W: torch.Tensor, H: torch.Tensor | None, spec: LayerSpec, fmt):
+        raise NotImplementedError
+
+
+@attrs.define
+class LayerContext:
+    """What a layer-scope refiner sees while one linear is quantized."""
+    name: str
+    spec: LayerSpec
+    weight: torch.Tensor            # the layer's full-precision weight (float32)
+    target: torch.Tensor            # what the projector will aim at (starts as ``weight``)
+    H: torch.Tensor | None          # input Gram of the quantized stream
+    stats: dict                     # extra per-layer statistics a refiner asked for
+    module: torch.nn.Module         # the live linear inside the block
+    block: torch.nn.Module
+    fmt: object
+
+
+class Refiner(Component):
+    """Improves a quantized model. ``scope = "layer"`` refiners (corrections) run inside the
+    layer-wise pass: ``adjust_target`` before a linear is projected and ``after_projection``
+    after; the others run on the finished pivot checkpoint (``refine``)."""
+    scope: ClassVar[str] = "layer"
+
+    def adjust_target(self, ctx: LayerContext) -> torch.Tensor:
+        return ctx.target
+
+    def after_projection(self, ctx: LayerContext, qt):
+        return qt
+
+    def refine(self, model, data):
+        raise NotImplementedError(f"refiner {self.name!r} has no pivot stage")
+
+
+class Planner(Component):
+    """(linear shapes, run config, formats) -> a :class:`Plan` of per-module specs."""
+
+    def plan(self, shapes: dict[str, tuple[int, int]], run, formats, registry) -> Plan:
+        raise NotImplementedError
+
+
+class Preprocessor(Component):
+    """A function-preserving transform of the whole model before quantization."""
+
+    def apply(self, model):
+        raise NotImplementedError

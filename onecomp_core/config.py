@@ -1,0 +1,194 @@
+"""Run configuration: attrs classes, loadable from YAML/TOML/JSON or a dict, every field
+validated with a message that names it. Each component's options come from its own ``Options``."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from .calibration import STRATEGIES
+from .errors import OnecompError
+
+
+def _fail(field: str, msg: str):
+    raise OnecompError(f"config field {field!r}: {msg}")
+
+
+def group_size_value(v: Any, field: str = "group_size") -> int:
+    """An int > 0, or -1 / 'channel' / 'per-channel' for one group per output row."""
+    if isinstance(v, str):
+        s = v.strip().lower()
+        if s in ("channel", "per-channel", "per_channel", "-1"):
+            return -1
+        try:
+            v = int(s)
+        except ValueError:
+            _fail(field, f"must be a positive integer or 'channel' (-1), got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, int) or (v <= 0 and v != -1):
+        _fail(field, f"must be a positive integer or 'channel' (-1), got {v!r}")
+    return v
+
+
+def _int_in(lo: int, hi: int | None = None):
+    def check(inst, attr, value):
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(attr.name, f"must be an integer, got {value!r}")
+        if value < lo or (hi is not None and value > hi):
+            rng = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
+            _fail(attr.name, f"must be {rng}, got {value}")
+    return check
+
+
+def _one_of(options):
+    def check(inst, attr, value):
+        if value not in options:
+            _fail(attr.name, f"must be one of {', '.join(map(str, options))}, got {value!r}")
+    return check
+
+
+def _type(t, what):
+    def check(inst, attr, value):
+        if not isinstance(value, t) or isinstance(value, bool) and t is not bool:
+            _fail(attr.name, f"must be {what}, got {value!r}")
+    return check
+
+
+def _opt_str(inst, attr, value):
+    if value is not None and not isinstance(value, str):
+        _fail(attr.name, f"must be a string, got {value!r}")
+
+
+@attrs.define(frozen=True)
+class CalibrationConfig:
+    source: str | None = attrs.field(default=None, validator=_opt_str)
+    num_samples: int = attrs.field(default=32, validator=_int_in(1))
+    seq_len: int = attrs.field(default=512, validator=_int_in(8))
+    strategy: str = attrs.field(default="concat_chunk", validator=_one_of(STRATEGIES))
+    seed: int = attrs.field(default=0, validator=_int_in(0))
+    text_field: str = attrs.field(default="text", validator=_type(str, "a string"))
+    split: str = attrs.field(default="train", validator=_type(str, "a string"))
+    cache: bool = attrs.field(default=True, validator=_type(bool, "true or false"))
+
+
+def _names(inst, attr, value):
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        _fail(attr.name, f"must be a list of names, got {value!r}")
+
+
+def _options_map(inst, attr, value):
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        _fail(attr.name, f"must map component names to option tables, got {value!r}")
+
+
+def _bpw(inst, attr, value):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+        _fail(attr.name, f"must be a positive number of bits per weight, got {value!r}")
+
+
+@attrs.define(frozen=True)
+class RunConfig:
+    model: str = attrs.field(validator=_type(str, "a model folder, .gguf file or hub id"))
+    out: str | None = attrs.field(default=None, validator=_opt_str)
+    bits: int = attrs.field(default=4, validator=_int_in(1, 16))
+    group_size: int = attrs.field(default=128, converter=group_size_value)
+    symmetric: bool = attrs.field(default=False, validator=_type(bool, "true or false"))
+    format: str = attrs.field(default="uniform", validator=_type(str, "a format name"))
+    projector: str = attrs.field(default="gptq", validator=_type(str, "a projector name"))
+    corrections: tuple = attrs.field(default=(), converter=tuple, validator=_names)
+    planner: str = attrs.field(default="uniform", validator=_type(str, "a planner name"))
+    target_bpw: float | None = attrs.field(default=None, validator=_bpw)
+    exclude: tuple = attrs.field(default=("lm_head",), converter=tuple, validator=_names)
+    options: dict = attrs.field(factory=dict, validator=_options_map)
+    calibration: CalibrationConfig = attrs.field(factory=CalibrationConfig)
+    device: str = attrs.field(default="auto", validator=_type(str, "auto, cpu, cuda or cuda:N"))
+    dtype: str = attrs.field(default="auto", validator=_type(str, "auto or a torch dtype name"))
+    overwrite: bool = attrs.field(default=False, validator=_type(bool, "true or false"))
+    eval_text: str | None = attrs.field(default=None, validator=_opt_str)
+    eval_tokens: int = attrs.field(default=16384, validator=_int_in(2))
+    eval_seq_len: int = attrs.field(default=512, validator=_int_in(2))
+
+    def to_dict(self) -> dict:
+        d = attrs.asdict(self, recurse=True)
+        d["corrections"] = list(self.corrections)
+        d["exclude"] = list(self.exclude)
+        return d
+
+    def component_options(self, name: str) -> dict:
+        return dict(self.options.get(name, {}))
+
+
+def from_dict(d: dict) -> RunConfig:
+    if not isinstance(d, dict):
+        raise OnecompError(f"a config must be a table of fields, got {type(d).__name__}")
+    d = dict(d)
+    known = {a.name for a in attrs.fields(RunConfig)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise OnecompError(f"unknown config field(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))}")
+    if "model" not in d:
+        raise OnecompError("config field 'model' is required (a model folder, .gguf file or hub id)")
+    cal = d.get("calibration", {})
+    if isinstance(cal, str):
+        cal = {"source": cal}
+    if not isinstance(cal, dict):
+        raise OnecompError(f"config field 'calibration': must be a table or a path, got {cal!r}")
+    cknown = {a.name for a in attrs.fields(CalibrationConfig)}
+    bad = sorted(set(cal) - cknown)
+    if bad:
+        raise OnecompError(f"unknown calibration field(s) {', '.join(map(repr, bad))}; known: {', '.join(sorted(cknown))}")
+    d["calibration"] = CalibrationConfig(**cal)
+    for k in ("corrections", "exclude"):
+        if isinstance(d.get(k), str):
+            d[k] = [d[k]]
+    return RunConfig(**d)
+
+
+def read_file(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise OnecompError(f"config file {p} does not exist")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+            data = yaml.safe_load(text) or {}
+        elif p.suffix == ".toml":
+            import tomllib
+            data = tomllib.loads(text)
+        elif p.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise OnecompError(f"config file {p}: unknown type; use .yaml, .toml or .json")
+    except OnecompError:
+        raise
+    except Exception as exc:
+        raise OnecompError(f"config file {p} does not parse: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise OnecompError(f"config file {p} must hold a table of fields")
+    return data
+
+
+def build_options(kind: str, name: str, cls: type, raw: dict):
+    """A component's validated ``Options`` from a raw table; errors name the component and field."""
+    opt_cls = getattr(cls, "Options", None)
+    if opt_cls is None:
+        if raw:
+            raise OnecompError(f"{kind} {name!r} takes no options, got {', '.join(raw)}")
+        return None
+    fields = {a.name for a in attrs.fields(opt_cls)}
+    unknown = sorted(set(raw) - fields)
+    if unknown:
+        raise OnecompError(f"{kind} {name!r} has no option(s) {', '.join(map(repr, unknown))}; "
+                           f"options: {', '.join(sorted(fields)) or 'none'}")
+    try:
+        return opt_cls(**raw)
+    except OnecompError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise OnecompError(f"{kind} {name!r} options: {str(exc).splitlines()[0]}") from None
+
+
+def options_dict(options) -> dict:
+    return {} if options is None else attrs.asdict(options)

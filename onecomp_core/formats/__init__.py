@@ -1,0 +1,1 @@
+"""Quantized formats: representation, packing, inference module, save/load, exports."""

@@ -1,0 +1,51 @@
+"""The format interface every quantized representation implements."""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import attrs
+import torch
+
+from ..errors import OnecompError
+from ..spec import LayerSpec
+
+
+class Format:
+    """A quantized representation. Subclasses set ``name`` and implement the methods below.
+
+    - ``check(spec, shape)``: raise :class:`OnecompError` for a spec the format cannot hold
+    - ``bits_per_weight(spec, shape)``: every stored bit (codes and metadata) / weights
+    - ``to_tensors(prefix, qt, dtype)`` / ``from_tensors(prefix, tensors, meta)``: disk layout
+    - ``module(qt, bias)``: an ``nn.Module`` that runs the quantized layer (inference)
+    - ``checkpoint_config(entries)``: what ``config.json`` says about the quantization (or None)
+    """
+    name: ClassVar[str]
+
+    @attrs.define(frozen=True)
+    class Options:
+        pass
+
+    def __init__(self, options=None):
+        self.options = options if options is not None else self.Options()
+
+    def check(self, spec: LayerSpec, shape: tuple[int, int]) -> None:
+        raise NotImplementedError
+
+    def bits_per_weight(self, spec: LayerSpec, shape: tuple[int, int]) -> float:
+        raise NotImplementedError
+
+    def to_tensors(self, prefix: str, qt, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def from_tensors(self, prefix: str, tensors: dict[str, torch.Tensor], meta: dict):
+        raise NotImplementedError
+
+    def module(self, qt, bias: torch.Tensor | None) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def checkpoint_config(self, entries: dict[str, dict]) -> dict | None:
+        return None
+
+    @staticmethod
+    def fail(msg: str):
+        raise OnecompError(msg)

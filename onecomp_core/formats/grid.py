@@ -1,0 +1,107 @@
+"""Uniform group-wise integer grid: the pure math shared by RTN, GPTQ and JointQ.
+
+Per group (``group_size`` consecutive input columns of a row; the whole row when per-channel,
+``group_size = -1``), with maxq = 2^b - 1:
+  asymmetric  s = (max - min) / maxq, z = round(-min / s)
+  symmetric   s = 2 max|w| / maxq,    z = (maxq + 1) / 2
+  q = clamp(round(w / s) + z, 0, maxq),  w^ = s (q - z)
+Scales are rounded to a 16-bit float (``scale_dtype``: fp16, or bf16 for bf16 checkpoints) when
+fitted, so the 16-bit scale of the format's bit accounting holds exactly in whatever dtype the
+checkpoint stores them. A partial last group (when
+group_size does not divide in_features) is simply shorter.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+PER_CHANNEL = -1
+
+
+def num_groups(in_features: int, group_size: int) -> int:
+    return 1 if group_size == PER_CHANNEL else math.ceil(in_features / group_size)
+
+
+def group_index(in_features: int, group_size: int, device=None) -> torch.Tensor:
+    """Group of each input column, shape (in_features,)."""
+    cols = torch.arange(in_features, device=device)
+    return torch.zeros_like(cols) if group_size == PER_CHANNEL else cols // group_size
+
+
+def expand(per_group: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
+    """(out, G) -> (out, in): the value of each column's group."""
+    return per_group[:, group_index(in_features, group_size, per_group.device)]
+
+
+def _params_from_range(xmin, xmax, bits: int, symmetric: bool, scale_dtype=torch.float16):
+    maxq = 2**bits - 1
+    if symmetric:
+        amax = torch.maximum(xmin.abs(), xmax)
+        amax = torch.where(amax == 0, torch.ones_like(amax), amax)
+        scale = 2 * amax / maxq
+        zero = torch.full_like(scale, (maxq + 1) / 2)
+    else:
+        both0 = (xmin == 0) & (xmax == 0)
+        xmin = torch.where(both0, -torch.ones_like(xmin), xmin)
+        xmax = torch.where(both0, torch.ones_like(xmax), xmax)
+        scale = (xmax - xmin) / maxq
+    scale = scale.to(scale_dtype).float().clamp_min(torch.finfo(scale_dtype).tiny)
+    if not symmetric:
+        zero = torch.clamp(torch.round(-xmin / scale), 0, maxq)
+    return scale, zero
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes for w given per-row (broadcastable) scale and zero."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return scale * (q - zero)
+
+
+def fit(w: torch.Tensor, bits: int, symmetric: bool, mse_steps: int = 0,
+        max_shrink: float = 0.8, norm: float = 2.4, scale_dtype=torch.float16):
+    """Scale and zero for each row of ``w`` (rows x n): min/max range, optionally shrunk
+    over a grid of ``mse_steps`` factors keeping the smallest sum |w - w^|^norm per row."""
+    w = w.float()
+    xmin = torch.clamp(w.min(dim=1).values, max=0)
+    xmax = torch.clamp(w.max(dim=1).values, min=0)
+    scale, zero = _params_from_range(xmin, xmax, bits, symmetric, scale_dtype)
+    if mse_steps <= 0:
+        return scale, zero
+    best = torch.full_like(scale, float("inf"))
+    for i in range(int(max_shrink * mse_steps)):
+        p = 1 - i / mse_steps
+        s, z = _params_from_range(p * xmin, p * xmax, bits, symmetric, scale_dtype)
+        err = (dequantize(quantize(w, s[:, None], z[:, None], bits), s[:, None], z[:, None]) - w)
+        err = err.abs().pow(norm).sum(1)
+        better = err < best
+        best = torch.where(better, err, best)
+        scale = torch.where(better, s, scale)
+        zero = torch.where(better, z, zero)
+    return scale, zero
+
+
+def fit_groups(W: torch.Tensor, bits: int, group_size: int, symmetric: bool, **mse):
+    """(out, G) scales and zeros for every group of W."""
+    out, cols = W.shape
+    if group_size == PER_CHANNEL:
+        s, z = fit(W, bits, symmetric, **mse)
+        return s[:, None], z[:, None]
+    G = num_groups(cols, group_size)
+    scales, zeros = [], []
+    for g in range(G):
+        s, z = fit(W[:, g * group_size:(g + 1) * group_size], bits, symmetric, **mse)
+        scales.append(s)
+        zeros.append(z)
+    return torch.stack(scales, 1), torch.stack(zeros, 1)
+
+
+def rtn(W: torch.Tensor, bits: int, group_size: int, symmetric: bool, **mse):
+    """Round-to-nearest: -> codes (out, in) uint8, scale (out, G), zero (out, G)."""
+    scale, zero = fit_groups(W, bits, group_size, symmetric, **mse)
+    cols = W.shape[1]
+    q = quantize(W.float(), expand(scale, cols, group_size), expand(zero, cols, group_size), bits)
+    return q.to(torch.uint8), scale, zero

@@ -1,0 +1,187 @@
+"""Uniform group-wise integer format (2-8 bits, symmetric or asymmetric, any group size).
+
+On disk each quantized linear ``P`` is stored in compressed-tensors' pack-quantized layout:
+``P.weight_packed`` (int32, codes packed densely along in_features), ``P.weight_scale``
+(out x G', checkpoint dtype), ``P.weight_zero_point`` (asymmetric only: int32, signed zero
+points packed along out_features) and ``P.weight_shape``. compressed-tensors requires the group
+size to divide in_features; when it does not (576 = 4.5 x 128), the layer is written with the
+group size G' = gcd(in_features, group_size) and each scale repeated, which is exact. onecomp's
+own metadata keeps the true group size, and the bit accounting counts the true groups.
+"""
+from __future__ import annotations
+
+import math
+
+import attrs
+import torch
+import torch.nn.functional as F
+
+from . import grid
+from .base import Format
+from .packing import pack_rows, unpack_rows
+from ..spec import LayerSpec
+
+
+@attrs.define
+class UniformTensor:
+    codes: torch.Tensor        # (out, in) uint8 in [0, 2^bits)
+    scale: torch.Tensor        # (out, G) float
+    zero: torch.Tensor         # (out, G) float, integer valued
+    bits: int
+    group_size: int            # -1: per-channel
+    symmetric: bool
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        cols = self.codes.shape[1]
+        s = grid.expand(self.scale.float(), cols, self.group_size)
+        z = grid.expand(self.zero.float(), cols, self.group_size)
+        return grid.dequantize(self.codes.float(), s, z).to(dtype)
+
+
+class QuantLinear(torch.nn.Module):
+    """Linear layer holding uniform-format codes; dequantizes on the fly.
+
+    ``scale`` and ``zero`` are parameters that a refiner can train in place; call
+    :meth:`train_codes` to also train the integer codes through a straight-through estimator.
+    """
+
+    onecomp_quantized = True
+
+    def __init__(self, qt: UniformTensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = qt.shape
+        self.bits, self.group_size, self.symmetric = qt.bits, qt.group_size, qt.symmetric
+        self.register_buffer("codes", qt.codes.to(torch.uint8))
+        self.scale = torch.nn.Parameter(qt.scale.float().clone())
+        self.zero = torch.nn.Parameter(qt.zero.float().clone(), requires_grad=False)
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().clone())
+        self.code_latent = None
+        self._dense = None           # (weight, versions): inference cache, see forward
+
+    def train_codes(self) -> None:
+        """Make the codes trainable: a float latent rounded in the forward pass, with the
+        identity as its gradient (straight-through estimator)."""
+        self.code_latent = torch.nn.Parameter(self.codes.float())
+
+    def current_codes(self) -> torch.Tensor:
+        if self.code_latent is None:
+            return self.codes.float()
+        lat = self.code_latent.clamp(0, 2**self.bits - 1)
+        return lat + (torch.round(lat) - lat).detach()     # STE: forward round, backward identity
+
+    def weight_dequantized(self) -> torch.Tensor:
+        s = grid.expand(self.scale, self.in_features, self.group_size)
+        z = grid.expand(self.zero, self.in_features, self.group_size)
+        return s * (self.current_codes() - z)
+
+    def to_tensor(self) -> UniformTensor:
+        """The current state as a format tensor (codes rounded, zero kept integer)."""
+        codes = self.current_codes().detach().round().clamp(0, 2**self.bits - 1).to(torch.uint8)
+        return UniformTensor(codes, self.scale.detach().float(), self.zero.detach().round().float(),
+                             self.bits, self.group_size, self.symmetric)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() or self.code_latent is not None:
+            w = self.weight_dequantized().to(x.dtype)
+        else:   # inference: dequantize once, again only if the scales or zeros changed in place
+            key = (self.scale._version, self.zero._version, x.dtype, self.scale.device)
+            if self._dense is None or self._dense[1] != key:
+                self._dense = (self.weight_dequantized().to(x.dtype), key)
+            w = self._dense[0]
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        g = "channel" if self.group_size == -1 else self.group_size
+        return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={g}, "
+                f"{'sym' if self.symmetric else 'asym'}")
+
+
+def disk_group_size(in_features: int, group_size: int) -> int:
+    """Group size written for compressed-tensors (must divide in_features)."""
+    if group_size == grid.PER_CHANNEL or in_features % group_size == 0:
+        return group_size
+    return math.gcd(in_features, group_size)
+
+
+class UniformFormat(Format):
+    name = "uniform"
+    min_bits, max_bits = 2, 8
+
+    def check(self, spec: LayerSpec, shape) -> None:
+        if not self.min_bits <= spec.bits <= self.max_bits:
+            self.fail(f"format 'uniform' holds {self.min_bits} to {self.max_bits} bits, got bits={spec.bits} "
+                      f"for {spec.name}; choose bits in that range (or a binary-factor format below 2 bits)")
+        if spec.group_size != grid.PER_CHANNEL and spec.group_size <= 0:
+            self.fail(f"group size must be a positive integer or -1 (per-channel), got {spec.group_size}")
+
+    def bits_per_weight(self, spec: LayerSpec, shape) -> float:
+        out, cols = shape
+        groups = out * grid.num_groups(cols, spec.group_size)
+        meta_bits = 16 + (0 if spec.symmetric else spec.bits)          # fp16 scale + integer zero
+        return (out * cols * spec.bits + groups * meta_bits) / (out * cols)
+
+    def make(self, codes, scale, zero, spec: LayerSpec) -> UniformTensor:
+        return UniformTensor(codes.to(torch.uint8), scale.float(), zero.float(), spec.bits,
+                             spec.group_size, spec.symmetric)
+
+    # -- disk layout (compressed-tensors pack-quantized) --------------------------------------
+    def to_tensors(self, prefix: str, qt: UniformTensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        out, cols = qt.shape
+        g = qt.group_size
+        dg = disk_group_size(cols, g)
+        rep = 1 if g == grid.PER_CHANNEL else g // dg
+        scale = qt.scale.repeat_interleave(rep, dim=1)
+        if g != grid.PER_CHANNEL:
+            scale = scale[:, : cols // dg]
+        t = {
+            f"{prefix}.weight_packed": pack_rows(qt.codes, qt.bits),
+            f"{prefix}.weight_scale": scale.to(dtype).contiguous(),
+            f"{prefix}.weight_shape": torch.tensor([out, cols], dtype=torch.int64),
+        }
+        if not qt.symmetric:
+            zero = qt.zero.repeat_interleave(rep, dim=1)[:, : scale.shape[1]].to(torch.int64)
+            t[f"{prefix}.weight_zero_point"] = pack_rows(zero.t().contiguous(), qt.bits).t().contiguous()
+        return t
+
+    def from_tensors(self, prefix: str, tensors: dict[str, torch.Tensor], meta: dict) -> UniformTensor:
+        out, cols = (int(v) for v in tensors[f"{prefix}.weight_shape"])
+        bits, g, sym = int(meta["bits"]), int(meta["group_size"]), bool(meta["symmetric"])
+        codes = unpack_rows(tensors[f"{prefix}.weight_packed"], bits, cols)
+        dg = disk_group_size(cols, g)
+        step = 1 if g == grid.PER_CHANNEL else g // dg
+        scale = tensors[f"{prefix}.weight_scale"].float()[:, ::step]
+        if sym:
+            zero = torch.full_like(scale, 2 ** (bits - 1))
+        else:
+            zp = tensors[f"{prefix}.weight_zero_point"]
+            zero = unpack_rows(zp.t().contiguous(), bits, out).t().float()[:, ::step]
+        return UniformTensor(codes, scale, zero, bits, g, sym)
+
+    def module(self, qt: UniformTensor, bias=None) -> QuantLinear:
+        return QuantLinear(qt, bias)
+
+    def checkpoint_config(self, entries: dict[str, dict]) -> dict:
+        """compressed-tensors ``quantization_config``: one config group per distinct scheme,
+        targeting its modules by anchored regex (mixed precision is several groups)."""
+        import re
+        schemes: dict[tuple, list[str]] = {}
+        for name, meta in entries.items():
+            cols = int(meta["shape"][1])
+            g = disk_group_size(cols, int(meta["group_size"]))
+            key = (int(meta["bits"]), bool(meta["symmetric"]), g)
+            schemes.setdefault(key, []).append(f"re:^{re.escape(name)}$")
+        groups = {}
+        for i, ((bits, sym, g), targets) in enumerate(sorted(schemes.items())):
+            weights = {"num_bits": bits, "type": "int", "symmetric": sym, "dynamic": False,
+                       "strategy": "channel" if g == grid.PER_CHANNEL else "group",
+                       "group_size": None if g == grid.PER_CHANNEL else g, "observer": "minmax"}
+            groups[f"group_{i}"] = {"targets": targets, "weights": weights, "input_activations": None,
+                                    "output_activations": None, "format": "pack-quantized"}
+        return {"quant_method": "compressed-tensors", "format": "pack-quantized",
+                "quantization_status": "compressed", "config_groups": groups, "ignore": [],
+                "kv_cache_scheme": None, "sparsity_config": {}, "transform_config": {},
+                "global_compression_ratio": None}

@@ -1,0 +1,98 @@
+"""The layer-wise pass: block by block, two hidden-state streams (full precision and
+quantized), per-linear statistics, corrections, projection in dependency order, commit."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .components import LayerContext
+from .stats import GramAccumulator, InputCollector
+from .streams import run_block
+
+
+def relative_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor | None) -> float:
+    """||(W - W^) X||^2 / ||W X||^2 = tr(dW H dW^T) / tr(W H W^T) (Frobenius when H is None)."""
+    d = W - Wq
+    if H is None:
+        return float((d * d).sum() / (W * W).sum().clamp_min(1e-30))
+    return float(((d @ H) * d).sum() / ((W @ H) * W).sum().clamp_min(1e-30))
+
+
+class LayerwisePass:
+    def __init__(self, sk, plan, projectors, formats, corrections, store, hook, needs_hessian: bool):
+        self.sk, self.plan, self.projectors, self.formats = sk, plan, projectors, formats
+        self.corrections, self.store, self.hook = corrections, store, hook
+        self.needs_hessian = needs_hessian
+
+    def run(self, fp: torch.Tensor, q: torch.Tensor, kwargs: list[dict], start: int) -> dict:
+        sk = self.sk
+        total = len(sk.blocks)
+        per_block_s = []
+        for i in range(start, total):
+            t0 = time.time()
+            prefix = sk.block_prefix(i)
+            block = sk.block(i)
+            groups = [[n for n in g if f"{prefix}.{n}" in self.plan] for g in sk.adapter.linear_groups(block)]
+            groups = [g for g in groups if g]
+            self.hook.onecomp_block_start(index=i, total=total, layers=[n for g in groups for n in g])
+            fp_next = run_block(block, fp, kwargs[i])                  # FP block on the FP stream
+            qts, info = {}, {}
+            for group in groups:
+                mods = {n: block.get_submodule(n) for n in group}
+                stats = self._statistics(block, mods, q, kwargs[i])
+                for rel, lin in mods.items():
+                    name = f"{prefix}.{rel}"
+                    qts[name], info[name] = self._quantize(name, lin, block, stats.get(rel))
+                    self.hook.onecomp_layer_done(block=i, name=name, info=info[name])
+            q_next = run_block(block, q, kwargs[i])                    # quantized block, quantized stream
+            fp, q = fp_next, q_next
+            tensors = self._block_tensors(block, prefix, qts)
+            self.store.commit_block(i, tensors, {"fp": fp, "q": q}, info)
+            sk.release_block(i)
+            per_block_s.append(time.time() - t0)
+            self.hook.onecomp_block_done(index=i, total=total, info={"seconds": per_block_s[-1]})
+        return {"block_seconds": per_block_s}
+
+    def _statistics(self, block, mods, q, kwargs) -> dict:
+        if not self.needs_hessian:
+            return {}
+        acc = {n: GramAccumulator(m.in_features, q.device) for n, m in mods.items()}
+        with InputCollector(mods, lambda n, x: acc[n].add(x)) as col:
+            for s in range(q.shape[0]):
+                col.run(lambda: block(q[s:s + 1], **kwargs))
+        return {n: a.H for n, a in acc.items()}
+
+    def _quantize(self, name, lin, block, H):
+        spec = self.plan[name]
+        fmt = self.formats[spec.format]
+        W = lin.weight.detach().float().clone()
+        ctx = LayerContext(name=name, spec=spec, weight=W, target=W, H=H, stats={}, module=lin,
+                           block=block, fmt=fmt)
+        t0 = time.time()
+        for c in self.corrections:
+            ctx.target = c.adjust_target(ctx)
+        qt = self.projectors[spec.projector].project(ctx.target, H, spec, fmt)
+        for c in self.corrections:
+            qt = c.after_projection(ctx, qt)
+        Wq = qt.dequantize(torch.float32)
+        with torch.no_grad():
+            lin.weight.copy_(Wq.to(lin.weight.dtype))
+        return qt, {"rel_error": relative_error(W, Wq, H), "seconds": time.time() - t0,
+                    "bits": spec.bits, "group_size": spec.group_size, "projector": spec.projector,
+                    "format": spec.format, "bpw": fmt.bits_per_weight(spec, tuple(W.shape))}
+
+    def _block_tensors(self, block, prefix, qts) -> dict:
+        """The block as saved: quantized linears in their format's layout, the rest as is."""
+        dtype = self.sk.checkpoint_dtype
+        out = {}
+        for name, qt in qts.items():
+            spec = self.plan[name]
+            out.update(self.formats[spec.format].to_tensors(name, qt, dtype))
+        for pname, t in block.state_dict().items():
+            full = f"{prefix}.{pname}"
+            owner = full.rsplit(".", 1)[0]
+            if owner in qts and full.endswith(".weight"):
+                continue
+            out[full] = t.to(dtype) if t.is_floating_point() else t
+        return out

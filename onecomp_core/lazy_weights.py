@@ -1,0 +1,59 @@
+"""Read a checkpoint's tensors one at a time from its safetensors files (never all at once)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .errors import OnecompError
+
+
+class LazyWeights:
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        files = sorted(self.folder.glob("*.safetensors"))
+        if not files:
+            bins = list(self.folder.glob("*.bin"))
+            hint = " (convert .bin weights with transformers' save_pretrained)" if bins else ""
+            raise OnecompError(f"no .safetensors weights in {self.folder}{hint}")
+        self._where: dict[str, Path] = {}
+        self._handles = {}
+        for f in files:
+            try:
+                h = safe_open(str(f), framework="pt")
+                keys = list(h.keys())
+            except Exception as exc:
+                raise OnecompError(f"corrupt safetensors file {f}: {str(exc).splitlines()[0]}") from None
+            self._handles[f] = h
+            for k in keys:
+                self._where[k] = f
+
+    def keys(self):
+        return self._where.keys()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def get(self, key: str) -> torch.Tensor:
+        try:
+            f = self._where[key]
+        except KeyError:
+            raise OnecompError(f"tensor {key!r} is missing from the checkpoint in {self.folder}") from None
+        try:
+            return self._handles[f].get_tensor(key)
+        except Exception as exc:
+            raise OnecompError(f"corrupt safetensors file {f} (tensor {key}): {str(exc).splitlines()[0]}") from None
+
+    def dtype(self) -> torch.dtype:
+        """The dtype of the checkpoint's floating-point weights (config's, else the first tensor's)."""
+        cfg = json.loads((self.folder / "config.json").read_text())
+        name = cfg.get("dtype") or cfg.get("torch_dtype")
+        if isinstance(name, str) and hasattr(torch, name):
+            return getattr(torch, name)
+        for k in self._where:
+            t = self.get(k)
+            if t.is_floating_point():
+                return t.dtype
+        return torch.float32

@@ -1,0 +1,41 @@
+"""The uniform planner: one bit width, group size and projector for every linear."""
+from __future__ import annotations
+
+import fnmatch
+
+import torch
+
+from .components import Planner
+from .errors import OnecompError
+from .spec import LayerSpec, Plan
+
+
+def excluded(name: str, patterns) -> bool:
+    """fnmatch patterns against the full name or its last component (``lm_head``, ``*.down_proj``)."""
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name.rsplit(".", 1)[-1], p) for p in patterns)
+
+
+def scale_dtype_for(checkpoint_dtype: torch.dtype) -> str:
+    return "bfloat16" if checkpoint_dtype == torch.bfloat16 else "float16"
+
+
+class UniformPlanner(Planner):
+    name = "uniform"
+
+    def plan(self, shapes, run, formats, registry, checkpoint_dtype=torch.float32) -> Plan:
+        if run.target_bpw is not None:
+            raise OnecompError("planner 'uniform' takes no target bpw; drop --target-bpw or use a budget "
+                               "planner such as --planner autobit (onecomp-plugin-autobit)")
+        fmt = formats[run.format]
+        specs = {}
+        for name, shape in shapes.items():
+            if excluded(name, run.exclude):
+                continue
+            spec = LayerSpec(name=name, format=run.format, projector=run.projector, bits=run.bits,
+                             group_size=run.group_size, symmetric=run.symmetric,
+                             scale_dtype=scale_dtype_for(checkpoint_dtype))
+            fmt.check(spec, shape)
+            specs[name] = spec
+        if not specs:
+            raise OnecompError("nothing to quantize: every linear matches an exclude pattern")
+        return Plan(specs, planner=self.name)

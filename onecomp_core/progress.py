@@ -1,0 +1,48 @@
+"""tqdm progress bars driven by the observation hooks. ONECOMP_PROGRESS=0 silences them."""
+from __future__ import annotations
+
+import os
+import sys
+
+from tqdm.auto import tqdm
+
+
+class Progress:
+    def __init__(self):
+        self.blocks = None
+        self.layers = None
+
+    @property
+    def enabled(self) -> bool:
+        return os.environ.get("ONECOMP_PROGRESS", "1") not in ("0", "false", "no")
+
+    def stage_start(self, stage, info):
+        if self.enabled and stage != "layerwise":
+            print(f"[onecomp] {stage} ...", file=sys.stderr, flush=True)
+
+    def stage_finish(self, stage, info):
+        if stage == "layerwise" and self.blocks is not None:
+            self.blocks.close()
+            self.blocks = None
+        if self.enabled:
+            print(f"[onecomp] {stage} done in {info.get('seconds', 0):.1f}s", file=sys.stderr, flush=True)
+
+    def block_start(self, index, total, layers):
+        if not self.enabled:
+            return
+        if self.blocks is None:
+            self.blocks = tqdm(total=total, initial=index, desc="blocks", unit="block", file=sys.stderr)
+        self.layers = tqdm(total=len(layers), desc=f"block {index} layers", unit="layer", leave=False,
+                           file=sys.stderr)
+
+    def layer_done(self, block, name, info):
+        if self.layers is not None:
+            self.layers.update(1)
+            self.layers.set_postfix_str(f"{name.rsplit('.', 1)[-1]} err={info.get('rel_error', 0):.2e}")
+
+    def block_done(self, index, total, info):
+        if self.layers is not None:
+            self.layers.close()
+            self.layers = None
+        if self.blocks is not None:
+            self.blocks.update(1)

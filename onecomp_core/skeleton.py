@@ -1,0 +1,140 @@
+"""The model as an empty (meta-device) skeleton whose parts are filled from the checkpoint on
+demand: the embedding and head once, the decoder blocks one at a time."""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .adapters import find_adapter
+from .errors import OnecompError
+from .lazy_weights import LazyWeights
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise OnecompError(f"device {device!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise OnecompError(f"device {device!r} asked for but CUDA is not available; use device=auto or cpu")
+    return dev
+
+
+def compute_dtype(checkpoint_dtype: torch.dtype, device: torch.device, requested: str = "auto") -> torch.dtype:
+    """The checkpoint's dtype, except fp16 on a CPU (whose fp16 matmuls are ~100x slower): fp32."""
+    if requested != "auto":
+        if not hasattr(torch, requested) or not isinstance(getattr(torch, requested), torch.dtype):
+            raise OnecompError(f"dtype {requested!r} is not a torch dtype; use auto, float32, bfloat16 or float16")
+        return getattr(torch, requested)
+    if device.type == "cpu" and checkpoint_dtype == torch.float16:
+        return torch.float32
+    return checkpoint_dtype if checkpoint_dtype.is_floating_point else torch.float32
+
+
+def load_config(folder: Path):
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(str(folder))
+    except Exception as exc:
+        raise OnecompError(f"cannot read {folder}/config.json: {str(exc).splitlines()[0]}") from None
+
+
+class Skeleton:
+    def __init__(self, folder: Path, registry, device: torch.device, dtype: str = "auto"):
+        from transformers import AutoModelForCausalLM
+        self.folder = Path(folder)
+        self.config = load_config(self.folder)
+        if getattr(self.config, "quantization_config", None) is not None:
+            del self.config.quantization_config     # onecomp builds its own quantized modules
+        self.adapter = find_adapter(self.config, registry)
+        self.weights = LazyWeights(self.folder)
+        self.checkpoint_dtype = self.weights.dtype()
+        self.device = device
+        self.dtype = compute_dtype(self.checkpoint_dtype, device, dtype)
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.model = AutoModelForCausalLM.from_config(self.config,
+                                                          dtype=self.dtype)
+        self.model.eval()
+        self.blocks = self.model.get_submodule(self.adapter.blocks_path())
+        for i in range(len(self.blocks)):
+            self.blocks[i] = self.adapter.prepare_block(self.blocks[i])
+        emb = self.model.get_input_embeddings().weight
+        self.embed_key = next(n for n, p in self.model.named_parameters() if p is emb)
+
+    def block_prefix(self, i: int) -> str:
+        return f"{self.adapter.blocks_path()}.{i}"
+
+    def fill(self, module: nn.Module, prefix: str) -> nn.Module:
+        """Allocate ``module`` on the device and load its tensors from the checkpoint. Submodules
+        already holding real tensors (quantized layers built by a format) are left alone."""
+        done = [n for n, m in module.named_modules(prefix=prefix) if getattr(m, "onecomp_quantized", False)]
+        with torch.no_grad():
+            for name, sub in module.named_modules(prefix=prefix):
+                if any(name == d or name.startswith(d + ".") for d in done):
+                    continue
+                direct = list(sub.named_parameters(recurse=False)) + list(sub.named_buffers(recurse=False))
+                if not direct:
+                    continue
+                sub.to_empty(device=self.device, recurse=False)
+                if next(sub.named_buffers(recurse=False), None) is not None:
+                    self.model._init_weights(sub)   # computed buffers such as rotary inv_freq
+                for pname, t in sub.state_dict(keep_vars=True).items():
+                    if "." in pname:
+                        continue
+                    full = f"{name}.{pname}" if name else pname
+                    src = self._read(full)
+                    if src.shape != t.shape:
+                        raise OnecompError(f"checkpoint tensor for {full} has shape {tuple(src.shape)}, "
+                                           f"the model expects {tuple(t.shape)}")
+                    t.data.copy_(src.to(t.dtype))
+        return module
+
+    def _read(self, key: str) -> torch.Tensor:
+        for k in self.adapter.checkpoint_keys(key):
+            if k in self.weights:
+                return self.weights.get(k)
+        if key.endswith("lm_head.weight") and getattr(self.config, "tie_word_embeddings", False):
+            return self.weights.get(self.embed_key)
+        return self.weights.get(key)   # raises the "missing tensor" error
+
+    def block(self, i: int) -> nn.Module:
+        return self.fill(self.blocks[i], self.block_prefix(i))
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """Every quantizable linear (adapter's groups, execution order) and its (out, in)."""
+        shapes = {}
+        for i, blk in enumerate(self.blocks):
+            for group in self.adapter.linear_groups(blk):
+                for rel in group:
+                    lin = blk.get_submodule(rel)
+                    shapes[f"{self.block_prefix(i)}.{rel}"] = (lin.out_features, lin.in_features)
+        return shapes
+
+    def release_block(self, i: int) -> None:
+        self.blocks[i] = self.blocks[i].to("meta")
+
+    def outer_modules(self) -> list[tuple[str, nn.Module]]:
+        """Top-level parts outside the blocks (embeddings, norms, rotary, head), as leaves."""
+        bp = self.adapter.blocks_path()
+        out = []
+        for name, mod in self.model.named_modules():
+            if not name or name == bp or name.startswith(bp + ".") or bp.startswith(name + "."):
+                continue
+            if any(name.startswith(o + ".") for o, _ in out):
+                continue
+            out.append((name, mod))
+        return out
+
+    def fill_outer(self) -> None:
+        for name, mod in self.outer_modules():
+            self.fill(mod, name)
+
+    def config_dict(self) -> dict:
+        return json.loads((self.folder / "config.json").read_text())

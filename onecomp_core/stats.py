@@ -1,0 +1,60 @@
+"""Per-linear calibration statistics, accumulated online from forward hooks."""
+from __future__ import annotations
+
+import torch
+
+
+class GramAccumulator:
+    """H = X X^T / N over the inputs a linear sees (X: in x N), kept in float32."""
+
+    def __init__(self, in_features: int, device):
+        self.sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.sum.addmm_(x.t(), x)
+        self.n += x.shape[0]
+
+    @property
+    def H(self) -> torch.Tensor:
+        return self.sum / max(self.n, 1)
+
+
+class StopForward(Exception):
+    """Raised from a hook once every linear of interest has seen its input."""
+
+
+class InputCollector:
+    """Forward hooks on some linears of a block: feed each input to ``sink(name, x)``; stop the
+    block's forward as soon as all of them have run for the current sample (early exit)."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module], sink, stop_early: bool = True):
+        self.modules, self.sink, self.stop_early = modules, sink, stop_early
+        self.seen: set[str] = set()
+        self.handles = []
+
+    def __enter__(self):
+        for name, mod in self.modules.items():
+            self.handles.append(mod.register_forward_pre_hook(self._hook(name)))
+        return self
+
+    def _hook(self, name):
+        def hook(mod, args):
+            self.sink(name, args[0].detach())
+            self.seen.add(name)
+            if self.stop_early and len(self.seen) == len(self.modules):
+                raise StopForward
+        return hook
+
+    def run(self, fn) -> None:
+        self.seen = set()
+        try:
+            fn()
+        except StopForward:
+            pass
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles = []

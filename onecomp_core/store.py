@@ -1,0 +1,98 @@
+"""The run's work folder beside the output: finished blocks, the streams after the last finished
+block, and a state file written last, so a killed run resumes after its last finished block.
+Every file is written to a temporary name and renamed into place."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .errors import OnecompError
+
+STATE = "state.json"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+
+def atomic_save_tensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class RunStore:
+    def __init__(self, out: Path, fingerprint: str, overwrite: bool):
+        self.out = Path(out)
+        self.work = self.out.with_name(self.out.name + ".onecomp-partial")
+        self.fingerprint = fingerprint
+        if self.out.exists() and not overwrite:
+            raise OnecompError(f"output {self.out} already exists; choose another --out or pass --overwrite")
+        state = self.read_state()
+        if state is not None and state.get("fingerprint") != fingerprint:
+            if not overwrite:
+                raise OnecompError(f"{self.work} holds an unfinished run with a different config; use the same "
+                                   f"config to resume it, or pass --overwrite to start over")
+            shutil.rmtree(self.work)
+
+    def read_state(self) -> dict | None:
+        p = self.work / STATE
+        if not p.is_file():
+            return None
+        try:
+            return json.loads(p.read_text())
+        except json.JSONDecodeError:
+            return None
+
+    @property
+    def finished(self) -> int:
+        state = self.read_state()
+        return int(state["finished_blocks"]) if state and state.get("fingerprint") == self.fingerprint else 0
+
+    def block_file(self, i: int) -> Path:
+        return self.work / "blocks" / f"block-{i:05d}.safetensors"
+
+    def commit_block(self, i: int, tensors: dict, streams: dict, info: dict) -> None:
+        (self.work / "blocks").mkdir(parents=True, exist_ok=True)    # first write creates the folder
+        atomic_save_tensors(self.block_file(i), tensors)
+        atomic_torch_save(self.work / "streams.pt", {k: v.cpu() for k, v in streams.items()})
+        state = self.read_state() or {}
+        layers = state.get("layers", {}) if state.get("fingerprint") == self.fingerprint else {}
+        layers.update(info)
+        atomic_json(self.work / STATE, {"fingerprint": self.fingerprint, "finished_blocks": i + 1,
+                                        "layers": layers})
+
+    def streams(self) -> dict:
+        return torch.load(self.work / "streams.pt")
+
+    def layer_info(self) -> dict:
+        return (self.read_state() or {}).get("layers", {})
+
+    def publish(self, final: Path) -> None:
+        """Move the assembled folder to ``out`` (replacing an old one only now), drop the work."""
+        old = None
+        if self.out.exists():
+            old = self.work / "previous"
+            os.replace(self.out, old)
+        os.replace(final, self.out)
+        shutil.rmtree(self.work, ignore_errors=True)

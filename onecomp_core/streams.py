@@ -1,0 +1,56 @@
+"""Hidden-state streams at block boundaries and the per-block call arguments, captured by
+running the model's outer part (embeddings, rotary, masks) with recorders in place of blocks."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class _Recorder(nn.Module):
+    def __init__(self, index: int, sink: dict, original: nn.Module):
+        super().__init__()
+        self.index, self.sink = index, sink
+        for attr in ("attention_type", "is_sliding", "sliding_window"):
+            if hasattr(original, attr):
+                setattr(self, attr, getattr(original, attr))
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.sink.setdefault("kwargs", {}).setdefault(self.index, kwargs)
+        if self.index == 0:
+            self.sink.setdefault("inputs", []).append(hidden_states.detach())
+        return hidden_states
+
+
+def capture(sk, ids: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
+    """-> (block-0 inputs (N, L, d), the keyword arguments every block is called with)."""
+    sk.fill_outer()
+    base = getattr(sk.model, sk.model.base_model_prefix)
+    originals = [sk.blocks[i] for i in range(len(sk.blocks))]
+    sink: dict = {}
+    try:
+        for i, blk in enumerate(originals):
+            sk.blocks[i] = _Recorder(i, sink, blk)
+        with torch.no_grad():
+            for row in ids:
+                base(input_ids=row[None].to(sk.device), use_cache=False)
+    finally:
+        for i, blk in enumerate(originals):
+            sk.blocks[i] = blk
+        for name, mod in sk.outer_modules():
+            mod.to("meta")
+    kwargs = []
+    for i in range(len(originals)):
+        kw = {k: v for k, v in sink["kwargs"][i].items() if k not in ("past_key_values", "past_key_value")}
+        kw["use_cache"] = False
+        kwargs.append(kw)
+    return torch.cat(sink["inputs"], 0), kwargs
+
+
+def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The block applied to each sample of ``hidden`` (N, L, d)."""
+    out = torch.empty_like(hidden) if out is None else out
+    with torch.no_grad():
+        for i in range(hidden.shape[0]):
+            y = block(hidden[i:i + 1], **kwargs)
+            out[i:i + 1] = y[0] if isinstance(y, tuple) else y
+    return out

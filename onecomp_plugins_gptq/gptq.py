@@ -1,0 +1,85 @@
+"""GPTQ: minimise ||W X - W^ X||^2 one column at a time, spreading each column's rounding error
+over the columns not yet quantized through the inverse Hessian (H = X X^T / N).
+
+Pure tensor math; see DESIGN.md section 2. Notation: W (out x in), H (in x in), U the upper
+Cholesky factor of H^-1.
+"""
+from __future__ import annotations
+
+import torch
+
+from onecomp_core.formats import grid
+
+
+def prepare_hessian(H: torch.Tensor, W: torch.Tensor, damp: float):
+    """Dead inputs (H_ii = 0) get H_ii = 1 and a zero weight column; then
+    H <- H + damp * mean(diag H) * I."""
+    H = H.clone().double()
+    W = W.clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    return H, W
+
+
+def inverse_cholesky_upper(H: torch.Tensor, damp: float = 0.01, tries: int = 6) -> torch.Tensor:
+    """U with U^T U = H^-1 (upper triangular); adds more damping if H is not positive definite."""
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    mean_diag = torch.mean(torch.diag(H))
+    for k in range(tries):
+        L, info = torch.linalg.cholesky_ex(H + (0 if k == 0 else damp * 10**k) * mean_diag * eye)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info2 = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info2) == 0:
+                return U
+    raise RuntimeError("Hessian is not positive definite even after extra damping")
+
+
+def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, symmetric: bool, *,
+         damp: float = 0.01, block_size: int = 128, act_order: bool = False, static_groups: bool = True,
+         fit_kwargs: dict | None = None):
+    """-> codes (out, in) uint8, scale (out, G), zero (out, G) of the uniform grid."""
+    fit_kwargs = fit_kwargs or {}
+    out, cols = W.shape
+    W = W.float()
+    Hd, W = prepare_hessian(H.to(W.device), W, damp)
+    G = grid.num_groups(cols, group_size)
+    gsize = cols if group_size == grid.PER_CHANNEL else group_size
+    scale = torch.zeros(out, G, device=W.device)
+    zero = torch.zeros(out, G, device=W.device)
+    fitted = torch.zeros(G, dtype=torch.bool)
+    if act_order and static_groups or group_size == grid.PER_CHANNEL:
+        # static groups: parameters from the original weights, before any error feedback
+        s, z = grid.fit_groups(W, bits, group_size, symmetric, **fit_kwargs)
+        scale[:], zero[:], fitted[:] = s, z, True
+    perm = torch.argsort(torch.diag(Hd), descending=True) if act_order else torch.arange(cols, device=W.device)
+    W = W[:, perm]
+    Hd = Hd[perm][:, perm]
+    U = inverse_cholesky_upper(Hd, damp).float()
+    groups_of = grid.group_index(cols, group_size, W.device)[perm]      # group of each permuted column
+    Q = torch.zeros_like(W)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        for j in range(i2 - i1):
+            col = i1 + j
+            g = int(groups_of[col])
+            if not fitted[g]:
+                # dynamic groups (natural order): fit when the group starts, on the updated weights
+                start = g * gsize
+                span = torch.cat([W1[:, j:], W[:, i2:]], 1)[:, : min(gsize, cols - start)]
+                scale[:, g], zero[:, g] = grid.fit(span, bits, symmetric, **fit_kwargs)
+                fitted[g] = True
+            w = W1[:, j]
+            q = grid.quantize(w, scale[:, g], zero[:, g], bits)
+            Q[:, col] = q
+            wq = grid.dequantize(q, scale[:, g], zero[:, g])
+            e = (w - wq) / U[col, col]                                   # e = (w_j - q_j) / U_jj
+            W1[:, j:] -= e[:, None] * U[col, col:i2][None, :]            # w_k -= e U_jk within the block
+            Err1[:, j] = e
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]                                # lazy update of later columns
+    inv = torch.argsort(perm)
+    return Q[:, inv].to(torch.uint8), scale, zero

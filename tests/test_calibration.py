@@ -1,0 +1,66 @@
+import json
+
+import pytest
+import torch
+
+from onecomp_core.calibration import calibration_samples, read_documents, select
+from onecomp_core.errors import OnecompError
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    from tiny import tokenizer
+    return tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def docs(n=6, length=50):
+    return [list(range(i * 1000, i * 1000 + length + i)) for i in range(n)]
+
+
+def test_concat_chunk_takes_consecutive_chunks():
+    ids = select(docs(), 3, 40, "concat_chunk", 0)
+    flat = [t for d in docs() for t in d]
+    assert ids.shape == (3, 40) and ids.flatten().tolist() == flat[:120]
+
+
+@pytest.mark.parametrize("strategy", ["drop_head", "drop_rand"])
+def test_drop_strategies_are_seeded(strategy):
+    a = select(docs(), 4, 50, strategy, 7)
+    b = select(docs(), 4, 50, strategy, 7)
+    c = select(docs(), 4, 50, strategy, 8)
+    assert a.shape == (4, 50) and torch.equal(a, b) and not torch.equal(a, c)
+    if strategy == "drop_head":
+        assert all(int(r[0]) % 1000 == 0 for r in a)      # each sample starts its document
+
+
+def test_not_enough_text_is_a_clear_error():
+    with pytest.raises(OnecompError, match="shorter than one sample"):
+        select([[1, 2, 3]], 1, 8, "concat_chunk", 0)
+    with pytest.raises(OnecompError, match="gives 1 samples of 8 tokens, 5 asked"):
+        select([list(range(10))], 5, 8, "concat_chunk", 0)
+    with pytest.raises(OnecompError, match="needs 9 documents"):
+        select(docs(), 9, 50, "drop_head", 0)
+
+
+def test_sources_txt_jsonl_parquet_and_datasets(tmp_path, tok):
+    text = "First paragraph here.\n\nSecond one, a bit longer than the first.\n\n"
+    (tmp_path / "a.txt").write_text(text)
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in text.split("\n\n") if t))
+    import datasets
+    ds = datasets.Dataset.from_dict({"text": [t for t in text.split("\n\n") if t]})
+    ds.to_parquet(str(tmp_path / "a.parquet"))
+    ds.save_to_disk(str(tmp_path / "ds"))
+    want = ["First paragraph here.", "Second one, a bit longer than the first."]
+    for src in ("a.txt", "a.jsonl", "a.parquet", "ds"):
+        assert read_documents(str(tmp_path / src)) == want, src
+    with pytest.raises(OnecompError, match="no 'content' field"):
+        read_documents(str(tmp_path / "a.jsonl"), text_field="content")
+
+
+def test_samples_are_cached(tmp_path, tok, monkeypatch):
+    monkeypatch.setenv("ONECOMP_CACHE", str(tmp_path / "cache"))
+    a = calibration_samples(None, tok, 4, 64)
+    assert a.shape == (4, 64)
+    assert len(list((tmp_path / "cache" / "calibration").glob("*.pt"))) == 1
+    b = calibration_samples(None, tok, 4, 64)
+    assert torch.equal(a, b)

@@ -1,0 +1,88 @@
+"""Bad input exits non-zero with a one-line message and writes nothing."""
+import subprocess
+import sys
+
+import pytest
+
+from onecomp_core.cli import main
+
+
+def run(args, capsys):
+    code = main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err
+
+
+@pytest.fixture
+def out(tmp_path):
+    return tmp_path / "out"
+
+
+def check(code, err, out, pattern):
+    import re
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("onecomp: error: "), err
+    assert re.search(pattern, err[0]), err[0]
+    assert not out.exists() and not out.with_name(out.name + ".onecomp-partial").exists()
+
+
+def test_missing_model_path(out, capsys):
+    code, err = run(["quantize", "./no/such/model", "--out", str(out)], capsys)
+    check(code, err, out, "does not exist")
+
+
+def test_corrupt_safetensors(tiny_llama, tmp_path, out, capsys):
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_llama, bad)
+    (bad / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    code, err = run(["quantize", str(bad), "--out", str(out), "--projector", "rtn"], capsys)
+    check(code, err, out, "corrupt safetensors file")
+
+
+@pytest.mark.parametrize("bits", ["0", "17"])
+def test_bits_out_of_range(tiny_llama, out, capsys, bits):
+    code, err = run(["quantize", str(tiny_llama), "--bits", bits, "--out", str(out)], capsys)
+    check(code, err, out, "'bits': must be between 1 and 16")
+
+
+def test_bits_the_format_cannot_hold(tiny_llama, out, capsys):
+    code, err = run(["quantize", str(tiny_llama), "--bits", "12", "--out", str(out)], capsys)
+    check(code, err, out, "holds 2 to 8 bits")
+
+
+@pytest.mark.parametrize("g", ["0", "abc", "-5"])
+def test_bad_group_size(tiny_llama, out, capsys, g):
+    code, err = run(["quantize", str(tiny_llama), f"--group-size={g}", "--out", str(out)], capsys)
+    check(code, err, out, "group_size")
+
+
+def test_empty_calibration_file(tiny_llama, tmp_path, out, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    code, err = run(["quantize", str(tiny_llama), "--calibration", str(empty), "--out", str(out)], capsys)
+    check(code, err, out, "is empty")
+
+
+def test_calibration_shorter_than_one_sample(tiny_llama, tmp_path, out, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("A few words only.")
+    code, err = run(["quantize", str(tiny_llama), "--calibration", str(short), "--seq-len", "64",
+                     "--out", str(out)], capsys)
+    check(code, err, out, "shorter than one sample")
+
+
+def test_unknown_plugin_names(tiny_llama, out, capsys):
+    code, err = run(["quantize", str(tiny_llama), "--projector", "gptqq", "--out", str(out)], capsys)
+    check(code, err, out, "unknown projector 'gptqq'; known: gptq, rtn")
+    code, err = run(["quantize", str(tiny_llama), "--correction", "nope", "--out", str(out)], capsys)
+    check(code, err, out, "unknown refiner 'nope'")
+    code, err = run(["quantize", str(tiny_llama), "--format", "nf4", "--out", str(out)], capsys)
+    check(code, err, out, "unknown format 'nf4'")
+
+
+def test_console_script_exit_code(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "onecomp_core.cli", "quantize", str(tmp_path / "nope"),
+                           "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "does not exist" in proc.stderr

@@ -1,0 +1,80 @@
+import json
+
+import pytest
+
+from onecomp_core.api import Resolved, make_config
+from onecomp_core.cli import main
+from onecomp_core.config import from_dict, read_file
+from onecomp_core.errors import OnecompError
+
+
+@pytest.mark.parametrize("bits", [0, 17, -1])
+def test_bits_out_of_range(bits):
+    with pytest.raises(OnecompError, match=r"config field 'bits': must be between 1 and 16"):
+        from_dict({"model": "m", "bits": bits})
+
+
+@pytest.mark.parametrize("g", [0, -2, "abc", 1.5, True])
+def test_bad_group_size(g):
+    with pytest.raises(OnecompError, match="config field 'group_size': must be a positive integer or 'channel'"):
+        from_dict({"model": "m", "group_size": g})
+
+
+@pytest.mark.parametrize("g,expected", [("channel", -1), ("-1", -1), (-1, -1), ("64", 64), (128, 128)])
+def test_group_size_spellings(g, expected):
+    assert from_dict({"model": "m", "group_size": g}).group_size == expected
+
+
+def test_unknown_field_and_nested_errors():
+    with pytest.raises(OnecompError, match="unknown config field.*'bitz'.*known:.*bits"):
+        from_dict({"model": "m", "bitz": 3})
+    with pytest.raises(OnecompError, match="config field 'num_samples': must be >= 1"):
+        from_dict({"model": "m", "calibration": {"num_samples": 0}})
+    with pytest.raises(OnecompError, match="config field 'strategy': must be one of concat_chunk"):
+        from_dict({"model": "m", "calibration": {"strategy": "random"}})
+    with pytest.raises(OnecompError, match="'model' is required"):
+        from_dict({"bits": 4})
+
+
+def test_component_options_are_validated_by_their_own_class():
+    with pytest.raises(OnecompError, match="projector 'gptq' has no option.*'dampp'.*options:.*damp"):
+        Resolved(make_config("m", {"options": {"gptq": {"dampp": 1}}}))
+    with pytest.raises(OnecompError, match="projector 'gptq' options: option 'damp' must be in"):
+        Resolved(make_config("m", {"options": {"gptq": {"damp": -1}}}))
+    with pytest.raises(OnecompError, match="unknown projector 'gtpq'; known: gptq, rtn"):
+        Resolved(make_config("m", {"projector": "gtpq"}))
+    with pytest.raises(OnecompError, match="unknown refiner 'qepp'"):
+        Resolved(make_config("m", {"corrections": ["qepp"]}))
+    r = Resolved(make_config("m", {"options": {"gptq": {"damp": 0.05}}}))
+    assert r.projectors["gptq"].options.damp == 0.05
+
+
+@pytest.mark.parametrize("suffix,text", [
+    (".yaml", "model: m\nbits: 3\ngroup_size: channel\ncorrections: [rescale]\ncalibration:\n  num_samples: 8\n"),
+    (".toml", 'model = "m"\nbits = 3\ngroup_size = "channel"\ncorrections = ["rescale"]\n[calibration]\nnum_samples = 8\n'),
+    (".json", json.dumps({"model": "m", "bits": 3, "group_size": "channel", "corrections": ["rescale"],
+                          "calibration": {"num_samples": 8}})),
+])
+def test_config_files(tmp_path, suffix, text):
+    p = tmp_path / f"c{suffix}"
+    p.write_text(text)
+    run = from_dict(read_file(p))
+    assert (run.bits, run.group_size, run.corrections, run.calibration.num_samples) == (3, -1, ("rescale",), 8)
+
+
+def test_flags_override_file_and_config_show(tmp_path, capsys):
+    p = tmp_path / "c.yaml"
+    p.write_text("model: m\nbits: 3\noptions:\n  gptq: {damp: 0.02}\n")
+    assert main(["config", "--show", "--config", str(p), "--bits", "2", "--option", "gptq.act_order=false",
+                 "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["bits"] == 2 and d["model"] == "m"
+    assert d["resolved_options"]["projector:gptq"]["damp"] == 0.02
+    assert d["resolved_options"]["projector:gptq"]["act_order"] is False
+    assert d["resolved_options"]["projector:gptq"]["block_size"] == 128
+
+
+def test_config_show_errors_are_one_line(tmp_path, capsys):
+    assert main(["config", "m", "--bits", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "bits" in err

@@ -1,0 +1,75 @@
+"""A run killed after a block resumes from the last finished block and gives the same result."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
+from safetensors.torch import load_file
+
+import onecomp_core
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, {tests!r})
+    import onecomp_core
+    from onecomp_core.hookspecs import hookimpl
+
+    class KillAfterBlock:
+        @hookimpl
+        def onecomp_block_done(self, index, total, info):
+            if index == {after}:
+                os.kill(os.getpid(), signal.SIGKILL)     # no cleanup, like a crash or the OOM killer
+
+    onecomp_core.quantize({model!r}, {out!r}, plugins=[KillAfterBlock()], bits=3, group_size=16,
+                          projector="gptq", num_samples=3, seq_len=32)
+""")
+
+
+def test_kill_then_resume_matches_uninterrupted_run(tiny_models, tmp_path):
+    from tiny import make_model
+    model = tiny_models("llama")
+    out = tmp_path / "killed"
+    script = KILLER.format(tests=os.path.dirname(__file__), after=0, model=str(model), out=str(out))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "ONECOMP_PROGRESS": "0"})
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert not out.exists()                                   # nothing half-written at the destination
+    partial = tmp_path / "killed.onecomp-partial"
+    assert (partial / "blocks" / "block-00000.safetensors").is_file()
+    assert not (partial / "blocks" / "block-00001.safetensors").exists()
+
+    rep = onecomp_core.quantize(model, out, bits=3, group_size=16, projector="gptq", num_samples=3, seq_len=32)
+    assert rep["summary"]["resumed_from_block"] == 1
+    assert not partial.exists()
+    ref = tmp_path / "straight"
+    onecomp_core.quantize(model, ref, bits=3, group_size=16, projector="gptq", num_samples=3, seq_len=32)
+    for f in sorted(p.name for p in ref.glob("*.safetensors")):
+        a, b = load_file(out / f), load_file(ref / f)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (f, k)
+
+
+def test_existing_output_needs_overwrite(tiny_llama, tmp_path):
+    import pytest
+    from conftest import quick
+    from onecomp_core.errors import OnecompError
+    out = tmp_path / "q"
+    onecomp_core.quantize(tiny_llama, out, **quick())
+    with pytest.raises(OnecompError, match="already exists.*--overwrite"):
+        onecomp_core.quantize(tiny_llama, out, **quick())
+    before = (out / "onecomp.json").read_text()
+    onecomp_core.quantize(tiny_llama, out, overwrite=True, **quick(bits=3))
+    assert (out / "onecomp.json").read_text() != before
+
+
+def test_changed_config_does_not_resume_silently(tiny_llama, tmp_path):
+    import pytest
+    from conftest import quick
+    from onecomp_core.errors import OnecompError
+    from onecomp_core.store import RunStore
+    out = tmp_path / "q"
+    RunStore(out, "fingerprint-of-another-config", False).commit_block(0, {"x": torch.zeros(1)}, {}, {})
+    with pytest.raises(OnecompError, match="unfinished run with a different config"):
+        onecomp_core.quantize(tiny_llama, out, **quick())
