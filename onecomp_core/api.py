@@ -164,6 +164,7 @@ class Runner:
                                                       {"onecomp_version": __version__, "config": res.describe(),
                                                        "source_model": str(folder)}))
         layers = store.layer_info()
+        self.peak_quantize = peak_rss_mb()
         evaluation = None
         if run.eval_text:
             evaluation = self.stage("evaluate", lambda: self._evaluate(final, folder, tokenizer))
@@ -193,7 +194,8 @@ class Runner:
                    "bits": run.bits, "group_size": run.group_size, "symmetric": run.symmetric,
                    "bpw": round(total_bits / max(params, 1), 4), "quantized_params": params,
                    "wall_seconds": round(wall, 2), "seconds_per_block": round(sum(bs) / len(bs), 3) if bs else None,
-                   "peak_rss_mb": round(peak_rss_mb(), 1), "peak_gpu_mb": peak_gpu_mb(),
+                   "peak_rss_mb": round(self.peak_quantize, 1), "peak_gpu_mb": peak_gpu_mb(),
+                   "peak_rss_mb_with_eval": round(peak_rss_mb(), 1) if evaluation else None,
                    "resumed_from_block": start, "device": str(pick_device(run.device))}
         return {"summary": summary, "stages": self.stages, "layers": layers, "evaluation": evaluation,
                 "config": res.describe(), "plan": {n: s.to_dict() for n, s in plan.specs.items()}}

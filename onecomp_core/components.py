@@ -51,6 +51,14 @@ class Refiner(Component):
     layer-wise pass: ``adjust_target`` before a linear is projected and ``after_projection``
     after; the others run on the finished pivot checkpoint (``refine``)."""
     scope: ClassVar[str] = "layer"
+    wants_fp_inputs: ClassVar[bool] = False   # True: observe() gets paired FP / quantized inputs
+
+    def begin_group(self, names: list[str]) -> None:
+        """A group of linears (full names) sharing one input is about to be observed."""
+
+    def observe(self, name: str, x_fp: torch.Tensor, x_q: torch.Tensor) -> None:
+        """One calibration sample's input to linear ``name``: from the FP model on the FP stream
+        and from the partly quantized model on the quantized stream (same tokens)."""
 
     def adjust_target(self, ctx: LayerContext) -> torch.Tensor:
         return ctx.target

@@ -2,6 +2,7 @@
 quantized), per-linear statistics, corrections, projection in dependency order, commit."""
 from __future__ import annotations
 
+import copy
 import time
 
 import torch
@@ -24,6 +25,7 @@ class LayerwisePass:
         self.sk, self.plan, self.projectors, self.formats = sk, plan, projectors, formats
         self.corrections, self.store, self.hook = corrections, store, hook
         self.needs_hessian = needs_hessian
+        self.wants_fp = any(c.wants_fp_inputs for c in corrections)
 
     def run(self, fp: torch.Tensor, q: torch.Tensor, kwargs: list[dict], start: int) -> dict:
         sk = self.sk
@@ -37,16 +39,20 @@ class LayerwisePass:
             groups = [g for g in groups if g]
             self.hook.onecomp_block_start(index=i, total=total, layers=[n for g in groups for n in g])
             fp_next = run_block(block, fp, kwargs[i])                  # FP block on the FP stream
+            fp_block = copy.deepcopy(block) if self.wants_fp else None  # FP weights, for paired inputs
             qts, info = {}, {}
             for group in groups:
                 mods = {n: block.get_submodule(n) for n in group}
-                stats = self._statistics(block, mods, q, kwargs[i])
+                for c in self.corrections:
+                    c.begin_group([f"{prefix}.{n}" for n in group])
+                stats = self._statistics(block, mods, q, kwargs[i], fp_block, fp, prefix)
                 for rel, lin in mods.items():
                     name = f"{prefix}.{rel}"
                     qts[name], info[name] = self._quantize(name, lin, block, stats.get(rel))
                     self.hook.onecomp_layer_done(block=i, name=name, info=info[name])
             q_next = run_block(block, q, kwargs[i])                    # quantized block, quantized stream
             fp, q = fp_next, q_next
+            del fp_block
             tensors = self._block_tensors(block, prefix, qts)
             self.store.commit_block(i, tensors, {"fp": fp, "q": q}, info)
             sk.release_block(i)
@@ -54,13 +60,29 @@ class LayerwisePass:
             self.hook.onecomp_block_done(index=i, total=total, info={"seconds": per_block_s[-1]})
         return {"block_seconds": per_block_s}
 
-    def _statistics(self, block, mods, q, kwargs) -> dict:
+    def _statistics(self, block, mods, q, kwargs, fp_block=None, fp=None, prefix="") -> dict:
+        """H of each linear in ``mods`` from the quantized stream; with ``fp_block``, also hand
+        every correction the paired FP-stream inputs, sample by sample (per-layer sums only)."""
         if not self.needs_hessian:
             return {}
         acc = {n: GramAccumulator(m.in_features, q.device) for n, m in mods.items()}
-        with InputCollector(mods, lambda n, x: acc[n].add(x)) as col:
-            for s in range(q.shape[0]):
+        if fp_block is None:
+            with InputCollector(mods, lambda n, x: acc[n].add(x)) as col:
+                for s in range(q.shape[0]):
+                    col.run(lambda: block(q[s:s + 1], **kwargs))
+            return {n: a.H for n, a in acc.items()}
+        fp_mods = {n: fp_block.get_submodule(n) for n in mods}
+        for s in range(q.shape[0]):
+            xq, xf = {}, {}
+            with InputCollector(mods, xq.__setitem__) as col:
                 col.run(lambda: block(q[s:s + 1], **kwargs))
+            with InputCollector(fp_mods, xf.__setitem__) as col:
+                col.run(lambda: fp_block(fp[s:s + 1], **kwargs))
+            for n, x in xq.items():
+                acc[n].add(x)
+                if n in xf and xf[n].shape == x.shape:     # routed experts may see other tokens
+                    for c in self.corrections:
+                        c.observe(f"{prefix}.{n}", xf[n], x)
         return {n: a.H for n, a in acc.items()}
 
     def _quantize(self, name, lin, block, H):

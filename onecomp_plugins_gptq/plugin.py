@@ -1,14 +1,19 @@
-"""Plugin glue: registers the ``gptq`` projector."""
+"""Plugin glue: the ``gptq`` and ``jointq`` projectors and the ``qep`` correction."""
 from __future__ import annotations
 
 import attrs
+import torch
 
-from onecomp_core.components import Projector
+from onecomp_core.components import Projector, Refiner
+from onecomp_core.formats import grid
 from onecomp_core.hookspecs import hookimpl
+from onecomp_core.planners import excluded
 from onecomp_core.projectors import GridOptions
-from onecomp_core.validators import boolean, in_range
+from onecomp_core.validators import boolean, in_range, one_of
 
 from .gptq import gptq
+from .jointq import jointq
+from .qep import CrossAccumulator, qep_target
 
 
 @attrs.define(frozen=True)
@@ -19,6 +24,19 @@ class GPTQOptions(GridOptions):
     static_groups: bool = attrs.field(default=True, validator=boolean)
 
 
+def _uniform_only(name, spec):
+    if spec.format != "uniform":
+        raise ValueError(f"projector {name!r} writes the uniform format, not {spec.format!r}")
+
+
+def run_gptq(o: GPTQOptions, W, H, spec):
+    if o.act_order and not o.static_groups and spec.group_size != -1:
+        raise ValueError("gptq: act_order needs static_groups=true (dynamic groups would be fitted "
+                         "out of order); set gptq.static_groups=true or gptq.act_order=false")
+    return gptq(W, H, spec.bits, spec.group_size, spec.symmetric, damp=o.damp, block_size=o.block_size,
+                act_order=o.act_order, static_groups=o.static_groups, fit_kwargs=o.fit_kwargs(spec))
+
+
 class GPTQ(Projector):
     """Second-order layer-wise quantization (Frantar et al.): damping, lazy block updates,
     act-order with static groups, optional MSE clipping grid."""
@@ -26,18 +44,80 @@ class GPTQ(Projector):
     Options = GPTQOptions
 
     def project(self, W, H, spec, fmt):
-        if spec.format != "uniform":
-            raise ValueError(f"projector 'gptq' writes the uniform format, not {spec.format!r}")
+        _uniform_only(self.name, spec)
+        return fmt.make(*run_gptq(self.options, W, H, spec), spec)
+
+
+@attrs.define(frozen=True)
+class JointQOptions(GPTQOptions):
+    lam: float = attrs.field(default=0.0, validator=in_range(0.0, 100.0))
+    max_rounds: int = attrs.field(default=3, validator=in_range(1, 1000))
+    start: str = attrs.field(default="gptq", validator=one_of("gptq", "rtn"))
+
+
+class JointQ(Projector):
+    """Joint local search over codes and group scales from a GPTQ (or RTN) start; writes the
+    same uniform format and never ends worse than its start on its own objective."""
+    name = "jointq"
+    Options = JointQOptions
+
+    def project(self, W, H, spec, fmt):
+        _uniform_only(self.name, spec)
         o = self.options
-        if o.act_order and not o.static_groups and spec.group_size != -1:
-            raise ValueError("gptq: act_order needs static_groups=true (dynamic groups would be fitted "
-                             "out of order); set gptq.static_groups=true or gptq.act_order=false")
-        codes, scale, zero = gptq(W, H, spec.bits, spec.group_size, spec.symmetric, damp=o.damp,
-                                  block_size=o.block_size, act_order=o.act_order,
-                                  static_groups=o.static_groups, fit_kwargs=o.fit_kwargs(spec))
+        if o.start == "gptq":
+            codes, scale, zero = run_gptq(o, W, H, spec)
+        else:
+            codes, scale, zero = grid.rtn(W.float(), spec.bits, spec.group_size, spec.symmetric, **o.fit_kwargs(spec))
+        codes, scale, zero = jointq(W, H, codes, scale, zero, spec.bits, spec.group_size, lam=o.lam,
+                                    max_rounds=o.max_rounds, scale_dtype=spec.torch_scale_dtype)
         return fmt.make(codes, scale, zero, spec)
+
+
+def _patterns(inst, attr, value):
+    if not all(isinstance(p, str) for p in value):
+        raise ValueError(f"option {attr.name!r} must be a list of module name patterns, got {value!r}")
+
+
+@attrs.define(frozen=True)
+class QEPOptions:
+    alpha: float = attrs.field(default=0.5, validator=in_range(0.0, 2.0))
+    damp: float = attrs.field(default=0.01, validator=in_range(0.0, 10.0))
+    exclude: tuple = attrs.field(default=(), converter=tuple, validator=_patterns)
+
+
+class QEP(Refiner):
+    """Quantization error propagation: aim each layer at the FP output from the quantized
+    stream's input, W + alpha W C (H^ + lam I)^-1, before any projector runs."""
+    name = "qep"
+    scope = "layer"
+    wants_fp_inputs = True
+    Options = QEPOptions
+
+    def __init__(self, options=None):
+        super().__init__(options)
+        self.cross: dict[str, CrossAccumulator] = {}
+
+    def begin_group(self, names):
+        self.cross = {}
+
+    def observe(self, name, x_fp, x_q):
+        if name not in self.cross:
+            self.cross[name] = CrossAccumulator(x_q.shape[-1], x_q.device)
+        self.cross[name].add(x_fp, x_q)
+
+    def adjust_target(self, ctx):
+        acc = self.cross.get(ctx.name)
+        if acc is None or ctx.H is None or excluded(ctx.name, self.options.exclude):
+            return ctx.target
+        return qep_target(ctx.target, ctx.H, acc.C, self.options.alpha, self.options.damp)
 
 
 @hookimpl
 def onecomp_register_projectors(registry):
     registry.add_projector(GPTQ)
+    registry.add_projector(JointQ)
+
+
+@hookimpl
+def onecomp_register_refiners(registry):
+    registry.add_refiner(QEP)

@@ -17,8 +17,10 @@ def packed_width(cols: int, bits: int) -> int:
     return math.ceil(cols * bits / 32)
 
 
-def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
+def pack_rows(codes: torch.Tensor, bits: int, chunk: int = 512) -> torch.Tensor:
     """(rows, cols) unsigned codes in [0, 2^bits) -> (rows, ceil(cols*bits/32)) int32."""
+    if codes.shape[0] > chunk:   # bound the temporaries
+        return torch.cat([pack_rows(codes[r:r + chunk], bits, chunk) for r in range(0, codes.shape[0], chunk)])
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in [1, 8], got {bits}")
     rows, cols = codes.shape
@@ -34,15 +36,20 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return words.reshape(rows, -1)[:, : packed_width(cols, bits)].to(torch.int32).contiguous()
 
 
-def unpack_rows(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
-    """Inverse of :func:`pack_rows`: -> (rows, cols) uint8 codes."""
+def unpack_rows(packed: torch.Tensor, bits: int, cols: int, chunk: int = 512) -> torch.Tensor:
+    """Inverse of :func:`pack_rows`: -> (rows, cols) uint8 codes. Element i is read from bit
+    i*b: the low part from word (i*b)//32, the high part (if it straddles) from the next word.
+    Rows are processed in chunks to keep temporaries small."""
     rows, nwords = packed.shape
     if nwords != packed_width(cols, bits):
         raise ValueError(f"packed width {nwords} does not hold {cols} columns of {bits} bits")
-    n32 = math.ceil(cols / 32)
-    w = packed.to(torch.int64) & 0xFFFFFFFF
-    w = torch.nn.functional.pad(w, (0, n32 * bits - nwords)).reshape(rows, n32, bits, 1)
-    stream = (w >> _SHIFTS.to(w.device)) & 1                                   # (r, n32, b, 32)
-    bitplanes = stream.reshape(rows, n32, 32, bits)
-    values = (bitplanes << torch.arange(bits, device=w.device)).sum(-1)
-    return values.reshape(rows, -1)[:, :cols].to(torch.uint8)
+    start = torch.arange(cols, device=packed.device, dtype=torch.int64) * bits
+    word, off = start // 32, start % 32
+    nxt = torch.clamp(word + 1, max=nwords - 1)
+    mask = (1 << bits) - 1
+    out = torch.empty(rows, cols, dtype=torch.uint8, device=packed.device)
+    for r in range(0, rows, chunk):
+        w = packed[r:r + chunk].to(torch.int64) & 0xFFFFFFFF
+        v = (w[:, word] >> off) | (w[:, nxt] << (32 - off))
+        out[r:r + chunk] = (v & mask).to(torch.uint8)
+    return out

@@ -1,0 +1,33 @@
+"""Shared helpers of the bench scripts: run one quantization in a subprocess (so that its peak
+RSS is its own) and collect the numbers from its report."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CALIB = ROOT / "data" / "enwiki_calib.txt"
+EVAL = ROOT / "data" / "enwiki_eval.txt"
+
+
+def quantize_and_measure(model: str, flags: list[str], eval_tokens: int = 16384) -> dict:
+    """One `onecomp quantize ... --eval-text` run -> its summary numbers."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "q"
+        cfg = Path(tmp) / "c.json"
+        cfg.write_text(json.dumps({"eval_tokens": eval_tokens}))
+        cmd = [sys.executable, "-m", "onecomp_core.cli", "quantize", model, "--out", str(out),
+               "--calibration", str(CALIB), "--eval-text", str(EVAL), "--config", str(cfg), *flags]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "ONECOMP_PROGRESS": "0"})
+        if proc.returncode != 0:
+            return {"flags": flags, "error": proc.stderr.strip().splitlines()[-1:]}
+        rep = json.loads((out / "report.json").read_text())
+    s, e = rep["summary"], rep["evaluation"]
+    return {"flags": " ".join(flags), "bpw": s["bpw"], "ppl": round(e["ppl"], 3), "ppl_fp": round(e["ppl_ref"], 3),
+            "kl": round(e["kl"], 4), "wall_s": s["wall_seconds"], "layerwise_s": round(rep["stages"]["layerwise"], 1),
+            "s_per_block": s["seconds_per_block"], "peak_rss_mb": s["peak_rss_mb"],
+            "peak_rss_mb_with_eval": s.get("peak_rss_mb_with_eval")}
