@@ -20,6 +20,8 @@ from .plugins import load_plugins
 from .report import markdown, peak_gpu_mb, peak_rss_mb
 from .skeleton import Skeleton, pick_device
 from .store import RunStore, atomic_json, atomic_write_bytes
+from .components import PlanContext
+from .stats import input_diagonals
 from .streams import capture
 
 __all__ = ["quantize", "load_quantized", "resolve_config", "Resolved"]
@@ -132,24 +134,36 @@ class Runner:
         device = pick_device(run.device)
         sk = Skeleton(folder, res.plugins.registry, device, run.dtype)
         shapes = sk.linear_shapes()
-        plan = self.stage("plan", lambda: res.planner.plan(shapes, run, res.formats, res.plugins.registry,
-                                                           checkpoint_dtype=sk.checkpoint_dtype))
+        store = RunStore(Path(run.out), _fingerprint(res, folder), run.overwrite)
+        start = store.finished
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        cal = run.calibration
+        ids = self.stage("calibration", lambda: calibration_samples(
+            cal.source, tokenizer, cal.num_samples, cal.seq_len, cal.strategy, cal.seed,
+            cal.text_field, cal.split, cal.cache))
+        inputs, kwargs = self.stage("capture", lambda: capture(sk, ids))
+        stats_cache = {}
+
+        def input_diag():
+            if "diag" not in stats_cache:
+                stats_cache["diag"] = input_diagonals(sk, inputs, kwargs)
+            return stats_cache["diag"]
+
+        groups = [[f"{sk.block_prefix(i)}.{n}" for n in g] for i, blk in enumerate(sk.blocks)
+                  for g in sk.adapter.linear_groups(blk)]
+        ctx = PlanContext(shapes=shapes, groups=groups, run=run, formats=res.formats, registry=res.plugins.registry,
+                          checkpoint_dtype=sk.checkpoint_dtype, weight=lambda n: sk.weights.get(n + ".weight").float(),
+                          input_diag=input_diag, model_folder=folder, calibration_ids=ids, device=device)
+        plan = self.stage("plan", lambda: res.planner.plan(ctx))
         for spec in plan.specs.values():
             if spec.projector not in res.projectors:
                 res.projectors[spec.projector] = res._make("projector", spec.projector, res.plugins.registry)
             if spec.format not in res.formats:
                 res.formats[spec.format] = res._make("format", spec.format, res.plugins.registry)
-        store = RunStore(Path(run.out), _fingerprint(res, folder), run.overwrite)
-        start = store.finished
+            res.formats[spec.format].check(spec, shapes[spec.name])
         needs_h = any(p.needs_hessian for p in res.projectors.values()) or bool(res.corrections)
-        from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
         if start < len(sk.blocks):
-            cal = run.calibration
-            ids = self.stage("calibration", lambda: calibration_samples(
-                cal.source, tokenizer, cal.num_samples, cal.seq_len, cal.strategy, cal.seed,
-                cal.text_field, cal.split, cal.cache))
-            inputs, kwargs = self.stage("capture", lambda: capture(sk, ids))
             if start > 0:
                 streams = store.streams()
                 fp, q = streams["fp"].to(device), streams["q"].to(device)
@@ -163,6 +177,8 @@ class Runner:
         final = self.stage("export", lambda: assemble(sk, store, plan, res.formats,
                                                       {"onecomp_version": __version__, "config": res.describe(),
                                                        "source_model": str(folder)}))
+        for fname, data in plan.artifacts.items():
+            atomic_write_bytes(final / fname, data)
         layers = store.layer_info()
         self.peak_quantize = peak_rss_mb()
         evaluation = None
@@ -198,4 +214,5 @@ class Runner:
                    "peak_rss_mb_with_eval": round(peak_rss_mb(), 1) if evaluation else None,
                    "resumed_from_block": start, "device": str(pick_device(run.device))}
         return {"summary": summary, "stages": self.stages, "layers": layers, "evaluation": evaluation,
-                "config": res.describe(), "plan": {n: s.to_dict() for n, s in plan.specs.items()}}
+                "config": res.describe(), "plan": {n: s.to_dict() for n, s in plan.specs.items()},
+                "plan_info": plan.info}

@@ -20,7 +20,11 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--projector", help="projector name (rtn, gptq, ...)")
     p.add_argument("--correction", action="append", dest="corrections", help="layer-wise correction (repeatable)")
     p.add_argument("--planner", help="planner name (uniform, autobit, ...)")
-    p.add_argument("--target-bpw", type=float, help="average bits per weight (budget planners)")
+    p.add_argument("--target-bpw", type=float, help="budget: average bits per weight of the quantized linears")
+    p.add_argument("--budget-bytes", help="budget: size of the quantized linears, e.g. 60MB")
+    p.add_argument("--fit-memory", help="budget: device memory to fit, e.g. 6GiB (minus KV cache and activations)")
+    p.add_argument("--context", type=int, help="context length for --fit-memory (default 4096)")
+    p.add_argument("--batch", type=int, help="batch size for --fit-memory (default 1)")
     p.add_argument("--format", help="format name (uniform, ...)")
     p.add_argument("--calibration", help="calibration text: .txt/.jsonl/.parquet, dataset folder or hub id")
     p.add_argument("--num-samples", type=int)
@@ -62,7 +66,8 @@ def _run_config(a):
         base["options"] = merged
     return make_config(a.model, base, out=a.out, bits=a.bits, group_size=a.group_size, symmetric=a.symmetric,
                        projector=a.projector, corrections=a.corrections, planner=a.planner,
-                       target_bpw=a.target_bpw, format=a.format, calibration=a.calibration,
+                       target_bpw=a.target_bpw, budget_bytes=a.budget_bytes, fit_memory=a.fit_memory,
+                       context=a.context, batch=a.batch, format=a.format, calibration=a.calibration,
                        num_samples=a.num_samples, seq_len=a.seq_len, strategy=a.strategy, seed=a.seed,
                        exclude=a.exclude, device=a.device, dtype=a.dtype, eval_text=a.eval_text,
                        overwrite=a.overwrite)

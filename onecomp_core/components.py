@@ -70,10 +70,26 @@ class Refiner(Component):
         raise NotImplementedError(f"refiner {self.name!r} has no pivot stage")
 
 
-class Planner(Component):
-    """(linear shapes, run config, formats) -> a :class:`Plan` of per-module specs."""
+@attrs.define
+class PlanContext:
+    """What a planner may use. ``weight`` and the statistics are computed on demand."""
+    shapes: dict                      # module name -> (out, in), execution order
+    groups: list                      # lists of module names sharing one input (q/k/v, gate/up, ...)
+    run: object                       # the RunConfig
+    formats: dict                     # format name -> format object
+    registry: object
+    checkpoint_dtype: torch.dtype
+    weight: object                    # name -> float32 FP weight (read lazily from the checkpoint)
+    input_diag: object                # () -> {name: diag(X X^T) / N}, one FP pass over the blocks
+    model_folder: object = None
+    calibration_ids: object = None    # (N, L) token ids
+    device: object = None
 
-    def plan(self, shapes: dict[str, tuple[int, int]], run, formats, registry) -> Plan:
+
+class Planner(Component):
+    """A :class:`PlanContext` -> a :class:`Plan` of per-module specs."""
+
+    def plan(self, ctx: PlanContext) -> Plan:
         raise NotImplementedError
 
 

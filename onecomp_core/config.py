@@ -87,6 +87,13 @@ def _bpw(inst, attr, value):
         _fail(attr.name, f"must be a positive number of bits per weight, got {value!r}")
 
 
+def _size(inst, attr, value):
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or (isinstance(value, int) and value <= 0):
+        _fail(attr.name, f"must be a size such as 6GiB, 500MB or a positive number of bytes, got {value!r}")
+
+
 @attrs.define(frozen=True)
 class RunConfig:
     model: str = attrs.field(validator=_type(str, "a model folder, .gguf file or hub id"))
@@ -99,6 +106,10 @@ class RunConfig:
     corrections: tuple = attrs.field(default=(), converter=tuple, validator=_names)
     planner: str = attrs.field(default="uniform", validator=_type(str, "a planner name"))
     target_bpw: float | None = attrs.field(default=None, validator=_bpw)
+    budget_bytes: str | int | None = attrs.field(default=None, validator=_size)
+    fit_memory: str | int | None = attrs.field(default=None, validator=_size)
+    context: int = attrs.field(default=4096, validator=_int_in(1))
+    batch: int = attrs.field(default=1, validator=_int_in(1))
     exclude: tuple = attrs.field(default=("lm_head",), converter=tuple, validator=_names)
     options: dict = attrs.field(factory=dict, validator=_options_map)
     calibration: CalibrationConfig = attrs.field(factory=CalibrationConfig)

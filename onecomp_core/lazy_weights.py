@@ -46,6 +46,14 @@ class LazyWeights:
         except Exception as exc:
             raise OnecompError(f"corrupt safetensors file {f} (tensor {key}): {str(exc).splitlines()[0]}") from None
 
+    def numel(self, key: str) -> int:
+        """Element count of a tensor, from the header alone."""
+        shape = self._handles[self._where[key]].get_slice(key).get_shape()
+        n = 1
+        for d in shape:
+            n *= int(d)
+        return n
+
     def dtype(self) -> torch.dtype:
         """The dtype of the checkpoint's floating-point weights (config's, else the first tensor's)."""
         cfg = json.loads((self.folder / "config.json").read_text())

@@ -22,9 +22,11 @@ def scale_dtype_for(checkpoint_dtype: torch.dtype) -> str:
 class UniformPlanner(Planner):
     name = "uniform"
 
-    def plan(self, shapes, run, formats, registry, checkpoint_dtype=torch.float32) -> Plan:
-        if run.target_bpw is not None:
-            raise OnecompError("planner 'uniform' takes no target bpw; drop --target-bpw or use a budget "
+    def plan(self, ctx) -> Plan:
+        run, shapes, formats = ctx.run, ctx.shapes, ctx.formats
+        given = [k for k in ("target_bpw", "budget_bytes", "fit_memory") if getattr(run, k) is not None]
+        if given:
+            raise OnecompError(f"planner 'uniform' takes no budget ({', '.join(given)}); drop it or use a budget "
                                "planner such as --planner autobit (onecomp-plugin-autobit)")
         fmt = formats[run.format]
         specs = {}
@@ -33,7 +35,7 @@ class UniformPlanner(Planner):
                 continue
             spec = LayerSpec(name=name, format=run.format, projector=run.projector, bits=run.bits,
                              group_size=run.group_size, symmetric=run.symmetric,
-                             scale_dtype=scale_dtype_for(checkpoint_dtype))
+                             scale_dtype=scale_dtype_for(ctx.checkpoint_dtype))
             fmt.check(spec, shape)
             specs[name] = spec
         if not specs:

@@ -31,7 +31,8 @@ class Plan:
     """Per-module specs in execution order; modules absent from the plan stay in full precision."""
     specs: dict[str, LayerSpec] = attrs.field(factory=dict)
     planner: str = "uniform"
-    info: dict = attrs.field(factory=dict)
+    info: dict = attrs.field(factory=dict)              # goes into the run report
+    artifacts: dict = attrs.field(factory=dict)         # file name -> bytes, written into the output
 
     def __contains__(self, name: str) -> bool:
         return name in self.specs

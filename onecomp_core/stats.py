@@ -58,3 +58,27 @@ class InputCollector:
         for h in self.handles:
             h.remove()
         self.handles = []
+
+
+def input_diagonals(sk, inputs: torch.Tensor, kwargs: list[dict]) -> dict[str, torch.Tensor]:
+    """diag(X X^T) / N of every quantizable linear's input, from one pass of the FP model over
+    the calibration stream, block by block (activation-aware planning)."""
+    from .streams import run_block
+    out = {}
+    h = inputs
+    for i in range(len(sk.blocks)):
+        block = sk.block(i)
+        prefix = sk.block_prefix(i)
+        names = [n for g in sk.adapter.linear_groups(block) for n in g]
+        sums = {n: [torch.zeros(block.get_submodule(n).in_features, device=h.device), 0] for n in names}
+
+        def sink(n, x):
+            x = x.reshape(-1, x.shape[-1]).float()
+            sums[n][0] += (x * x).sum(0)
+            sums[n][1] += x.shape[0]
+        with InputCollector({n: block.get_submodule(n) for n in names}, sink, stop_early=False):
+            h = run_block(block, h, kwargs[i])
+        for n, (s, cnt) in sums.items():
+            out[f"{prefix}.{n}"] = (s / max(cnt, 1)).cpu()
+        sk.release_block(i)
+    return out

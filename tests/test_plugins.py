@@ -24,7 +24,7 @@ def test_core_and_installed_plugins_register_by_name():
 
 def test_unknown_name_lists_known_ones():
     reg = load_plugins().registry
-    with pytest.raises(UnknownNameError, match=r"unknown projector 'nope'; known: .*gptq.*rtn"):
+    with pytest.raises(UnknownNameError, match=r"unknown projector 'nope'; known: .*gptq.*jointq.*rtn"):
         reg.get("projector", "nope")
 
 

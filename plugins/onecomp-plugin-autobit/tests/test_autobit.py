@@ -1,0 +1,124 @@
+import json
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import onecomp_core
+from onecomp_core.errors import OnecompError
+from onecomp_core.plugins import load_plugins
+from onecomp_plugin_autobit.budget import fit_memory_budget_bits, inference_overhead_bytes, parse_size
+from onecomp_plugin_autobit.errors import candidate_error
+from onecomp_plugin_autobit.heatmap import allocation_png
+from onecomp_plugin_autobit.ilp import brute_force, smallest_budget, solve
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), units=st.integers(1, 5), cands=st.integers(1, 4), slack=st.floats(0, 1))
+def test_ilp_matches_brute_force(seed, units, cands, slack):
+    rng = random.Random(seed)
+    E = [[rng.uniform(0, 10) for _ in range(cands)] for _ in range(units)]
+    M = [[float(rng.randint(1, 20)) for _ in range(cands)] for _ in range(units)]
+    lo, hi = smallest_budget(M), sum(max(m) for m in M)
+    budget = lo + slack * (hi - lo)
+    choice, solver, _ = solve(E, M, budget)
+    _, best = brute_force(E, M, budget)
+    assert sum(M[i][c] for i, c in enumerate(choice)) <= budget + 1e-9
+    assert sum(E[i][c] for i, c in enumerate(choice)) == pytest.approx(best, rel=1e-6, abs=1e-9)
+
+
+def test_infeasible_budget_states_the_smallest():
+    with pytest.raises(OnecompError, match="smallest feasible 7 bits"):
+        solve([[1, 2], [1, 2]], [[3, 4], [4, 5]], 6)
+
+
+def test_fit_memory_arithmetic():
+    from transformers import LlamaConfig
+    cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                      num_key_value_heads=3, vocab_size=49152)
+    over = inference_overhead_bytes(cfg, context=4096, batch=2)
+    assert over["kv_cache"] == 2 * 30 * 3 * 64 * 4096 * 2 * 2
+    assert over["activations"] == 2 * 4096 * (4 * 576 + 2 * 1536) * 2 + 2 * 49152 * 4
+    bits, over2 = fit_memory_budget_bits(parse_size("1GiB"), cfg, other_params=1000, context=4096, batch=2)
+    assert bits == (2**30 - over["kv_cache"] - over["activations"] - 2000) * 8
+    with pytest.raises(OnecompError, match="do not even hold"):
+        fit_memory_budget_bits(parse_size("10MB"), cfg, 0, 4096, 2)
+    assert parse_size("6GiB") == 6 * 2**30 and parse_size("1.5 GB") == 1.5e9 and parse_size(512) == 512
+    with pytest.raises(OnecompError, match="cannot read the size"):
+        parse_size("six gigs")
+
+
+def test_activation_aware_error_weights_columns():
+    W = torch.randn(4, 64)
+    A = torch.zeros(64)
+    A[:8] = 1
+    full = candidate_error(W, 3, 32, False)
+    part = candidate_error(W, 3, 32, False, A=A)
+    assert 0 < part < full
+    assert candidate_error(W, 8, 32, False) < candidate_error(W, 2, 32, False)
+
+
+def test_heatmap_is_a_png():
+    data = allocation_png([[2.1, 4.2, None], [8.2, 3.1, 3.1]])
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and b"IHDR" in data and data.endswith(b"IEND\xaeB`\x82")
+
+
+def test_found_by_name():
+    ps = load_plugins()
+    assert ps.registry.source("planner", "autobit") == "autobit"
+
+
+def quantize(model, out, **kw):
+    base = dict(planner="autobit", projector="rtn", num_samples=2, seq_len=32)
+    base.update(kw)
+    return onecomp_core.quantize(model, out, **base)
+
+
+@pytest.mark.parametrize("target", [2.5, 3.0, 4.2])
+def test_checkpoint_bpw_never_exceeds_budget(tiny_llama, tmp_path, target):
+    rep = quantize(tiny_llama, tmp_path / "q", target_bpw=target)
+    assert rep["summary"]["bpw"] <= target + 1e-9
+    meta = json.loads((tmp_path / "q" / "onecomp.json").read_text())
+    bits = {(m["bits"], m["group_size"]) for m in meta["modules"].values()}
+    assert len(bits) >= 1
+    assert (tmp_path / "q" / "autobit_heatmap.png").read_bytes()[:4] == b"\x89PNG"
+    assert rep["plan_info"]["planned_bpw"] <= target + 1e-9
+
+
+def test_tied_modules_share_a_choice_and_mixed_precision_loads(tiny_llama, tmp_path):
+    rep = quantize(tiny_llama, tmp_path / "q", target_bpw=3.3, symmetric=True)
+    plan = rep["plan"]
+    for blk in (0, 1):
+        qkv = {(plan[f"model.layers.{blk}.self_attn.{m}"]["bits"], plan[f"model.layers.{blk}.self_attn.{m}"]["group_size"])
+               for m in ("q_proj", "k_proj", "v_proj")}
+        gu = {(plan[f"model.layers.{blk}.mlp.{m}"]["bits"], plan[f"model.layers.{blk}.mlp.{m}"]["group_size"])
+              for m in ("gate_proj", "up_proj")}
+        assert len(qkv) == 1 and len(gu) == 1
+    # mixed precision round-trips through the compressed-tensors export
+    from transformers import AutoModelForCausalLM
+    ours = onecomp_core.load_quantized(tmp_path / "q")
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
+    ids = torch.randint(3, 384, (1, 20))
+    with torch.no_grad():
+        assert torch.allclose(ours(ids).logits, theirs(ids).logits, atol=1e-5)
+
+
+def test_overrides_and_budget_errors(tiny_llama, tmp_path):
+    rep = quantize(tiny_llama, tmp_path / "q", target_bpw=4.0,
+                   options={"autobit": {"overrides": {"*.down_proj": {"bits": 8, "group_size": 32}}}})
+    downs = [s for n, s in rep["plan"].items() if n.endswith("down_proj")]
+    assert downs and all(s["bits"] == 8 and s["group_size"] == 32 for s in downs)
+    with pytest.raises(OnecompError, match="smallest feasible"):
+        quantize(tiny_llama, tmp_path / "r", target_bpw=1.0)
+    with pytest.raises(OnecompError, match="needs exactly one budget"):
+        quantize(tiny_llama, tmp_path / "s")
+    assert not (tmp_path / "r").exists() and not (tmp_path / "s").exists()
+
+
+def test_budget_bytes_and_fit_memory(tiny_llama, tmp_path):
+    rep = quantize(tiny_llama, tmp_path / "q", budget_bytes=20000)
+    params = rep["summary"]["quantized_params"]
+    assert rep["summary"]["bpw"] * params <= 20000 * 8 + 1e-6
+    rep = quantize(tiny_llama, tmp_path / "f", fit_memory="600KB", context=64)
+    assert rep["plan_info"]["budget_from"] == "fit_memory" and rep["plan_info"]["overhead_bytes"]["kv_cache"] > 0
