@@ -46,6 +46,18 @@ class LayerContext:
     fmt: object
 
 
+@attrs.define
+class GroupContext:
+    """What a layer-scope refiner sees before a group of linears is quantized."""
+    block: torch.nn.Module
+    prefix: str
+    group: list                     # relative names of the linears about to be quantized
+    quantized: set                  # relative names already quantized in this block
+    q_inputs: torch.Tensor          # quantized stream entering the block (N, L, d)
+    fp_outputs: torch.Tensor        # FP block's output on the FP stream: the block's target
+    kwargs: dict
+
+
 class Refiner(Component):
     """Improves a quantized model. ``scope = "layer"`` refiners (corrections) run inside the
     layer-wise pass: ``adjust_target`` before a linear is projected and ``after_projection``
@@ -59,6 +71,15 @@ class Refiner(Component):
     def observe(self, name: str, x_fp: torch.Tensor, x_q: torch.Tensor) -> None:
         """One calibration sample's input to linear ``name``: from the FP model on the FP stream
         and from the partly quantized model on the quantized stream (same tokens)."""
+
+    def observe_residual(self, name: str, r_fp: torch.Tensor, r_q: torch.Tensor) -> None:
+        """For a linear that writes into the residual stream (its output is added to it
+        unnormalised, as the adapter's ``residual_taps`` declares): the residual stream at that
+        add in the FP and the quantized model, for the same sample."""
+
+    def prepare_group(self, gctx: "GroupContext") -> None:
+        """Before a group's statistics are collected and its linears projected (block-wise
+        compensation adjusts the block's still-FP linears here)."""
 
     def adjust_target(self, ctx: LayerContext) -> torch.Tensor:
         return ctx.target

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from .components import LayerContext
+from .components import GroupContext, LayerContext
 from .stats import GramAccumulator, InputCollector
 from .streams import run_block
 
@@ -41,15 +41,20 @@ class LayerwisePass:
             fp_next = run_block(block, fp, kwargs[i])                  # FP block on the FP stream
             fp_block = copy.deepcopy(block) if self.wants_fp else None  # FP weights, for paired inputs
             qts, info = {}, {}
+            done: set = set()
             for group in groups:
                 mods = {n: block.get_submodule(n) for n in group}
+                gctx = GroupContext(block=block, prefix=prefix, group=list(group), quantized=set(done),
+                                    q_inputs=q, fp_outputs=fp_next, kwargs=kwargs[i])
                 for c in self.corrections:
+                    c.prepare_group(gctx)
                     c.begin_group([f"{prefix}.{n}" for n in group])
                 stats = self._statistics(block, mods, q, kwargs[i], fp_block, fp, prefix)
                 for rel, lin in mods.items():
                     name = f"{prefix}.{rel}"
                     qts[name], info[name] = self._quantize(name, lin, block, stats.get(rel))
                     self.hook.onecomp_layer_done(block=i, name=name, info=info[name])
+                done.update(group)
             q_next = run_block(block, q, kwargs[i])                    # quantized block, quantized stream
             fp, q = fp_next, q_next
             del fp_block
@@ -71,18 +76,28 @@ class LayerwisePass:
                 for s in range(q.shape[0]):
                     col.run(lambda: block(q[s:s + 1], **kwargs))
             return {n: a.H for n, a in acc.items()}
-        fp_mods = {n: fp_block.get_submodule(n) for n in mods}
+        taps = {w: t for w, t in self.sk.adapter.residual_taps(block).items() if w in mods}
+        tap_names = {f"tap:{t}": t for t in taps.values()}
+        q_mods = {**mods, **{k: block.get_submodule(t) for k, t in tap_names.items()}}
+        fp_mods = {**{n: fp_block.get_submodule(n) for n in mods},
+                   **{k: fp_block.get_submodule(t) for k, t in tap_names.items()}}
         for s in range(q.shape[0]):
             xq, xf = {}, {}
-            with InputCollector(mods, xq.__setitem__) as col:
+            with InputCollector(q_mods, xq.__setitem__) as col:
                 col.run(lambda: block(q[s:s + 1], **kwargs))
             with InputCollector(fp_mods, xf.__setitem__) as col:
                 col.run(lambda: fp_block(fp[s:s + 1], **kwargs))
-            for n, x in xq.items():
+            for n in mods:
+                if n not in xq:                              # an expert no token was routed to
+                    continue
+                x = xq[n]
                 acc[n].add(x)
                 if n in xf and xf[n].shape == x.shape:     # routed experts may see other tokens
                     for c in self.corrections:
                         c.observe(f"{prefix}.{n}", xf[n], x)
+            for w, t in taps.items():
+                for c in self.corrections:
+                    c.observe_residual(f"{prefix}.{w}", xf[f"tap:{t}"], xq[f"tap:{t}"])
         return {n: a.H for n, a in acc.items()}
 
     def _quantize(self, name, lin, block, H):

@@ -13,7 +13,8 @@ from onecomp_core.validators import boolean, in_range, one_of
 
 from .gptq import gptq
 from .jointq import jointq
-from .qep import CrossAccumulator, qep_target
+from .blockcomp import compensate
+from .qep import CrossAccumulator, ResidualAccumulator, lpcd_writer_target, qep_target
 
 
 @attrs.define(frozen=True)
@@ -112,6 +113,87 @@ class QEP(Refiner):
         return qep_target(ctx.target, ctx.H, acc.C, self.options.alpha, self.options.damp)
 
 
+@attrs.define(frozen=True)
+class LPCDOptions:
+    alpha: float = attrs.field(default=1.0, validator=in_range(0.0, 2.0))
+    damp: float = attrs.field(default=0.01, validator=in_range(0.0, 10.0))
+    residual: bool = attrs.field(default=True, validator=boolean)
+    iterations: int = attrs.field(default=1, validator=in_range(1, 1))
+    exclude: tuple = attrs.field(default=(), converter=tuple, validator=_patterns)
+
+
+class LPCD(Refiner):
+    """Submodule-level relax-then-project (closed-form variant). Inside each coupled submodule
+    the adapter declares (QK, VO, gate-up-down), every layer is relaxed in full precision with
+    the layers before it fixed at their quantized values, then projected by the projector:
+    inner layers (q, k, v, gate, up) towards their FP output from the quantized input, the
+    submodule's writer into the residual stream (o_proj, down_proj) towards the FP submodule
+    output plus, with ``residual``, the residual-stream error at its add (h - h^)."""
+    name = "lpcd"
+    scope = "layer"
+    wants_fp_inputs = True
+    Options = LPCDOptions
+
+    def __init__(self, options=None):
+        super().__init__(options)
+        self.cross: dict[str, CrossAccumulator] = {}
+        self.resid: dict[str, ResidualAccumulator] = {}
+        self._last_x: dict[str, torch.Tensor] = {}
+
+    def begin_group(self, names):
+        self.cross, self.resid, self._last_x = {}, {}, {}
+
+    def observe(self, name, x_fp, x_q):
+        if name not in self.cross:
+            self.cross[name] = CrossAccumulator(x_q.shape[-1], x_q.device)
+        self.cross[name].add(x_fp, x_q)
+        self._last_x[name] = x_q
+
+    def observe_residual(self, name, r_fp, r_q):
+        if not self.options.residual or name not in self._last_x:
+            return
+        x = self._last_x.pop(name)
+        if name not in self.resid:
+            self.resid[name] = ResidualAccumulator(r_fp.shape[-1], x.shape[-1], x.device)
+        self.resid[name].add(r_fp, r_q, x)
+
+    def adjust_target(self, ctx):
+        acc = self.cross.get(ctx.name)
+        if acc is None or ctx.H is None or excluded(ctx.name, self.options.exclude):
+            return ctx.target
+        r = self.resid.get(ctx.name)
+        o = self.options
+        if r is not None:
+            return lpcd_writer_target(ctx.target, ctx.H, acc.C, r.R, o.alpha, o.damp)
+        return qep_target(ctx.target, ctx.H, acc.C, o.alpha, o.damp)
+
+
+@attrs.define(frozen=True)
+class BlockCompOptions:
+    steps: int = attrs.field(default=8, validator=in_range(0, 10_000))
+    lr: float = attrs.field(default=1e-3, validator=in_range(0.0, 1.0))
+    batch: int = attrs.field(default=2, validator=in_range(1, 4096))
+    eval_samples: int = attrs.field(default=4, validator=in_range(1, 4096))
+    seed: int = attrs.field(default=0, validator=in_range(0, 2**31))
+
+
+class BlockCompensation(Refiner):
+    """Before each group of a block is quantized: a few Adam steps on the block's still-FP
+    linears (the group included) so the partly quantized block matches the FP block output;
+    kept only when it lowers the block error on held samples."""
+    name = "blockcomp"
+    scope = "layer"
+    Options = BlockCompOptions
+
+    def prepare_group(self, gctx):
+        names = [n for n, m in gctx.block.named_modules() if isinstance(m, torch.nn.Linear)
+                 and n not in gctx.quantized and n.rsplit(".", 1)[-1] not in ("gate",)]
+        params = [gctx.block.get_submodule(n).weight for n in names]
+        o = self.options
+        compensate(gctx.block, params, gctx.q_inputs, gctx.fp_outputs, gctx.kwargs, steps=o.steps,
+                   lr=o.lr, batch=o.batch, eval_samples=o.eval_samples, seed=o.seed)
+
+
 @hookimpl
 def onecomp_register_projectors(registry):
     registry.add_projector(GPTQ)
@@ -121,3 +203,5 @@ def onecomp_register_projectors(registry):
 @hookimpl
 def onecomp_register_refiners(registry):
     registry.add_refiner(QEP)
+    registry.add_refiner(LPCD)
+    registry.add_refiner(BlockCompensation)

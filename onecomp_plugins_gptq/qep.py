@@ -38,3 +38,39 @@ def qep_target(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, alpha: float, 
     WC = (W.double() @ C.double())          # out x in
     delta = torch.cholesky_solve(WC.t(), L).t()   # (H^-1 (W C)^T)^T = W C H^-1
     return (W.double() + alpha * delta).to(W.dtype)
+
+
+class ResidualAccumulator:
+    """R = (h - h^) X^^T / N: the residual-stream error at a writer's add (out x N) against
+    the writer's quantized-stream input (in x N)."""
+
+    def __init__(self, out_features: int, in_features: int, device):
+        self.sum = torch.zeros(out_features, in_features, dtype=torch.float32, device=device)
+        self.n = 0
+
+    def add(self, r_fp: torch.Tensor, r_q: torch.Tensor, x_q: torch.Tensor) -> None:
+        d = (r_fp - r_q).reshape(-1, r_fp.shape[-1]).float()
+        x = x_q.reshape(-1, x_q.shape[-1]).float()
+        self.sum.addmm_(d.t(), x)
+        self.n += x.shape[0]
+
+    @property
+    def R(self) -> torch.Tensor:
+        return self.sum / max(self.n, 1)
+
+
+def lpcd_writer_target(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, R: torch.Tensor | None,
+                       alpha: float, damp: float) -> torch.Tensor:
+    """Relax a residual writer (o_proj, down_proj) to the FP submodule output plus the residual
+    error at its add: argmin ||W X + (h - h^) - W' X^||^2 =
+        W + (W C + R) (H^ + lam I)^-1            (alpha scales the correction)"""
+    Hd = H.double().clone()
+    Hd.diagonal().add_(damp * float(torch.diagonal(Hd).mean()) + 1e-12)
+    L, info = torch.linalg.cholesky_ex(Hd)
+    if int(info) != 0:
+        return W
+    G = W.double() @ C.double()
+    if R is not None:
+        G = G + R.double()
+    delta = torch.cholesky_solve(G.t(), L).t()
+    return (W.double() + alpha * delta).to(W.dtype)

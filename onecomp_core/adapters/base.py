@@ -53,6 +53,11 @@ class ModelAdapter:
         ``mlp`` -> relative linear names."""
         return {}
 
+    def residual_taps(self, block: torch.nn.Module) -> dict[str, str]:
+        """Linears whose output is added unnormalised to the residual stream -> the module whose
+        input is that residual stream value (for the residual-aware corrections)."""
+        return {}
+
     def checkpoint_keys(self, key: str) -> list[str]:
         """Checkpoint keys to try, in order, for a parameter named ``key`` in the model."""
         return [key]

@@ -79,6 +79,17 @@ class DecoderAdapter(ModelAdapter):
                 "mlp": pick("gate_proj", "up_proj", "gate_up_proj", "down_proj")}
         return {k: v for k, v in subs.items() if v}
 
+    def residual_taps(self, block):
+        if hasattr(block, "post_feedforward_layernorm"):      # Gemma: outputs are normed before the add
+            return {}
+        taps = {}
+        names = set(self._linears(block))
+        if "self_attn.o_proj" in names and hasattr(block, "input_layernorm"):
+            taps["self_attn.o_proj"] = "input_layernorm"          # its input is the block input
+        if "mlp.down_proj" in names and hasattr(block, "post_attention_layernorm"):
+            taps["mlp.down_proj"] = "post_attention_layernorm"    # its input is h + attention
+        return taps
+
     # transformers writes Mixtral checkpoints with the original expert names
     _MIXTRAL = [(r"\.mlp\.experts\.(\d+)\.gate_proj\.", r".block_sparse_moe.experts.\1.w1."),
                 (r"\.mlp\.experts\.(\d+)\.down_proj\.", r".block_sparse_moe.experts.\1.w2."),

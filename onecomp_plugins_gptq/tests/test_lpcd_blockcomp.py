@@ -1,0 +1,63 @@
+import pytest
+import torch
+
+import onecomp_core
+from onecomp_plugins_gptq.blockcomp import compensate
+from onecomp_plugins_gptq.qep import CrossAccumulator, ResidualAccumulator, lpcd_writer_target
+from tiny import ARCHS
+
+
+def test_writer_target_absorbs_the_residual_error():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(16, 300, generator=g)
+    Xq = X + 0.1 * torch.randn(16, 300, generator=g)
+    D = 0.05 * torch.randn(8, 300, generator=g)                  # h - h^ at the writer's add
+    W = torch.randn(8, 16, generator=g)
+    c, r = CrossAccumulator(16, "cpu"), ResidualAccumulator(8, 16, "cpu")
+    c.add(X.T, Xq.T)
+    r.add(D.T, torch.zeros_like(D.T), Xq.T)
+    H = Xq @ Xq.T / 300
+    target = lpcd_writer_target(W, H, c.C, r.R, alpha=1.0, damp=0.0)
+    best = torch.linalg.lstsq(Xq.T, (W @ X + D).T).solution.T      # argmin ||W X + D - W' Xq||
+    assert torch.allclose(target, best, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lpcd_runs_on_every_architecture(arch, tiny_models, tmp_path):
+    rep = onecomp_core.quantize(tiny_models(arch), tmp_path / "q", bits=3, group_size=32, projector="gptq",
+                                corrections=["lpcd"], num_samples=2, seq_len=32)
+    assert all(0 <= li["rel_error"] < 2 for li in rep["layers"].values())
+
+
+def test_lpcd_uses_residual_taps_where_the_adapter_declares_them(tiny_models):
+    from onecomp_core.plugins import load_plugins
+    from onecomp_core.skeleton import Skeleton, pick_device
+    reg = load_plugins().registry
+    sk = Skeleton(tiny_models("llama"), reg, pick_device("cpu"))
+    assert sk.adapter.residual_taps(sk.blocks[0]) == {"self_attn.o_proj": "input_layernorm",
+                                                      "mlp.down_proj": "post_attention_layernorm"}
+    gemma = Skeleton(tiny_models("gemma2"), reg, pick_device("cpu"))
+    assert gemma.adapter.residual_taps(gemma.blocks[0]) == {}     # outputs are normed before the add
+
+
+def test_block_compensation_never_worse_on_held_samples(tiny_models):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_models("llama")).eval()
+    block = model.model.layers[0]
+    torch.manual_seed(0)
+    h = torch.randn(4, 16, 64)
+    pos = torch.arange(16)[None]
+    kw = {"position_embeddings": model.model.rotary_emb(h, pos), "attention_mask": None}
+    with torch.no_grad():
+        target = block(h, **kw)
+        block.self_attn.q_proj.weight.add_(0.05 * torch.randn_like(block.self_attn.q_proj.weight))  # "quantized"
+    params = [block.mlp.gate_proj.weight, block.mlp.up_proj.weight, block.mlp.down_proj.weight]
+    r = compensate(block, params, h, target, kw, steps=10, lr=1e-2, batch=2, eval_samples=4, seed=0)
+    assert r["after"] <= r["before"]
+    assert r["kept"] == (r["after"] < r["before"])
+
+
+def test_blockcomp_end_to_end(tiny_llama, tmp_path):
+    rep = onecomp_core.quantize(tiny_llama, tmp_path / "q", bits=3, group_size=32, projector="gptq",
+                                corrections=["blockcomp", "qep"], num_samples=2, seq_len=32)
+    assert len(rep["layers"]) == 14
