@@ -104,5 +104,4 @@ def load_quantized(folder, device: str = "auto", dtype: str = "auto", plugins=No
 
 def _module_keys(sk, name: str):
     pre = name + "."
-    return [k for k in sk.weights.keys() if k.startswith(pre) and "." not in k[len(pre):]
-            and k[len(pre):].startswith("weight")]
+    return [k for k in sk.weights.keys() if k.startswith(pre) and "." not in k[len(pre):] and k != pre + "bias"]

@@ -24,18 +24,22 @@ class UniformPlanner(Planner):
 
     def plan(self, ctx) -> Plan:
         run, shapes, formats = ctx.run, ctx.shapes, ctx.formats
+        fmt = formats[run.format]
+        per_module_bpw = getattr(fmt, "takes_bpw", False)   # binary factors: the bpw is the format's knob
         given = [k for k in ("target_bpw", "budget_bytes", "fit_memory") if getattr(run, k) is not None]
+        if per_module_bpw and given == ["target_bpw"]:
+            given = []
         if given:
             raise OnecompError(f"planner 'uniform' takes no budget ({', '.join(given)}); drop it or use a budget "
                                "planner such as --planner autobit (onecomp-plugin-autobit)")
-        fmt = formats[run.format]
+        options = {"bpw": run.target_bpw} if per_module_bpw and run.target_bpw is not None else {}
         specs = {}
         for name, shape in shapes.items():
             if excluded(name, run.exclude):
                 continue
             spec = LayerSpec(name=name, format=run.format, projector=run.projector, bits=run.bits,
                              group_size=run.group_size, symmetric=run.symmetric,
-                             scale_dtype=scale_dtype_for(ctx.checkpoint_dtype))
+                             scale_dtype=scale_dtype_for(ctx.checkpoint_dtype), options=dict(options))
             fmt.check(spec, shape)
             specs[name] = spec
         if not specs:

@@ -1,0 +1,44 @@
+"""Layer-wise methods on SmolLM2-135M: RTN, GPTQ, GPTQ+QEP, GPTQ+LPCD, JointQ, JointQ+QEP at
+4b/g128, 4b/per-channel, 3b/g128 and 3b/per-channel (symmetric grids, the compressed-tensors
+path transformers loads). Perplexity on enwiki_eval, mean KL to the FP model, wall time, peak
+RSS. Prints one JSON object. `--quick`: 8 calibration samples and 4,096 eval tokens."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from common import quantize_and_measure
+
+SETTINGS = [("4", "128"), ("4", "channel"), ("3", "128"), ("3", "channel")]
+METHODS = {
+    "rtn": ["--projector", "rtn"],
+    "gptq": ["--projector", "gptq"],
+    "gptq+qep": ["--projector", "gptq", "--correction", "qep"],
+    "gptq+lpcd": ["--projector", "gptq", "--correction", "lpcd"],
+    "jointq": ["--projector", "jointq"],
+    "jointq+qep": ["--projector", "jointq", "--correction", "qep"],
+}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--settings", default=",".join(f"{b}/{g}" for b, g in SETTINGS))
+    a = ap.parse_args()
+    extra = ["--sym"] + (["--num-samples", "8"] if a.quick else [])
+    tokens = 4096 if a.quick else 16384
+    rows = []
+    for setting in a.settings.split(","):
+        bits, group = setting.split("/")
+        for m in a.methods.split(","):
+            r = quantize_and_measure("smollm2-135m", ["--bits", bits, "--group-size", group, *METHODS[m], *extra], tokens)
+            r.update({"setting": f"{bits}b/{'g' + group if group != 'channel' else 'channel'}", "method": m})
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    print(json.dumps({"bench": "corrections_smollm2", "eval_tokens": tokens, "calibration_samples": 8 if a.quick else 32,
+                      "results": rows}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Plugin glue: the ``dbf`` format and projector."""
+from __future__ import annotations
+
+import attrs
+import torch
+
+from onecomp_core.components import Projector
+from onecomp_core.hookspecs import hookimpl
+from onecomp_core.validators import in_range, one_of
+
+from .factors import fit
+from .fmt import DBFFormat
+from .sinkhorn import balance
+
+
+@attrs.define(frozen=True)
+class BinaryFactorOptions:
+    iters: int = attrs.field(default=40, validator=in_range(0, 10_000))
+    rho: float = attrs.field(default=0.6, validator=in_range(1e-6, 1e6))
+    activation: str = attrs.field(default="diag", validator=one_of("diag", "none"))
+    sinkhorn: str = attrs.field(default="none", validator=one_of("none", "l1", "l2"))
+    sinkhorn_iters: int = attrs.field(default=10, validator=in_range(1, 1000))
+    seed: int = attrs.field(default=0, validator=in_range(0, 2**31))
+
+
+def project_binary_factors(o: BinaryFactorOptions, fmt, W, H, spec):
+    """Sinkhorn (optional) -> SVD/SVID start -> ADMM, activation-aware with diag(H)."""
+    k, l = fmt.rank(spec, tuple(W.shape)), fmt.envelope_rank(spec)
+    d = torch.diagonal(H).clone() if (H is not None and o.activation == "diag") else None
+    Wf, r, c = (W.float(), None, None)
+    if o.sinkhorn != "none":
+        Wf, r, c = balance(W, 1 if o.sinkhorn == "l1" else 2, o.sinkhorn_iters)
+        d = d * c * c if d is not None else c * c          # the error is measured on W, not W'
+    Sa, A, P, Sb, B, G = fit(Wf, k, l, d, iters=o.iters, rho=o.rho, seed=o.seed)
+    if r is not None:
+        A, B = A * r[:, None], B * c[:, None]
+    return fmt.make(Sa, A, P, Sb, B, G)
+
+
+class DBF(Projector):
+    """Double binary factorisation: SVID start, alternating ADMM on the two factors."""
+    name = "dbf"
+    Options = BinaryFactorOptions
+
+    def project(self, W, H, spec, fmt):
+        if not isinstance(fmt, DBFFormat):
+            raise ValueError(f"projector {self.name!r} writes binary-factor formats, not {spec.format!r}")
+        return project_binary_factors(self.options, fmt, W, H, spec)
+
+
+@hookimpl
+def onecomp_register_formats(registry):
+    registry.add_format(DBFFormat)
+
+
+@hookimpl
+def onecomp_register_projectors(registry):
+    registry.add_projector(DBF)

@@ -1,0 +1,113 @@
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from safetensors.torch import load_file
+
+import onecomp_core
+from onecomp_core.errors import OnecompError
+from onecomp_core.spec import LayerSpec
+from onecomp_plugins_dbf.factors import bits_per_weight, compose, fit, rank_for_bpw, weighted_error
+from onecomp_plugins_dbf.fmt import BinaryFactorLinear, DBFFormat
+from onecomp_plugins_dbf.plugin import DBF
+from onecomp_plugins_dbf.signs import pack_signs, unpack_signs
+from onecomp_plugins_dbf.sinkhorn import balance
+
+
+def lowrankish(out, cols, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(out, cols, generator=g) @ torch.diag(torch.linspace(2, 0.05, cols))
+            @ torch.randn(cols, cols, generator=g)) / cols ** 0.5
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 9), k=st.integers(1, 70), seed=st.integers(0, 2**16))
+def test_sign_packing_round_trip(rows, k, seed):
+    S = torch.where(torch.rand(rows, k, generator=torch.Generator().manual_seed(seed)) > 0.5, 1.0, -1.0)
+    p = pack_signs(S)
+    assert p.dtype == torch.uint8 and p.shape == (rows, (k + 7) // 8)
+    assert torch.equal(unpack_signs(p, k), S)
+
+
+@pytest.mark.parametrize("l", [1, 2, 3])
+def test_admm_objective_never_increases_and_improves_on_svid(l):
+    W = lowrankish(48, 64)
+    d = torch.rand(64) + 0.1
+    trace = []
+    Sa, A, P, Sb, B, G = fit(W, 24, l, d, iters=25, trace=trace)
+    assert all(b <= a for a, b in zip(trace, trace[1:]))
+    assert trace[-1] < 0.95 * trace[0]
+    final = weighted_error(W, compose(Sa, A, P), compose(Sb, B, G), d / d.mean())
+    assert final == pytest.approx(trace[-1], rel=1e-4)
+    assert set(Sa.unique().tolist()) <= {-1.0, 1.0}
+
+
+def test_activation_aware_fit_lowers_the_weighted_error():
+    W = lowrankish(32, 48, 1)
+    d = torch.ones(48)
+    d[:6] = 50.0                                              # a few loud input channels
+    f_plain = fit(W, 16, 1, None, iters=20)
+    f_aware = fit(W, 16, 1, d, iters=20)
+    err = lambda f: weighted_error(W, compose(*f[:3]), compose(*f[3:]), d)
+    assert err(f_aware) < err(f_plain)
+
+
+def test_rank_and_bits_accounting():
+    for bpw in (1.0, 1.5, 2.0):
+        for l in (1, 2):
+            k = rank_for_bpw(576, 1536, bpw, l)
+            assert bits_per_weight(576, 1536, k, l) <= bpw < bits_per_weight(576, 1536, k + 1, l)
+
+
+@pytest.mark.parametrize("k_bpw", [1.0, 1.37])
+def test_bits_on_disk_match_the_accounting(k_bpw):
+    fmt = DBFFormat()
+    spec = LayerSpec(name="m", format="dbf", projector="dbf", options={"bpw": k_bpw})
+    W = lowrankish(40, 56)
+    t = DBF().project(W, torch.eye(56), spec, fmt)
+    tensors = fmt.to_tensors("m", t, torch.float32)
+    disk = sum(v.numel() * v.element_size() * 8 for n, v in tensors.items() if not n.endswith("bf_shape"))
+    k, out, cols = t.k, 40, 56
+    pad = (-k) % 8
+    assert disk == bits_per_weight(out, cols, k, 1) * out * cols + pad * (out + cols)
+    assert fmt.bits_per_weight(spec, (out, cols)) <= k_bpw
+
+
+def test_save_load_round_trip_and_inference_module():
+    fmt = DBFFormat()
+    spec = LayerSpec(name="m", format="dbf", projector="dbf", options={"bpw": 2.0})
+    W = lowrankish(24, 40)
+    t = DBF().project(W, torch.eye(40), spec, fmt)
+    back = fmt.from_tensors("m", fmt.to_tensors("m", t, torch.float32), {})
+    assert torch.equal(back.dequantize(), t.dequantize())
+    lin = BinaryFactorLinear(back, bias=torch.randn(24))
+    x = torch.randn(3, 7, 40)
+    with torch.no_grad():
+        y = lin(x)
+    assert torch.allclose(y, x @ t.dequantize().T + lin.bias, atol=1e-4)
+    lin.train_signs()
+    lin(x).sum().backward()
+    assert lin.A.grad is not None and lin.latent_a.grad is not None
+
+
+def test_sinkhorn_balances_and_reconstructs():
+    W = lowrankish(30, 40) * torch.linspace(0.1, 5, 40)[None, :]
+    Wb, r, c = balance(W, 2, 20)
+    assert torch.allclose(r[:, None] * Wb * c[None, :], W, atol=1e-5)
+    rows, cols = Wb.pow(2).mean(1).sqrt(), Wb.pow(2).mean(0).sqrt()
+    assert float(rows.std() / rows.mean()) < 0.05 and float(cols.std() / cols.mean()) < 0.05
+
+
+def test_dbf_needs_a_bpw_target(tiny_llama, tmp_path):
+    with pytest.raises(OnecompError, match="needs a bits-per-weight target"):
+        onecomp_core.quantize(tiny_llama, tmp_path / "q", format="dbf", projector="dbf", num_samples=2, seq_len=32)
+
+
+@pytest.mark.parametrize("fmt,corr", [("dbf", []), ("mdbf", []), ("dbf", ["qep"]), ("mdbf", ["lpcd"])])
+def test_end_to_end(tiny_llama, tmp_path, fmt, corr):
+    bpw = 1.5 if fmt == "dbf" else 2.0        # tiny 32 x 64 layers: l = 2 envelopes need the room
+    rep = onecomp_core.quantize(tiny_llama, tmp_path / "q", format=fmt, projector=fmt, target_bpw=bpw,
+                                corrections=corr, num_samples=2, seq_len=32)
+    assert rep["summary"]["bpw"] <= bpw
+    model = onecomp_core.load_quantized(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randint(3, 300, (1, 12))).logits).all()
