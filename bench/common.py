@@ -29,5 +29,6 @@ def quantize_and_measure(model: str, flags: list[str], eval_tokens: int = 16384)
     s, e = rep["summary"], rep["evaluation"]
     return {"flags": " ".join(flags), "bpw": s["bpw"], "plan": rep.get("plan_info", {}).get("planned_bpw"), "ppl": round(e["ppl"], 3), "ppl_fp": round(e["ppl_ref"], 3),
             "kl": round(e["kl"], 4), "wall_s": s["wall_seconds"], "layerwise_s": round(rep["stages"]["layerwise"], 1),
-            "s_per_block": s["seconds_per_block"], "peak_rss_mb": s["peak_rss_mb"],
+            "s_per_block": s["seconds_per_block"],
+            "s_per_layer": round(sum(li["seconds"] for li in rep["layers"].values()) / max(len(rep["layers"]), 1), 3), "peak_rss_mb": s["peak_rss_mb"],
             "peak_rss_mb_with_eval": s.get("peak_rss_mb_with_eval")}

@@ -14,16 +14,31 @@ import math
 
 import torch
 
+from .envelopes import update_rows, update_shared
+
 
 def sign(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
 
 
+def top_singular(M: torch.Tensor, l: int, iters: int = 8):
+    """The top-l singular triplets of M by block power (subspace) iteration: -> (U, S, V)."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    V = torch.randn(M.shape[1], l, generator=g).to(M)
+    V = V + M.abs().mean(0, keepdim=True).T          # start near the Perron vector of |M|
+    for _ in range(iters):
+        U, _ = torch.linalg.qr(M @ V)
+        V, _ = torch.linalg.qr(M.T @ U)
+    B = U.T @ M @ V                                    # l x l: finish with an exact small SVD
+    u, s, vh = torch.linalg.svd(B)
+    return U @ u, s, V @ vh.T
+
+
 def svid(M: torch.Tensor, l: int):
     """|M| ~ E F^T of rank l: -> (sign(M), E, F)."""
-    U, S, Vh = torch.linalg.svd(M.abs(), full_matrices=False)
+    U, S, V = top_singular(M.abs(), l)
     r = torch.sqrt(S[:l])
-    E, F = U[:, :l] * r, Vh[:l].T * r
+    E, F = U[:, :l] * r, V[:, :l] * r
     if l == 1 and E.sum() < 0:        # the Perron vector: make the rank-1 envelope positive
         E, F = -E, -F
     return sign(M), E, F
@@ -55,11 +70,12 @@ def weighted_error(W, L, R, d) -> float:
 
 
 def fit(W: torch.Tensor, k: int, l: int, d: torch.Tensor | None = None, *, iters: int = 40, rho: float = 0.6,
-        seed: int = 0, trace: list | None = None):
+        polish: int = 4, seed: int = 0, trace: list | None = None):
     """-> (S_a, A, P, S_b, B, G). ``d`` (in,) weights the columns (None: plain Frobenius).
-    ``trace`` receives the weighted error of the kept iterate after the SVID start and after
-    every ADMM iteration. An iteration that would raise the error is rejected and rho doubled,
-    so the kept objective never increases."""
+    ``trace`` receives the weighted error of the kept iterate after the SVID start, after
+    every ADMM iteration and after every polish round. An ADMM iteration that would raise the
+    error is rejected and rho doubled; polish rounds are exact least-squares updates of the
+    envelopes with the signs fixed (envelopes.py). The kept objective never increases."""
     torch.manual_seed(seed)
     W = W.float()
     out, cols = W.shape
@@ -67,8 +83,18 @@ def fit(W: torch.Tensor, k: int, l: int, d: torch.Tensor | None = None, *, iters
     d = d / d.mean()
     U, S, Vh = torch.linalg.svd(W * d.sqrt()[None, :], full_matrices=False)
     r = torch.sqrt(S[:k])
-    fl = svid(U[:, :k] * r, l)
-    fr = svid((Vh[:k].T * r) / d.sqrt()[:, None], l)
+    L0, R0 = U[:, :k] * r, Vh[:k].T * r
+    if k > S.numel():   # more binary columns than the rank: start the extra ones small and random
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        extra = k - S.numel()
+        tiny = float(r[-1]) * 0.1 + 1e-8
+        L0 = torch.cat([L0, tiny * torch.randn(out, extra, generator=g).to(W.device)], 1)
+        R0 = torch.cat([R0, tiny * torch.randn(cols, extra, generator=g).to(W.device)], 1)
+    return _admm(W, d, k, l, svid(L0, l), svid(R0 / d.sqrt()[:, None], l), iters, rho, polish, trace)
+
+
+def _admm(W, d, k, l, fl, fr, iters, rho, polish, trace):
+    """Alternating ADMM from the structured start (fl, fr), then envelope polish: -> factors."""
     ZL, ZR = compose(*fl), compose(*fr)
     UL, UR = torch.zeros_like(ZL), torch.zeros_like(ZR)
     eye = torch.eye(k, device=W.device)
@@ -96,12 +122,38 @@ def fit(W: torch.Tensor, k: int, l: int, d: torch.Tensor | None = None, *, iters
         ZR2 = compose(*fr)
         UR2 = UR + R - ZR2
         new = weighted_error(W, ZL2, ZR2, d)
-        if new <= err:                 # accept: the kept objective never increases
+        if not math.isfinite(new):     # diverged: restart from the best iterate, more conservative
+            _, fl, fr = best
+            state, rho = (compose(*fl), compose(*fr), torch.zeros_like(UL), torch.zeros_like(UR), fl, fr), rho * 2
+        elif new <= err:               # accept: the kept objective never increases
             err, state = new, (ZL2, ZR2, UL2, UR2, fl, fr)
             best = (err, fl, fr)
         else:                          # reject the step and make the next one more conservative
             rho *= 2
         if trace is not None:
             trace.append(err)
+    err, fl, fr = best
+    for _ in range(polish):
+        fl, fr, new = polish_envelopes(W, d, fl, fr)
+        if new > err:
+            break
+        err, best = new, (new, fl, fr)
+        if trace is not None:
+            trace.append(err)
     _, (Sa, A, P), (Sb, B, G) = best
     return Sa, A, P, Sb, B, G
+
+
+def polish_envelopes(W, d, fl, fr):
+    """One round of exact envelope updates, L side then R side: -> (fl, fr, weighted error)."""
+    (Sa, A, P), (Sb, B, G) = fl, fr
+    ZR = compose(Sb, B, G)
+    C, N = (ZR * d[:, None]).T @ ZR, (W * d[None, :]) @ ZR               # L side of envelopes.py
+    ones = torch.ones(W.shape[0], device=W.device)
+    A = update_rows(Sa, P, C, N)
+    P = update_shared(Sa, A, C, N, ones)
+    ZL = compose(Sa, A, P)
+    C, N = ZL.T @ ZL, W.T @ ZL                                            # R side, weights d
+    B = update_rows(Sb, G, C, N)
+    G = update_shared(Sb, B, C, N, d)
+    return (Sa, A, P), (Sb, B, G), weighted_error(W, ZL, compose(Sb, B, G), d)

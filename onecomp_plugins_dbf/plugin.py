@@ -17,6 +17,7 @@ from .sinkhorn import balance
 class BinaryFactorOptions:
     iters: int = attrs.field(default=40, validator=in_range(0, 10_000))
     rho: float = attrs.field(default=0.6, validator=in_range(1e-6, 1e6))
+    polish: int = attrs.field(default=4, validator=in_range(0, 1000))
     activation: str = attrs.field(default="diag", validator=one_of("diag", "none"))
     sinkhorn: str = attrs.field(default="none", validator=one_of("none", "l1", "l2"))
     sinkhorn_iters: int = attrs.field(default=10, validator=in_range(1, 1000))
@@ -31,7 +32,7 @@ def project_binary_factors(o: BinaryFactorOptions, fmt, W, H, spec):
     if o.sinkhorn != "none":
         Wf, r, c = balance(W, 1 if o.sinkhorn == "l1" else 2, o.sinkhorn_iters)
         d = d * c * c if d is not None else c * c          # the error is measured on W, not W'
-    Sa, A, P, Sb, B, G = fit(Wf, k, l, d, iters=o.iters, rho=o.rho, seed=o.seed)
+    Sa, A, P, Sb, B, G = fit(Wf, k, l, d, iters=o.iters, rho=o.rho, polish=o.polish, seed=o.seed)
     if r is not None:
         A, B = A * r[:, None], B * c[:, None]
     return fmt.make(Sa, A, P, Sb, B, G)

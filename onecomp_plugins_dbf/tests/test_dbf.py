@@ -7,6 +7,7 @@ import onecomp_core
 from onecomp_core.errors import OnecompError
 from onecomp_core.spec import LayerSpec
 from onecomp_plugins_dbf.factors import bits_per_weight, compose, fit, rank_for_bpw, weighted_error
+from onecomp_plugins_dbf.envelopes import objective, update_rows, update_shared
 from onecomp_plugins_dbf.fmt import BinaryFactorLinear, DBFFormat
 from onecomp_plugins_dbf.plugin import DBF
 from onecomp_plugins_dbf.signs import pack_signs, unpack_signs
@@ -39,6 +40,28 @@ def test_admm_objective_never_increases_and_improves_on_svid(l):
     final = weighted_error(W, compose(Sa, A, P), compose(Sb, B, G), d / d.mean())
     assert final == pytest.approx(trace[-1], rel=1e-4)
     assert set(Sa.unique().tolist()) <= {-1.0, 1.0}
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(2, 12), k=st.integers(1, 8), l=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_envelope_updates_are_exact_minimisers(rows, k, l, seed):
+    """Each update of envelopes.py solves its quadratic: the objective never rises, and no
+    small perturbation of the result does better."""
+    g = torch.Generator().manual_seed(seed)
+    S = torch.where(torch.rand(rows, k, generator=g) > 0.5, 1.0, -1.0).double()
+    E, F = torch.rand(rows, l, generator=g).double(), torch.rand(k, l, generator=g).double()
+    R = torch.randn(k + 3, k, generator=g).double()
+    C, N = R.T @ R, torch.randn(rows, k, generator=g).double()
+    w = torch.rand(rows, generator=g).double() + 0.1
+    f = lambda E, F: objective(compose(S, E, F), C, N, w)
+    f0 = f(E, F)
+    E1 = update_rows(S, F, C, N)
+    F1 = update_shared(S, E1, C, N, w)
+    assert f(E1, F) <= f0 + 1e-9 * abs(f0) and f(E1, F1) <= f(E1, F) + 1e-9 * abs(f0)
+    for _ in range(3):
+        dE, dF = 1e-3 * torch.randn(rows, l, generator=g).double(), 1e-3 * torch.randn(k, l, generator=g).double()
+        assert f(E1 + dE, F) >= f(E1, F) - 1e-7 * abs(f0) - 1e-12
+        assert f(E1, F1 + dF) >= f(E1, F1) - 1e-7 * abs(f0) - 1e-12
 
 
 def test_activation_aware_fit_lowers_the_weighted_error():

@@ -1,0 +1,41 @@
+"""1-2 bit formats on SmolLM2-135M, layer-wise only: DBF and MDBF at 1.0, 1.5 and 2.0 bpw
+against uniform 2-bit GPTQ at every group size (all of which store more than 2.0 bpw).
+Same protocol as layerwise_smollm2.py (32 x 512 calibration tokens, enwiki_eval). Prints one
+JSON line per run, then one JSON object with all of them."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from common import quantize_and_measure
+
+
+def runs(iters: int):
+    out = []
+    for bpw in ("1.0", "1.5", "2.0"):
+        for fmt in ("dbf", "mdbf"):
+            out.append((f"{fmt}@{bpw}", ["--format", fmt, "--projector", fmt, "--target-bpw", bpw,
+                                         "--option", f"{fmt}.iters={iters}"]))
+    for group in ("128", "64", "32", "channel"):
+        out.append((f"gptq 2b {group}", ["--projector", "gptq", "--bits", "2", "--group-size", group, "--sym"]))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--iters", type=int, default=40, help="ADMM iterations of dbf/mdbf")
+    ap.add_argument("--only", default="", help="comma list of run labels to keep")
+    a = ap.parse_args()
+    rows = []
+    for label, flags in runs(a.iters):
+        if a.only and label not in a.only.split(","):
+            continue
+        r = quantize_and_measure("smollm2-135m", flags, 16384)
+        r["run"] = label
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+    print(json.dumps({"bench": "binary_smollm2", "eval_tokens": 16384, "admm_iters": a.iters, "results": rows}))
+
+
+if __name__ == "__main__":
+    main()
