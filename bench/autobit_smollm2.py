@@ -25,7 +25,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", default="", help="comma list of run labels to keep")
     a = ap.parse_args()
-    extra = ["--projector", "gptq", "--sym"] + (["--num-samples", "8"] if a.quick else [])
+    extra = ["--projector", "gptq", "--sym"]
     tokens = 4096 if a.quick else 16384
     rows = []
     for label, flags in RUNS:

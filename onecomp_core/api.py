@@ -15,6 +15,7 @@ from .config import RunConfig, build_options, from_dict, options_dict, read_file
 from .errors import OnecompError
 from .evaluate import evaluate, text_tokens
 from .layerwise import LayerwisePass
+from .registry import KINDS
 from .model_source import resolve_model
 from .plugins import load_plugins
 from .report import markdown, peak_gpu_mb, peak_rss_mb
@@ -76,7 +77,8 @@ class Resolved:
 
     def _make(self, kind, name, reg):
         cls = reg.get(kind, name)
-        return cls(build_options(kind, name, cls, self.run.component_options(name)))
+        siblings = tuple(reg.get(k, name) for k in KINDS if k != kind and name in reg.names(k))
+        return cls(build_options(kind, name, cls, self.run.component_options(name), siblings))
 
     def describe(self) -> dict:
         d = self.run.to_dict()

@@ -181,8 +181,18 @@ def read_file(path: str | Path) -> dict:
     return data
 
 
-def build_options(kind: str, name: str, cls: type, raw: dict):
-    """A component's validated ``Options`` from a raw table; errors name the component and field."""
+def option_names(cls: type) -> set[str]:
+    opt_cls = getattr(cls, "Options", None)
+    return set() if opt_cls is None else {a.name for a in attrs.fields(opt_cls)}
+
+
+def build_options(kind: str, name: str, cls: type, raw: dict, siblings: tuple[type, ...] = ()):
+    """A component's validated ``Options`` from a raw table; errors name the component and field.
+    ``siblings``: components of other kinds with the same name (a format and the projector that
+    writes it, e.g. ``dbf``) share the table ``options.NAME``; each takes the keys it knows and
+    a key is an error only when none of them knows it."""
+    known_elsewhere = set().union(*(option_names(c) for c in siblings)) if siblings else set()
+    raw = {k: v for k, v in raw.items() if k not in known_elsewhere or k in option_names(cls)}
     opt_cls = getattr(cls, "Options", None)
     if opt_cls is None:
         if raw:
@@ -191,6 +201,7 @@ def build_options(kind: str, name: str, cls: type, raw: dict):
     fields = {a.name for a in attrs.fields(opt_cls)}
     unknown = sorted(set(raw) - fields)
     if unknown:
+        fields |= known_elsewhere
         raise OnecompError(f"{kind} {name!r} has no option(s) {', '.join(map(repr, unknown))}; "
                            f"options: {', '.join(sorted(fields)) or 'none'}")
     try:

@@ -134,3 +134,12 @@ def test_end_to_end(tiny_llama, tmp_path, fmt, corr):
     model = onecomp_core.load_quantized(tmp_path / "q")
     with torch.no_grad():
         assert torch.isfinite(model(torch.randint(3, 300, (1, 12))).logits).all()
+
+
+def test_format_and_projector_share_their_option_table():
+    from onecomp_core.api import Resolved, make_config
+    base = {"format": "dbf", "projector": "dbf", "target_bpw": 1.5}
+    r = Resolved(make_config("m", {**base, "options": {"dbf": {"iters": 3, "sinkhorn": "l2"}}}))
+    assert r.projectors["dbf"].options.iters == 3
+    with pytest.raises(OnecompError, match=r"projector 'dbf' has no option\(s\) 'itters'; options: .*iters"):
+        Resolved(make_config("m", {**base, "options": {"dbf": {"itters": 3}}}))
