@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -115,6 +116,14 @@ def quantize(model=None, out=None, *, config=None, plugins=(), **fields) -> dict
     return Runner(res).run()
 
 
+def few_tokens_warning(tokens: int, widest_input: int, factor: int = 4) -> str | None:
+    """Hessian-based projectors overfit when H = X X^T / N comes from too few tokens."""
+    if tokens >= factor * widest_input:
+        return None
+    return (f"calibration has {tokens} tokens, fewer than {factor} x the widest layer input ({widest_input}); "
+            f"Hessian-based methods (GPTQ, corrections) may overfit: raise --num-samples or the damping")
+
+
 class Runner:
     def __init__(self, res: Resolved):
         self.res, self.run_cfg = res, res.run
@@ -165,6 +174,9 @@ class Runner:
                 res.formats[spec.format] = res._make("format", spec.format, res.plugins.registry)
             res.formats[spec.format].check(spec, shapes[spec.name])
         needs_h = any(p.needs_hessian for p in res.projectors.values()) or bool(res.corrections)
+        few = few_tokens_warning(int(ids.numel()), max(s[1] for s in shapes.values())) if needs_h else None
+        if few:
+            print(f"onecomp: warning: {few}", file=sys.stderr)
         if start < len(sk.blocks):
             if start > 0:
                 streams = store.streams()

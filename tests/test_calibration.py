@@ -64,3 +64,10 @@ def test_samples_are_cached(tmp_path, tok, monkeypatch):
     assert len(list((tmp_path / "cache" / "calibration").glob("*.pt"))) == 1
     b = calibration_samples(None, tok, 4, 64)
     assert torch.equal(a, b)
+
+
+def test_too_few_calibration_tokens_for_a_hessian_are_flagged():
+    from onecomp_core.api import few_tokens_warning
+    assert few_tokens_warning(16384, 1536) is None
+    msg = few_tokens_warning(4096, 1536)
+    assert "4096 tokens" in msg and "1536" in msg and "--num-samples" in msg
