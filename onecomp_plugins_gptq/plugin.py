@@ -110,7 +110,10 @@ class QEP(Refiner):
         acc = self.cross.get(ctx.name)
         if acc is None or ctx.H is None or excluded(ctx.name, self.options.exclude):
             return ctx.target
-        return qep_target(ctx.target, ctx.H, acc.C, self.options.alpha, self.options.damp)
+        return self.relaxed_target(ctx, acc.C)
+
+    def relaxed_target(self, ctx, C):
+        return qep_target(ctx.target, ctx.H, C, self.options.alpha, self.options.damp)
 
 
 @attrs.define(frozen=True)
@@ -122,7 +125,7 @@ class LPCDOptions:
     exclude: tuple = attrs.field(default=(), converter=tuple, validator=_patterns)
 
 
-class LPCD(Refiner):
+class LPCD(QEP):
     """Submodule-level relax-then-project (closed-form variant). Inside each coupled submodule
     the adapter declares (QK, VO, gate-up-down), every layer is relaxed in full precision with
     the layers before it fixed at their quantized values, then projected by the projector:
@@ -130,23 +133,19 @@ class LPCD(Refiner):
     submodule's writer into the residual stream (o_proj, down_proj) towards the FP submodule
     output plus, with ``residual``, the residual-stream error at its add (h - h^)."""
     name = "lpcd"
-    scope = "layer"
-    wants_fp_inputs = True
     Options = LPCDOptions
 
     def __init__(self, options=None):
         super().__init__(options)
-        self.cross: dict[str, CrossAccumulator] = {}
         self.resid: dict[str, ResidualAccumulator] = {}
         self._last_x: dict[str, torch.Tensor] = {}
 
     def begin_group(self, names):
-        self.cross, self.resid, self._last_x = {}, {}, {}
+        super().begin_group(names)
+        self.resid, self._last_x = {}, {}
 
     def observe(self, name, x_fp, x_q):
-        if name not in self.cross:
-            self.cross[name] = CrossAccumulator(x_q.shape[-1], x_q.device)
-        self.cross[name].add(x_fp, x_q)
+        super().observe(name, x_fp, x_q)
         self._last_x[name] = x_q
 
     def observe_residual(self, name, r_fp, r_q):
@@ -157,15 +156,11 @@ class LPCD(Refiner):
             self.resid[name] = ResidualAccumulator(r_fp.shape[-1], x.shape[-1], x.device)
         self.resid[name].add(r_fp, r_q, x)
 
-    def adjust_target(self, ctx):
-        acc = self.cross.get(ctx.name)
-        if acc is None or ctx.H is None or excluded(ctx.name, self.options.exclude):
-            return ctx.target
+    def relaxed_target(self, ctx, C):
         r = self.resid.get(ctx.name)
-        o = self.options
-        if r is not None:
-            return lpcd_writer_target(ctx.target, ctx.H, acc.C, r.R, o.alpha, o.damp)
-        return qep_target(ctx.target, ctx.H, acc.C, o.alpha, o.damp)
+        if r is None:                   # inner layers: the QEP step
+            return super().relaxed_target(ctx, C)
+        return lpcd_writer_target(ctx.target, ctx.H, C, r.R, self.options.alpha, self.options.damp)
 
 
 @attrs.define(frozen=True)
