@@ -4,21 +4,37 @@ from __future__ import annotations
 import torch
 
 
-class GramAccumulator:
-    """H = X X^T / N over the inputs a linear sees (X: in x N), kept in float32."""
+class OuterSum:
+    """A B^T / N accumulated over tokens (A: rows x N, B: cols x N), kept in float32. Token
+    batches arrive as (..., features) tensors."""
 
-    def __init__(self, in_features: int, device):
-        self.sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+    def __init__(self, rows: int, cols: int, device):
+        self.sum = torch.zeros(rows, cols, dtype=torch.float32, device=device)
         self.n = 0
 
+    def add_outer(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        a = a.reshape(-1, a.shape[-1]).float()
+        b = b.reshape(-1, b.shape[-1]).float()
+        self.sum.addmm_(a.t(), b)
+        self.n += b.shape[0]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sum / max(self.n, 1)
+
+
+class GramAccumulator(OuterSum):
+    """H = X X^T / N over the inputs a linear sees (X: in x N)."""
+
+    def __init__(self, in_features: int, device):
+        super().__init__(in_features, in_features, device)
+
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
-        self.sum.addmm_(x.t(), x)
-        self.n += x.shape[0]
+        self.add_outer(x, x)
 
     @property
     def H(self) -> torch.Tensor:
-        return self.sum / max(self.n, 1)
+        return self.mean
 
 
 class StopForward(Exception):

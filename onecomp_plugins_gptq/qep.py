@@ -9,54 +9,38 @@ from __future__ import annotations
 
 import torch
 
+from onecomp_core.stats import OuterSum
 
-class CrossAccumulator:
+
+class CrossAccumulator(OuterSum):
     """C = (X - X^) X^^T / N, from paired FP / quantized inputs of one linear."""
 
     def __init__(self, in_features: int, device):
-        self.sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
-        self.n = 0
+        super().__init__(in_features, in_features, device)
 
     def add(self, x_fp: torch.Tensor, x_q: torch.Tensor) -> None:
-        a = x_fp.reshape(-1, x_fp.shape[-1]).float()
-        b = x_q.reshape(-1, x_q.shape[-1]).float()
-        self.sum.addmm_((a - b).t(), b)
-        self.n += b.shape[0]
+        self.add_outer(x_fp.float() - x_q.float(), x_q)
 
     @property
     def C(self) -> torch.Tensor:
-        return self.sum / max(self.n, 1)
+        return self.mean
 
 
 def qep_target(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, alpha: float, damp: float) -> torch.Tensor:
-    """W + alpha W C (H + damp mean(diag H) I)^-1, by a Cholesky solve (H symmetric)."""
-    Hd = H.double().clone()
-    Hd.diagonal().add_(damp * float(torch.diagonal(Hd).mean()) + 1e-12)
-    L, info = torch.linalg.cholesky_ex(Hd)
-    if int(info) != 0:                     # not positive definite: leave the target alone
-        return W
-    WC = (W.double() @ C.double())          # out x in
-    delta = torch.cholesky_solve(WC.t(), L).t()   # (H^-1 (W C)^T)^T = W C H^-1
-    return (W.double() + alpha * delta).to(W.dtype)
+    """W + alpha W C (H + damp mean(diag H) I)^-1: the writer target without a residual term."""
+    return lpcd_writer_target(W, H, C, None, alpha, damp)
 
 
-class ResidualAccumulator:
+class ResidualAccumulator(OuterSum):
     """R = (h - h^) X^^T / N: the residual-stream error at a writer's add (out x N) against
     the writer's quantized-stream input (in x N)."""
 
-    def __init__(self, out_features: int, in_features: int, device):
-        self.sum = torch.zeros(out_features, in_features, dtype=torch.float32, device=device)
-        self.n = 0
-
     def add(self, r_fp: torch.Tensor, r_q: torch.Tensor, x_q: torch.Tensor) -> None:
-        d = (r_fp - r_q).reshape(-1, r_fp.shape[-1]).float()
-        x = x_q.reshape(-1, x_q.shape[-1]).float()
-        self.sum.addmm_(d.t(), x)
-        self.n += x.shape[0]
+        self.add_outer(r_fp.float() - r_q.float(), x_q)
 
     @property
     def R(self) -> torch.Tensor:
-        return self.sum / max(self.n, 1)
+        return self.mean
 
 
 def lpcd_writer_target(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, R: torch.Tensor | None,
@@ -67,10 +51,10 @@ def lpcd_writer_target(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, R: tor
     Hd = H.double().clone()
     Hd.diagonal().add_(damp * float(torch.diagonal(Hd).mean()) + 1e-12)
     L, info = torch.linalg.cholesky_ex(Hd)
-    if int(info) != 0:
+    if int(info) != 0:                     # not positive definite: leave the target alone
         return W
-    G = W.double() @ C.double()
+    G = W.double() @ C.double()             # out x in
     if R is not None:
         G = G + R.double()
-    delta = torch.cholesky_solve(G.t(), L).t()
+    delta = torch.cholesky_solve(G.t(), L).t()   # (H^-1 G^T)^T = G H^-1 (H symmetric)
     return (W.double() + alpha * delta).to(W.dtype)
