@@ -191,14 +191,14 @@ def build_options(kind: str, name: str, cls: type, raw: dict, siblings: tuple[ty
     ``siblings``: components of other kinds with the same name (a format and the projector that
     writes it, e.g. ``dbf``) share the table ``options.NAME``; each takes the keys it knows and
     a key is an error only when none of them knows it."""
-    known_elsewhere = set().union(*(option_names(c) for c in siblings)) if siblings else set()
-    raw = {k: v for k, v in raw.items() if k not in known_elsewhere or k in option_names(cls)}
+    fields = option_names(cls)
+    known_elsewhere = set().union(*(option_names(c) for c in siblings))
+    raw = {k: v for k, v in raw.items() if k not in known_elsewhere or k in fields}
     opt_cls = getattr(cls, "Options", None)
     if opt_cls is None:
         if raw:
             raise OnecompError(f"{kind} {name!r} takes no options, got {', '.join(raw)}")
         return None
-    fields = {a.name for a in attrs.fields(opt_cls)}
     unknown = sorted(set(raw) - fields)
     if unknown:
         fields |= known_elsewhere
