@@ -24,29 +24,36 @@ def candidate_error(W: torch.Tensor, bits: int, group_size: int, symmetric: bool
 
 def output_curvature(folder, ids: torch.Tensor, names: list[str], device="cpu", max_samples: int = 8) -> dict:
     """B_ii = mean over tokens of (dL/dy_i)^2 for the output y of each named linear, from the
-    language-modelling loss on calibration samples (loads the full FP model)."""
+    language-modelling loss on calibration samples (the diagonal of the output factor of the
+    Kronecker-factored Fisher). Loads the full FP model once; only activations get gradients
+    (the embeddings are the leaf), so no parameter gradients are stored."""
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).to(device)
-    model.eval()
-    sums = {n: None for n in names}
+    model.eval().requires_grad_(False)
+    sums: dict = {n: None for n in names}
     counts = {n: 0 for n in names}
-    hooks = []
-    for n in names:
-        mod = model.get_submodule(n)
 
-        def hook(m, gin, gout, n=n):
-            g = gout[0].reshape(-1, gout[0].shape[-1]).float()
-            s = (g * g).sum(0).detach()
+    def grab(n):
+        def on_grad(g):
+            g = g.reshape(-1, g.shape[-1]).float()
+            s = (g * g).sum(0)
             sums[n] = s if sums[n] is None else sums[n] + s
             counts[n] += g.shape[0]
-        hooks.append(mod.register_full_backward_hook(hook))
+
+        def forward_hook(m, inputs, out):
+            if out.requires_grad:
+                out.register_hook(on_grad)
+        return forward_hook
+    hooks = [model.get_submodule(n).register_forward_hook(grab(n)) for n in names]
     try:
         for row in ids[:max_samples]:
             x = row[None].to(device)
-            loss = model(input_ids=x, labels=x).loss
-            model.zero_grad(set_to_none=True)
-            loss.backward()
+            emb = model.get_input_embeddings()(x).detach().requires_grad_(True)
+            model(inputs_embeds=emb, labels=x).loss.backward()
     finally:
         for h in hooks:
             h.remove()
-    return {n: (sums[n] / max(counts[n], 1)).cpu() if sums[n] is not None else None for n in names}
+    # a module no calibration token reached (an unused expert) has no measured sensitivity: 0,
+    # as its input Gram diagonal is
+    return {n: (sums[n] / counts[n]).cpu() if sums[n] is not None
+            else torch.zeros(model.get_submodule(n).out_features) for n in names}

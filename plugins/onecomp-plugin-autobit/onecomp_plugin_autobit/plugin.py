@@ -44,7 +44,7 @@ class AutoBitOptions:
     bits: tuple = attrs.field(default=(2, 3, 4, 8), converter=tuple, validator=_int_list(2, 8))
     groups: tuple = attrs.field(default=(32, 64, 128, -1), converter=tuple, validator=_int_list(1, 1 << 16, True))
     error: str = attrs.field(default="activation", validator=one_of("activation", "frobenius"))
-    curvature: bool = attrs.field(default=False, validator=boolean)
+    curvature: bool = attrs.field(default=True, validator=boolean)
     curvature_samples: int = attrs.field(default=8, validator=in_range(1, 4096))
     tie: bool = attrs.field(default=True, validator=boolean)
     overrides: dict = attrs.field(factory=dict, validator=_overrides)
@@ -106,13 +106,18 @@ class AutoBit(Planner):
         used = sum(M[i][c] for i, c in enumerate(choice))
         info = {"budget_bits": budget, "budget_bpw": budget / total, "planned_bpw": used / total,
                 "smallest_feasible_bpw": floor / total, "predicted_error": sum(E[i][c] for i, c in enumerate(choice)),
-                "error_model": o.error + ("+curvature" if o.curvature else ""), "solver": solver,
+                "error_model": o.error + ("+curvature" if self.uses_curvature else ""), "solver": solver,
                 "solve_seconds": secs, "units": len(units), "candidates": [list(c) for c in cands], **budget_info}
         plan = Plan(specs, planner=self.name, info=info)
         plan.artifacts["autobit_heatmap.png"] = self._heatmap(ctx, specs, fmt)
         plan.artifacts["autobit_plan.json"] = json.dumps(
             {"info": info, "modules": {n: [s.bits, s.group_size] for n, s in specs.items()}}, indent=2).encode()
         return plan
+
+    @property
+    def uses_curvature(self) -> bool:
+        """The output curvature weights the activation-aware model only (Frobenius: A = B = 1)."""
+        return self.options.error == "activation" and self.options.curvature
 
     # -- pieces -----------------------------------------------------------------------------
     def _units(self, ctx, names, allowed):
@@ -136,8 +141,9 @@ class AutoBit(Planner):
         o = self.options
         A = ctx.input_diag() if o.error == "activation" else {}
         B = output_curvature(ctx.model_folder, ctx.calibration_ids, names, ctx.device, o.curvature_samples) \
-            if o.curvature else {}
-        key = hashlib.sha1(json.dumps([str(ctx.model_folder), o.error, o.curvature, ctx.run.symmetric,
+            if self.uses_curvature else {}
+        key = hashlib.sha1(json.dumps([str(ctx.model_folder), o.error, self.uses_curvature, o.curvature_samples,
+                                       ctx.run.symmetric,
                                        sorted({c for n in names for c in allowed[n]}),
                                        ctx.run.calibration.__repr__()], default=str).encode()).hexdigest()[:16]
         path = cache_root() / "autobit" / f"{key}.pt"

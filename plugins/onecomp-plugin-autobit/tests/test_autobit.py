@@ -122,3 +122,38 @@ def test_budget_bytes_and_fit_memory(tiny_llama, tmp_path):
     assert rep["summary"]["bpw"] * params <= 20000 * 8 + 1e-6
     rep = quantize(tiny_llama, tmp_path / "f", fit_memory="600KB", context=64)
     assert rep["plan_info"]["budget_from"] == "fit_memory" and rep["plan_info"]["overhead_bytes"]["kv_cache"] > 0
+
+
+def test_output_curvature_is_the_mean_squared_output_gradient(tiny_llama):
+    from transformers import AutoModelForCausalLM
+    from onecomp_plugin_autobit.errors import output_curvature
+    ids = torch.randint(3, 384, (3, 16))
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    B = output_curvature(tiny_llama, ids, names, max_samples=2)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    want = {n: 0 for n in names}
+    for row in ids[:2]:
+        outs = {}
+
+        def keep(m, i, o, n):
+            o.retain_grad()
+            outs[n] = o
+        hooks = [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: keep(m, i, o, n)) for n in names]
+        model(input_ids=row[None], labels=row[None]).loss.backward()
+        for h in hooks:
+            h.remove()
+        for n in names:
+            g = outs[n].grad.reshape(-1, outs[n].shape[-1])
+            want[n] = want[n] + (g * g).sum(0)
+    for n in names:
+        assert B[n].shape == (model.get_submodule(n).out_features,)
+        assert torch.allclose(B[n], want[n] / 32, rtol=1e-4, atol=1e-12)
+
+
+def test_error_model_is_reported(tiny_llama, tmp_path):
+    rep = quantize(tiny_llama, tmp_path / "a", target_bpw=3.0)
+    assert rep["plan_info"]["error_model"] == "activation+curvature"
+    rep = quantize(tiny_llama, tmp_path / "f", target_bpw=3.0, options={"autobit": {"error": "frobenius"}})
+    assert rep["plan_info"]["error_model"] == "frobenius"
+    rep = quantize(tiny_llama, tmp_path / "n", target_bpw=3.0, options={"autobit": {"curvature": False}})
+    assert rep["plan_info"]["error_model"] == "activation"
