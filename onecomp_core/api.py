@@ -165,7 +165,8 @@ class Runner:
                   for g in sk.adapter.linear_groups(blk)]
         ctx = PlanContext(shapes=shapes, groups=groups, run=run, formats=res.formats, registry=res.plugins.registry,
                           checkpoint_dtype=sk.checkpoint_dtype, weight=lambda n: sk.weights.get(n + ".weight").float(),
-                          input_diag=input_diag, model_folder=folder, calibration_ids=ids, device=device)
+                          input_diag=input_diag, model_folder=folder, calibration_ids=ids, device=device,
+                          make=lambda kind, name: res._make(kind, name, res.plugins.registry))
         plan = self.stage("plan", lambda: res.planner.plan(ctx))
         for spec in plan.specs.values():
             if spec.projector not in res.projectors:

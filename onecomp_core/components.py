@@ -105,6 +105,7 @@ class PlanContext:
     model_folder: object = None
     calibration_ids: object = None    # (N, L) token ids
     device: object = None
+    make: object = None               # (kind, name) -> that component, built with the run's options
 
 
 class Planner(Component):

@@ -1,7 +1,8 @@
-"""Predicted error of a candidate: the RTN perturbation dW of a module weighted by diagonal
-curvature, sum_ij dW_ij^2 A_jj B_ii, with A the input Gram diagonal (activation-aware) and B
-the output curvature diagonal (ones when not measured). ``A = B = 1`` is the plain Frobenius
-error of the naive model."""
+"""Predicted error of a candidate: the perturbation dW of a module under a fast proxy (RTN for
+uniform candidates, a short fit for binary-factor ones) weighted by diagonal curvature,
+sum_ij dW_ij^2 A_jj B_ii (the diagonal of the Kronecker-factored second-order loss increase),
+with A the input Gram diagonal and B the output curvature diagonal (ones when not measured).
+``A = B = 1`` is the plain Frobenius error of the naive model."""
 from __future__ import annotations
 
 import torch
@@ -14,7 +15,12 @@ def candidate_error(W: torch.Tensor, bits: int, group_size: int, symmetric: bool
     codes, scale, zero = grid.rtn(W, bits, group_size, symmetric)
     cols = W.shape[1]
     dW = grid.dequantize(codes.float(), grid.expand(scale, cols, group_size), grid.expand(zero, cols, group_size)) - W
-    sq = dW * dW
+    return weighted_error(dW, A, B)
+
+
+def weighted_error(dW: torch.Tensor, A: torch.Tensor | None = None, B: torch.Tensor | None = None) -> float:
+    """sum_ij dW_ij^2 A_jj B_ii (A, B: ones when None)."""
+    sq = dW.float() * dW.float()
     if A is not None:
         sq = sq * A[None, :].to(sq)
     if B is not None:

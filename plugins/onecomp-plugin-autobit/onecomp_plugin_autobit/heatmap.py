@@ -1,5 +1,5 @@
 """The allocation as a PNG heatmap (rows: blocks, columns: module kinds; colour: bits per
-weight from red = 2 to green = 8, grey = not quantized), written with zlib alone."""
+weight from red = 1 to green = 8, grey = not quantized), written with zlib alone."""
 from __future__ import annotations
 
 import struct
@@ -17,7 +17,7 @@ def png(pixels: list[list[tuple[int, int, int]]]) -> bytes:
             + _chunk(b"IDAT", zlib.compress(raw, 9)) + _chunk(b"IEND", b""))
 
 
-def colour(bpw: float | None, lo: float = 2.0, hi: float = 8.5) -> tuple[int, int, int]:
+def colour(bpw: float | None, lo: float = 1.0, hi: float = 8.5) -> tuple[int, int, int]:
     if bpw is None:
         return (128, 128, 128)
     t = min(max((bpw - lo) / (hi - lo), 0.0), 1.0)

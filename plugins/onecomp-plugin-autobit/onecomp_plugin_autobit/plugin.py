@@ -17,7 +17,7 @@ from onecomp_core.spec import LayerSpec, Plan
 from onecomp_core.validators import boolean, in_range, one_of
 
 from .budget import fit_memory_budget_bits, parse_size
-from .errors import candidate_error, output_curvature
+from .errors import candidate_error, output_curvature, weighted_error
 from .heatmap import allocation_png
 from .ilp import smallest_budget, solve
 
@@ -34,9 +34,22 @@ def _int_list(lo, hi, allow_channel=False):
 
 
 def _overrides(inst, attr, value):
-    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, dict) and set(v) <= {"bits", "group_size"}
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, dict) and v and
+                                              (set(v) <= {"bits", "group_size"} or set(v) == {"bpw"})
                                               for k, v in value.items()):
-        raise ValueError(f"option 'overrides' maps module patterns to {{bits, group_size}}, got {value!r}")
+        raise ValueError(f"option 'overrides' maps module patterns to {{bits, group_size}} or {{bpw}} "
+                         f"(a binary-factor choice), got {value!r}")
+
+
+def _bpw_list(inst, attr, value):
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0.1 <= v <= 16 for v in value):
+        raise ValueError(f"option 'binary' must be a list of bits-per-weight targets in [0.1, 16], got {value!r}")
+
+
+# a candidate: ("int", bits, group_size) on the run's grid format, or ("bin", bpw) in the
+# binary-factor format ``binary_format`` (its projector has the same name)
+def _label(c) -> str:
+    return f"{c[1]}|{c[2]}" if c[0] == "int" else f"{c[0]}{c[1]}"
 
 
 @attrs.define(frozen=True)
@@ -50,6 +63,9 @@ class AutoBitOptions:
     overrides: dict = attrs.field(factory=dict, validator=_overrides)
     time_limit_s: float = attrs.field(default=60.0, validator=in_range(0.1, 3600))
     cache: bool = attrs.field(default=True, validator=boolean)
+    binary: tuple = attrs.field(default=(), converter=tuple, validator=_bpw_list)
+    binary_format: str = attrs.field(default="dbf")
+    binary_iters: int = attrs.field(default=8, validator=in_range(0, 10_000))
 
 
 class AutoBit(Planner):
@@ -61,58 +77,93 @@ class AutoBit(Planner):
     def plan(self, ctx) -> Plan:
         run, o = ctx.run, self.options
         fmt = ctx.formats[run.format]
+        if getattr(fmt, "takes_bpw", False):
+            raise OnecompError(f"planner 'autobit' chooses grids of a uniform format, not {run.format!r}; keep "
+                               f"--format uniform and add binary-factor candidates with autobit.binary=[1.0, 1.5] "
+                               f"(autobit.binary_format={run.format!r})")
         names = [n for n in ctx.shapes if not excluded(n, run.exclude)]
         if not names:
             raise OnecompError("nothing to quantize: every linear matches an exclude pattern")
         sdt = scale_dtype_for(ctx.checkpoint_dtype)
-        cands = [(b, g) for b in o.bits for g in o.groups]
+        cands = [("int", b, g) for b in o.bits for g in o.groups] + [("bin", float(x)) for x in o.binary]
+        if o.binary and o.binary_format not in ctx.formats:
+            ctx.formats[o.binary_format] = self._binary_component(ctx, "format")
 
-        def spec(n, b, g):
-            return LayerSpec(name=n, format=run.format, projector=run.projector, bits=b, group_size=g,
-                             symmetric=run.symmetric, scale_dtype=sdt)
+        def spec(n, c):
+            if c[0] == "int":
+                return LayerSpec(name=n, format=run.format, projector=run.projector, bits=c[1], group_size=c[2],
+                                 symmetric=run.symmetric, scale_dtype=sdt)
+            return LayerSpec(name=n, format=o.binary_format, projector=o.binary_format, bits=run.bits,
+                             group_size=run.group_size, symmetric=run.symmetric, scale_dtype=sdt,
+                             options={"bpw": c[1]})
+
+        def fits(n, c):
+            try:
+                ctx.formats[spec(n, c).format].check(spec(n, c), ctx.shapes[n])
+                return True
+            except (OnecompError, ValueError):
+                if c[0] == "int":
+                    raise
+                return False          # a bpw too small for a rank-1 factorisation of this module
 
         allowed = {}
         for n in names:
             fixed = [v for p, v in o.overrides.items() if excluded(n, [p])]
             if fixed:
                 v = fixed[0]
-                allowed[n] = [(int(v.get("bits", run.bits)), int(v.get("group_size", run.group_size)))]
+                c = ("bin", float(v["bpw"])) if "bpw" in v else \
+                    ("int", int(v.get("bits", run.bits)), int(v.get("group_size", run.group_size)))
+                if c[0] == "bin" and o.binary_format not in ctx.formats:
+                    ctx.formats[o.binary_format] = self._binary_component(ctx, "format")
+                ctx.formats[spec(n, c).format].check(spec(n, c), ctx.shapes[n])
+                allowed[n] = [c]
             else:
-                allowed[n] = cands
-            for b, g in allowed[n]:
-                fmt.check(spec(n, b, g), ctx.shapes[n])
+                allowed[n] = [c for c in cands if fits(n, c)]
         units = self._units(ctx, names, allowed)
-        errs = self._errors(ctx, names, allowed)
+        errs = self._errors(ctx, names, allowed, spec)
         total = sum(ctx.shapes[n][0] * ctx.shapes[n][1] for n in names)
         budget, budget_info = self._budget(ctx, total)
         E, M = [], []
         for unit in units:
             opts = allowed[unit[0]]
             E.append([sum(errs[n][i] for n in unit) for i in range(len(opts))])
-            M.append([sum(fmt.bits_per_weight(spec(n, *c), ctx.shapes[n]) * ctx.shapes[n][0] * ctx.shapes[n][1]
-                          for n in unit) for c in opts])
+            M.append([sum(self._bits(ctx, spec(n, c)) * ctx.shapes[n][0] * ctx.shapes[n][1] for n in unit)
+                      for c in opts])
         floor = smallest_budget(M)
         if budget < floor:
             raise OnecompError(f"budget infeasible: {budget / total:.4f} bits per weight is below the smallest "
                                f"feasible {floor / total:.4f} with these candidates; raise the budget or add "
-                               f"smaller candidates (autobit.bits / autobit.groups)")
+                               f"smaller candidates (autobit.bits / autobit.groups / autobit.binary)")
         choice, solver, secs = solve(E, M, budget, o.time_limit_s)
         specs = {}
         for unit, c in zip(units, choice):
-            b, g = allowed[unit[0]][c]
             for n in unit:
-                specs[n] = spec(n, b, g)
+                specs[n] = spec(n, allowed[unit[0]][c])
         specs = {n: specs[n] for n in ctx.shapes if n in specs}
         used = sum(M[i][c] for i, c in enumerate(choice))
         info = {"budget_bits": budget, "budget_bpw": budget / total, "planned_bpw": used / total,
                 "smallest_feasible_bpw": floor / total, "predicted_error": sum(E[i][c] for i, c in enumerate(choice)),
                 "error_model": o.error + ("+curvature" if self.uses_curvature else ""), "solver": solver,
-                "solve_seconds": secs, "units": len(units), "candidates": [list(c) for c in cands], **budget_info}
+                "solve_seconds": secs, "units": len(units),
+                "candidates": [list(c[1:]) if c[0] == "int" else {o.binary_format: c[1]} for c in cands],
+                **budget_info}
         plan = Plan(specs, planner=self.name, info=info)
-        plan.artifacts["autobit_heatmap.png"] = self._heatmap(ctx, specs, fmt)
+        plan.artifacts["autobit_heatmap.png"] = self._heatmap(ctx, specs)
         plan.artifacts["autobit_plan.json"] = json.dumps(
-            {"info": info, "modules": {n: [s.bits, s.group_size] for n, s in specs.items()}}, indent=2).encode()
+            {"info": info, "modules": {n: [s.bits, s.group_size] if "bpw" not in s.options else
+                                       {s.format: s.options["bpw"]} for n, s in specs.items()}}, indent=2).encode()
         return plan
+
+    def _bits(self, ctx, s) -> float:
+        return ctx.formats[s.format].bits_per_weight(s, ctx.shapes[s.name])
+
+    def _binary_component(self, ctx, kind):
+        if ctx.make is None:
+            raise OnecompError("autobit.binary needs a planner context that can build components (ctx.make)")
+        try:
+            return ctx.make(kind, self.options.binary_format)
+        except OnecompError as e:
+            raise OnecompError(f"autobit.binary_format: {e}") from None
 
     @property
     def uses_curvature(self) -> bool:
@@ -137,26 +188,31 @@ class AutoBit(Planner):
         units += [[n] for n in names if n not in seen]
         return units
 
-    def _errors(self, ctx, names, allowed) -> dict:
+    def _errors(self, ctx, names, allowed, spec) -> dict:
         o = self.options
         A = ctx.input_diag() if o.error == "activation" else {}
         B = output_curvature(ctx.model_folder, ctx.calibration_ids, names, ctx.device, o.curvature_samples) \
             if self.uses_curvature else {}
+        binary = any(c[0] == "bin" for n in names for c in allowed[n])
+        proxy = self._binary_proxy(ctx) if binary else None
         key = hashlib.sha1(json.dumps([str(ctx.model_folder), o.error, self.uses_curvature, o.curvature_samples,
-                                       ctx.run.symmetric,
-                                       sorted({c for n in names for c in allowed[n]}),
-                                       ctx.run.calibration.__repr__()], default=str).encode()).hexdigest()[:16]
+                                       ctx.run.symmetric, sorted({_label(c) for n in names for c in allowed[n]}),
+                                       ctx.run.calibration.__repr__(), o.binary_format if binary else None,
+                                       repr(proxy.options) if proxy else None], default=str).encode()).hexdigest()[:16]
         path = cache_root() / "autobit" / f"{key}.pt"
         cached = torch.load(path) if o.cache and path.is_file() else {}
         out = {}
         for n in names:
             W = None
             out[n] = []
-            for b, g in allowed[n]:
-                k = f"{n}|{b}|{g}"
+            for c in allowed[n]:
+                k = f"{n}|{_label(c)}"
                 if k not in cached:
                     W = ctx.weight(n) if W is None else W
-                    cached[k] = candidate_error(W, b, g, ctx.run.symmetric, A.get(n), B.get(n))
+                    if c[0] == "int":
+                        cached[k] = candidate_error(W, c[1], c[2], ctx.run.symmetric, A.get(n), B.get(n))
+                    else:
+                        cached[k] = self._binary_error(ctx, proxy, W, spec(n, c), A.get(n), B.get(n))
                 out[n].append(cached[k])
         if o.cache:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -164,6 +220,20 @@ class AutoBit(Planner):
             torch.save(cached, tmp)
             tmp.replace(path)
         return out
+
+    def _binary_proxy(self, ctx):
+        """The binary format's projector with ``binary_iters`` refinement steps: the fast proxy
+        that plays RTN's part for binary-factor candidates."""
+        proj = self._binary_component(ctx, "projector")
+        if hasattr(proj.options, "iters"):
+            proj.options = attrs.evolve(proj.options, iters=self.options.binary_iters)
+        return proj
+
+    @staticmethod
+    def _binary_error(ctx, proxy, W, s, A, B) -> float:
+        H = torch.diag(A.float()) if A is not None else None      # the binary fit is weighted by diag(H)
+        Wq = proxy.project(W, H, s, ctx.formats[s.format]).dequantize(torch.float32)
+        return weighted_error(Wq - W, A, B)
 
     def _budget(self, ctx, total):
         run = ctx.run
@@ -184,7 +254,7 @@ class AutoBit(Planner):
                                             run.context, run.batch)
         return bits, {"budget_from": "fit_memory", "overhead_bytes": over}
 
-    def _heatmap(self, ctx, specs, fmt):
+    def _heatmap(self, ctx, specs):
         rows, kinds = {}, []
         for n in ctx.shapes:
             m = re.match(r"(.*\.\d+)\.(.+)$", n)
@@ -192,7 +262,7 @@ class AutoBit(Planner):
             if kind not in kinds:
                 kinds.append(kind)
             s = specs.get(n)
-            rows.setdefault(block, {})[kind] = fmt.bits_per_weight(s, ctx.shapes[n]) if s else None
+            rows.setdefault(block, {})[kind] = self._bits(ctx, s) if s else None
         return allocation_png([[r.get(k) for k in kinds] for r in rows.values()])
 
 

@@ -157,3 +157,27 @@ def test_error_model_is_reported(tiny_llama, tmp_path):
     assert rep["plan_info"]["error_model"] == "frobenius"
     rep = quantize(tiny_llama, tmp_path / "n", target_bpw=3.0, options={"autobit": {"curvature": False}})
     assert rep["plan_info"]["error_model"] == "activation"
+
+
+def test_binary_factor_candidates_mix_with_the_grid(tiny_llama, tmp_path):
+    """With autobit.binary the planner may give modules a DBF factorisation; the checkpoint
+    mixes formats, stays inside the budget and loads back."""
+    opts = {"autobit": {"bits": [2, 4], "groups": [32], "binary": [1.0, 1.5], "binary_iters": 2}}
+    rep = quantize(tiny_llama, tmp_path / "q", target_bpw=2.2, options=opts)
+    plan = rep["plan"]
+    formats = {s["format"] for s in plan.values()}
+    assert "dbf" in formats                                # 2-bit g32 alone costs 3.0 bpw
+    assert rep["summary"]["bpw"] <= 2.2 + 1e-9
+    for s in plan.values():
+        assert (s["format"] == "dbf") == ("bpw" in s["options"])
+        if s["format"] == "dbf":
+            assert s["projector"] == "dbf" and s["options"]["bpw"] in (1.0, 1.5)
+    saved = json.loads((tmp_path / "q" / "autobit_plan.json").read_text())["modules"]
+    assert any(v == {"dbf": 1.0} or v == {"dbf": 1.5} for v in saved.values())
+    model = onecomp_core.load_quantized(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randint(3, 384, (1, 12))).logits).all()
+    with pytest.raises(OnecompError, match="autobit.binary_format: unknown format .nope."):
+        quantize(tiny_llama, tmp_path / "r", target_bpw=2.2, options={"autobit": {"binary": [1.0], "binary_format": "nope"}})
+    with pytest.raises(OnecompError, match="uniform format"):
+        quantize(tiny_llama, tmp_path / "s", target_bpw=1.5, format="dbf", projector="dbf")
