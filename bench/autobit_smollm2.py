@@ -1,6 +1,8 @@
 """AutoBit + GPTQ on SmolLM2-135M at 3.0 and 2.5 average bpw, against uniform GPTQ at the
 nearest uniform settings of no more bits and against the naive (Frobenius) error model.
-Same protocol as layerwise_smollm2.py. Prints one JSON object."""
+Same protocol as layerwise_smollm2.py. "activation" is the default error model (input Gram
+diagonal and output curvature diagonal); "-no-curvature" drops the curvature. Prints one JSON
+line per run and one JSON object."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +12,9 @@ from common import quantize_and_measure
 
 RUNS = [
     # budget 3.0 bpw
-    ("autobit-activation@3.0", ["--planner", "autobit", "--target-bpw", "3.0"]),
+    ("autobit-activation@3.0", ["--planner", "autobit", "--target-bpw", "3.0"]),        # A and B (default)
+    ("autobit-activation-no-curvature@3.0", ["--planner", "autobit", "--target-bpw", "3.0",
+                                             "--option", "autobit.curvature=false"]),
     ("autobit-frobenius@3.0", ["--planner", "autobit", "--target-bpw", "3.0", "--option", "autobit.error=\"frobenius\""]),
     ("uniform 3b channel (3.03 bpw)", ["--bits", "3", "--group-size", "channel"]),
     ("uniform 2b g32 (2.5 bpw)", ["--bits", "2", "--group-size", "32"]),   # nearest uniform <= 3.0 and <= 2.5
