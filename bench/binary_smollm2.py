@@ -1,5 +1,6 @@
 """1-2 bit formats on SmolLM2-135M, layer-wise only: DBF and MDBF at 1.0, 1.5 and 2.0 bpw
-against uniform 2-bit GPTQ at every group size (all of which store more than 2.0 bpw).
+against uniform 2-bit GPTQ at every group size (all of which store more than 2.0 bpw), and
+AutoBit mixing DBF and GPTQ modules at 2.0 bpw. `--correction qep` puts QEP in front.
 Same protocol as layerwise_smollm2.py (32 x 512 calibration tokens, enwiki_eval). Prints one
 JSON line per run, then one JSON object with all of them."""
 from __future__ import annotations
@@ -18,6 +19,10 @@ def runs(iters: int):
                                          "--option", f"{fmt}.iters={iters}"]))
     for group in ("128", "64", "32", "channel"):
         out.append((f"gptq 2b {group}", ["--projector", "gptq", "--bits", "2", "--group-size", group, "--sym"]))
+    # mixed: AutoBit may give modules DBF factors at 1.0/1.5 bpw or a 2-4 bit GPTQ grid
+    out.append(("autobit+dbf@2.0", ["--planner", "autobit", "--target-bpw", "2.0", "--projector", "gptq",
+                                    "--option", "autobit.binary=[1.0,1.5]", "--option", "autobit.bits=[2,3,4]",
+                                    "--option", f"dbf.iters={iters}"]))
     return out
 
 
@@ -25,16 +30,19 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--iters", type=int, default=40, help="ADMM iterations of dbf/mdbf")
     ap.add_argument("--only", default="", help="comma list of run labels to keep")
+    ap.add_argument("--correction", default="", help="a layer-wise correction in front of every projector, e.g. qep")
     a = ap.parse_args()
+    extra = ["--correction", a.correction] if a.correction else []
     rows = []
     for label, flags in runs(a.iters):
         if a.only and label not in a.only.split(","):
             continue
-        r = quantize_and_measure("smollm2-135m", flags, 16384)
-        r["run"] = label
+        r = quantize_and_measure("smollm2-135m", [*flags, *extra], 16384)
+        r["run"] = label + (f"+{a.correction}" if a.correction else "")
         rows.append(r)
         print(json.dumps(r), flush=True)
-    print(json.dumps({"bench": "binary_smollm2", "eval_tokens": 16384, "admm_iters": a.iters, "results": rows}))
+    print(json.dumps({"bench": "binary_smollm2", "eval_tokens": 16384, "admm_iters": a.iters,
+                      "correction": a.correction or None, "results": rows}))
 
 
 if __name__ == "__main__":
