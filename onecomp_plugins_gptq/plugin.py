@@ -118,7 +118,7 @@ class QEP(Refiner):
 
 @attrs.define(frozen=True)
 class LPCDOptions:
-    alpha: float = attrs.field(default=1.0, validator=in_range(0.0, 2.0))
+    alpha: float = attrs.field(default=0.5, validator=in_range(0.0, 2.0))
     damp: float = attrs.field(default=0.01, validator=in_range(0.0, 10.0))
     residual: bool = attrs.field(default=True, validator=boolean)
     iterations: int = attrs.field(default=1, validator=in_range(1, 1))
