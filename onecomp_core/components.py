@@ -56,6 +56,9 @@ class GroupContext:
     q_inputs: torch.Tensor          # quantized stream entering the block (N, L, d)
     fp_outputs: torch.Tensor        # FP block's output on the FP stream: the block's target
     kwargs: dict
+    pass_index: int = 0             # 0: first visit; > 0: a later pass (every other linear quantized,
+                                    # this group's FP weights restored)
+    residual_writers: frozenset = frozenset()   # linears of the block that write into the residual stream
 
 
 class Refiner(Component):
@@ -64,6 +67,13 @@ class Refiner(Component):
     after; the others run on the finished pivot checkpoint (``refine``)."""
     scope: ClassVar[str] = "layer"
     wants_fp_inputs: ClassVar[bool] = False   # True: observe() gets paired FP / quantized inputs
+
+    @property
+    def block_passes(self) -> int:
+        """How many times the layer-wise pass visits each block's groups (coordinate descent:
+        in later passes every group is re-relaxed from its FP weights with all the others
+        quantized, then projected again). The pass makes max over the corrections."""
+        return 1
 
     def begin_group(self, names: list[str]) -> None:
         """A group of linears (full names) sharing one input is about to be observed."""

@@ -26,6 +26,7 @@ class LayerwisePass:
         self.corrections, self.store, self.hook = corrections, store, hook
         self.needs_hessian = needs_hessian
         self.wants_fp = any(c.wants_fp_inputs for c in corrections)
+        self.passes = max((c.block_passes for c in corrections), default=1)
 
     def run(self, fp: torch.Tensor, q: torch.Tensor, kwargs: list[dict], start: int) -> dict:
         sk = self.sk
@@ -41,20 +42,33 @@ class LayerwisePass:
             fp_next = run_block(block, fp, kwargs[i])                  # FP block on the FP stream
             fp_block = copy.deepcopy(block) if self.wants_fp else None  # FP weights, for paired inputs
             qts, info = {}, {}
-            done: set = set()
-            for group in groups:
-                mods = {n: block.get_submodule(n) for n in group}
-                gctx = GroupContext(block=block, prefix=prefix, group=list(group), quantized=set(done),
-                                    q_inputs=q, fp_outputs=fp_next, kwargs=kwargs[i])
-                for c in self.corrections:
-                    c.prepare_group(gctx)
-                    c.begin_group([f"{prefix}.{n}" for n in group])
-                stats = self._statistics(block, mods, q, kwargs[i], fp_block, fp, prefix)
-                for rel, lin in mods.items():
-                    name = f"{prefix}.{rel}"
-                    qts[name], info[name] = self._quantize(name, lin, block, stats.get(rel))
-                    self.hook.onecomp_layer_done(block=i, name=name, info=info[name])
-                done.update(group)
+            everything = {n for g in groups for n in g}
+            writers = frozenset(sk.adapter.residual_taps(block))
+            fp_w = {n: block.get_submodule(n).weight.detach().clone() for n in everything} if self.passes > 1 else {}
+            for p in range(self.passes):
+                done: set = set()
+                for group in groups:
+                    mods = {n: block.get_submodule(n) for n in group}
+                    if p > 0:                                  # coordinate descent: relax again from FP
+                        with torch.no_grad():
+                            for n, m in mods.items():
+                                m.weight.copy_(fp_w[n])
+                    gctx = GroupContext(block=block, prefix=prefix, group=list(group),
+                                        quantized=set(done) if p == 0 else everything - set(group),
+                                        q_inputs=q, fp_outputs=fp_next, kwargs=kwargs[i], pass_index=p,
+                                        residual_writers=writers)
+                    for c in self.corrections:
+                        c.prepare_group(gctx)
+                        c.begin_group([f"{prefix}.{n}" for n in group])
+                    stats = self._statistics(block, mods, q, kwargs[i], fp_block, fp, prefix)
+                    for rel, lin in mods.items():
+                        name = f"{prefix}.{rel}"
+                        qts[name], info[name] = self._quantize(name, lin, block, stats.get(rel))
+                        info[name]["passes"] = p + 1
+                        if p == self.passes - 1:
+                            self.hook.onecomp_layer_done(block=i, name=name, info=info[name])
+                    done.update(group)
+            del fp_w
             q_next = run_block(block, q, kwargs[i])                    # quantized block, quantized stream
             fp, q = fp_next, q_next
             del fp_block

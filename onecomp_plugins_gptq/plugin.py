@@ -121,17 +121,27 @@ class LPCDOptions:
     alpha: float = attrs.field(default=0.5, validator=in_range(0.0, 2.0))
     damp: float = attrs.field(default=0.01, validator=in_range(0.0, 10.0))
     residual: bool = attrs.field(default=True, validator=boolean)
-    iterations: int = attrs.field(default=1, validator=in_range(1, 1))
+    iterations: int = attrs.field(default=1, validator=in_range(1, 4))
     exclude: tuple = attrs.field(default=(), converter=tuple, validator=_patterns)
+    relax_steps: int = attrs.field(default=16, validator=in_range(0, 10_000))
+    relax_lr: float = attrs.field(default=1e-3, validator=in_range(0.0, 1.0))
+    relax_batch: int = attrs.field(default=2, validator=in_range(1, 4096))
+    relax_eval: int = attrs.field(default=4, validator=in_range(1, 4096))
+    seed: int = attrs.field(default=0, validator=in_range(0, 2**31))
 
 
 class LPCD(QEP):
-    """Submodule-level relax-then-project (closed-form variant). Inside each coupled submodule
-    the adapter declares (QK, VO, gate-up-down), every layer is relaxed in full precision with
-    the layers before it fixed at their quantized values, then projected by the projector:
-    inner layers (q, k, v, gate, up) towards their FP output from the quantized input, the
-    submodule's writer into the residual stream (o_proj, down_proj) towards the FP submodule
-    output plus, with ``residual``, the residual-stream error at its add (h - h^)."""
+    """Submodule-level relax-then-project coordinate descent. Inside each coupled submodule the
+    adapter declares (QK, VO, gate-up-down), every layer is relaxed in full precision with the
+    others fixed at their quantized values, then projected by the projector.
+
+    First pass (closed form): inner layers (q, k, v, gate, up) towards their FP output from the
+    quantized input (the QEP step); the submodule's writer into the residual stream (o_proj,
+    down_proj) towards the FP submodule output plus, with ``residual``, the residual-stream
+    error at its add (h - h^). Later passes (``iterations`` > 1): every other linear of the
+    block is quantized; inner layers are relaxed from their FP weights by Adam steps against
+    the FP block output (non-quadratic through softmax / SiLU; kept only if the held-out
+    block error drops), writers again in closed form with the new statistics."""
     name = "lpcd"
     Options = LPCDOptions
 
@@ -139,6 +149,24 @@ class LPCD(QEP):
         super().__init__(options)
         self.resid: dict[str, ResidualAccumulator] = {}
         self._last_x: dict[str, torch.Tensor] = {}
+        self._relaxed: set = set()
+
+    @property
+    def block_passes(self) -> int:
+        return self.options.iterations
+
+    def prepare_group(self, gctx):
+        self._relaxed = set()
+        o = self.options
+        inner = [n for n in gctx.group if n not in gctx.residual_writers
+                 and not excluded(f"{gctx.prefix}.{n}", o.exclude)]
+        if gctx.pass_index == 0 or not inner or o.relax_steps == 0:
+            return
+        params = [gctx.block.get_submodule(n).weight for n in inner]
+        r = compensate(gctx.block, params, gctx.q_inputs, gctx.fp_outputs, gctx.kwargs, steps=o.relax_steps,
+                       lr=o.relax_lr, batch=o.relax_batch, eval_samples=o.relax_eval, seed=o.seed + gctx.pass_index)
+        if r["kept"]:
+            self._relaxed = {f"{gctx.prefix}.{n}" for n in inner}
 
     def begin_group(self, names):
         super().begin_group(names)
@@ -157,6 +185,8 @@ class LPCD(QEP):
         self.resid[name].add(r_fp, r_q, x)
 
     def relaxed_target(self, ctx, C):
+        if ctx.name in self._relaxed:     # already relaxed against the block output, from the quantized stream
+            return ctx.target
         r = self.resid.get(ctx.name)
         if r is None:                   # inner layers: the QEP step
             return super().relaxed_target(ctx, C)

@@ -61,3 +61,69 @@ def test_blockcomp_end_to_end(tiny_llama, tmp_path):
     rep = onecomp_core.quantize(tiny_llama, tmp_path / "q", bits=3, group_size=32, projector="gptq",
                                 corrections=["blockcomp", "qep"], num_samples=2, seq_len=32)
     assert len(rep["layers"]) == 14
+
+
+class PassProbe:
+    """A correction that asks for two passes over each block and records what it is shown."""
+    from onecomp_core.components import Refiner as _Base
+
+    class Probe(_Base):
+        name = "probe"
+        seen: list = []
+
+        @property
+        def block_passes(self):
+            return 2
+
+        def prepare_group(self, gctx):
+            w = [gctx.block.get_submodule(n).weight.detach().clone() for n in gctx.group]
+            type(self).seen.append((gctx.prefix, tuple(gctx.group), gctx.pass_index, frozenset(gctx.quantized),
+                                    gctx.residual_writers, w))
+
+    from onecomp_core.hookspecs import hookimpl as _impl
+
+    @_impl
+    def onecomp_register_refiners(self, registry):
+        registry.add_refiner(self.Probe)
+
+
+def test_later_passes_restore_fp_weights_with_every_other_linear_quantized(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+    fp = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    PassProbe.Probe.seen = []
+    rep = onecomp_core.quantize(tiny_llama, tmp_path / "q", plugins=[PassProbe()], corrections=["probe"], bits=3,
+                                group_size=32, projector="rtn", num_samples=2, seq_len=32)
+    seen = [s for s in PassProbe.Probe.seen if s[0] == "model.layers.0"]
+    groups = [s[1] for s in seen if s[2] == 0]
+    assert [s[1] for s in seen if s[2] == 1] == groups and len(seen) == 2 * len(groups)
+    everything = {n for g in groups for n in g}
+    for prefix, group, p, quantized, writers, weights in seen:
+        assert writers == {"self_attn.o_proj", "mlp.down_proj"}
+        if p == 1:
+            assert quantized == everything - set(group)
+            for n, w in zip(group, weights):             # restored to full precision before pass 2
+                assert torch.equal(w, fp.get_submodule(f"{prefix}.{n}").weight)
+    assert all(li["passes"] == 2 for li in rep["layers"].values())
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3", "gemma2", "mixtral"])
+def test_lpcd_iterations_run_and_relax_inner_layers(arch, tiny_models, tmp_path):
+    one = onecomp_core.quantize(tiny_models(arch), tmp_path / "a", bits=3, group_size=32, projector="gptq",
+                                corrections=["lpcd"], num_samples=4, seq_len=32)
+    two = onecomp_core.quantize(tiny_models(arch), tmp_path / "b", bits=3, group_size=32, projector="gptq",
+                                corrections=["lpcd"], num_samples=4, seq_len=32, options={"lpcd": {"iterations": 2}})
+    assert all(li["passes"] == 2 for li in two["layers"].values())
+    assert all(li["passes"] == 1 for li in one["layers"].values())
+    assert all(0 <= li["rel_error"] < 2 for li in two["layers"].values())
+    assert two["summary"]["bpw"] == one["summary"]["bpw"]
+    from safetensors.torch import load_file
+    a, b = (load_file(str(tmp_path / d / "model-block-00000.safetensors")) for d in ("a", "b"))
+    moved = [k for k in a if k.endswith("weight_packed") and not torch.equal(a[k], b[k])]
+    # the second pass re-relaxed inner layers (q/k/v or qkv, gate/up) by Adam, not only the writers
+    assert any(("q" in k.rsplit(".", 2)[-2] or "gate" in k) for k in moved), moved
+
+
+def test_lpcd_iterations_are_bounded():
+    from onecomp_core.errors import OnecompError
+    with pytest.raises(OnecompError, match="iterations"):
+        onecomp_core.quantize("unused", "unused", corrections=["lpcd"], options={"lpcd": {"iterations": 5}})
