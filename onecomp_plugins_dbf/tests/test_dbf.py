@@ -57,11 +57,14 @@ def test_envelope_updates_are_exact_minimisers(rows, k, l, seed):
     f0 = f(E, F)
     E1 = update_rows(S, F, C, N)
     F1 = update_shared(S, E1, C, N, w)
-    assert f(E1, F) <= f0 + 1e-9 * abs(f0) and f(E1, F1) <= f(E1, F) + 1e-9 * abs(f0)
+    # rounding tolerance relative to the largest objective value met (ill-conditioned solves
+    # may land ~1e-10 away from the exact minimum)
+    tol = 1e-8 * max(1.0, abs(f0), abs(f(E1, F)))
+    assert f(E1, F) <= f0 + tol and f(E1, F1) <= f(E1, F) + tol
     for _ in range(3):
         dE, dF = 1e-3 * torch.randn(rows, l, generator=g).double(), 1e-3 * torch.randn(k, l, generator=g).double()
-        assert f(E1 + dE, F) >= f(E1, F) - 1e-7 * abs(f0) - 1e-12
-        assert f(E1, F1 + dF) >= f(E1, F1) - 1e-7 * abs(f0) - 1e-12
+        assert f(E1 + dE, F) >= f(E1, F) - 10 * tol
+        assert f(E1, F1 + dF) >= f(E1, F1) - 10 * tol
 
 
 def test_activation_aware_fit_lowers_the_weighted_error():
