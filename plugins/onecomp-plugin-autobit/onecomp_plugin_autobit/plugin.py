@@ -190,9 +190,6 @@ class AutoBit(Planner):
 
     def _errors(self, ctx, names, allowed, spec) -> dict:
         o = self.options
-        A = ctx.input_diag() if o.error == "activation" else {}
-        B = output_curvature(ctx.model_folder, ctx.calibration_ids, names, ctx.device, o.curvature_samples) \
-            if self.uses_curvature else {}
         binary = any(c[0] == "bin" for n in names for c in allowed[n])
         proxy = self._binary_proxy(ctx) if binary else None
         key = hashlib.sha1(json.dumps([str(ctx.model_folder), o.error, self.uses_curvature, o.curvature_samples,
@@ -201,6 +198,10 @@ class AutoBit(Planner):
                                        repr(proxy.options) if proxy else None], default=str).encode()).hexdigest()[:16]
         path = cache_root() / "autobit" / f"{key}.pt"
         cached = torch.load(path) if o.cache and path.is_file() else {}
+        if any(f"{n}|{_label(c)}" not in cached for n in names for c in allowed[n]):   # statistics only if needed
+            A = ctx.input_diag() if o.error == "activation" else {}
+            B = output_curvature(ctx.model_folder, ctx.calibration_ids, names, ctx.device, o.curvature_samples) \
+                if self.uses_curvature else {}
         out = {}
         for n in names:
             W = None

@@ -181,3 +181,14 @@ def test_binary_factor_candidates_mix_with_the_grid(tiny_llama, tmp_path):
         quantize(tiny_llama, tmp_path / "r", target_bpw=2.2, options={"autobit": {"binary": [1.0], "binary_format": "nope"}})
     with pytest.raises(OnecompError, match="uniform format"):
         quantize(tiny_llama, tmp_path / "s", target_bpw=1.5, format="dbf", projector="dbf")
+
+
+def test_cached_errors_skip_the_statistics_pass(tiny_llama, tmp_path, monkeypatch):
+    import onecomp_plugin_autobit.plugin as ab
+    first = quantize(tiny_llama, tmp_path / "a", target_bpw=3.0)
+
+    def boom(*a, **k):
+        raise AssertionError("curvature recomputed although every error is cached")
+    monkeypatch.setattr(ab, "output_curvature", boom)
+    again = quantize(tiny_llama, tmp_path / "b", target_bpw=3.0)
+    assert again["plan"] == first["plan"]
