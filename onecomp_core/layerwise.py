@@ -64,9 +64,8 @@ class LayerwisePass:
                     for rel, lin in mods.items():
                         name = f"{prefix}.{rel}"
                         qts[name], info[name] = self._quantize(name, lin, block, stats.get(rel))
-                        info[name]["passes"] = p + 1
-                        if p == self.passes - 1:
-                            self.hook.onecomp_layer_done(block=i, name=name, info=info[name])
+                        info[name].update({"pass": p + 1, "passes": self.passes})
+                        self.hook.onecomp_layer_done(block=i, name=name, info=info[name])
                     done.update(group)
             del fp_w
             q_next = run_block(block, q, kwargs[i])                    # quantized block, quantized stream

@@ -37,6 +37,10 @@ class Progress:
 
     def layer_done(self, block, name, info):
         if self.layers is not None:
+            passes = int(info.get("passes", 1))
+            if passes > 1 and not getattr(self.layers, "onecomp_scaled", False):
+                self.layers.total *= passes          # a correction revisits the block's groups
+                self.layers.onecomp_scaled = True
             self.layers.update(1)
             self.layers.set_postfix_str(f"{name.rsplit('.', 1)[-1]} err={info.get('rel_error', 0):.2e}")
 

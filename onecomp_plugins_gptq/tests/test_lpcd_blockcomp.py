@@ -103,7 +103,7 @@ def test_later_passes_restore_fp_weights_with_every_other_linear_quantized(tiny_
             assert quantized == everything - set(group)
             for n, w in zip(group, weights):             # restored to full precision before pass 2
                 assert torch.equal(w, fp.get_submodule(f"{prefix}.{n}").weight)
-    assert all(li["passes"] == 2 for li in rep["layers"].values())
+    assert all(li["passes"] == 2 and li["pass"] == 2 for li in rep["layers"].values())
 
 
 @pytest.mark.parametrize("arch", ["llama", "phi3", "gemma2", "mixtral"])
