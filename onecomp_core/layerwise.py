@@ -9,7 +9,7 @@ import torch
 
 from .components import GroupContext, LayerContext
 from .stats import GramAccumulator, InputCollector
-from .streams import run_block
+from .streams import block_error, run_block
 
 
 def relative_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor | None) -> float:
@@ -50,6 +50,8 @@ class LayerwisePass:
                 for group in groups:
                     mods = {n: block.get_submodule(n) for n in group}
                     if p > 0:                                  # coordinate descent: relax again from FP
+                        previous = self._snapshot(mods, prefix, qts, info)
+                        err_before = block_error(block, q, fp_next, kwargs[i])
                         with torch.no_grad():
                             for n, m in mods.items():
                                 m.weight.copy_(fp_w[n])
@@ -66,6 +68,8 @@ class LayerwisePass:
                         qts[name], info[name] = self._quantize(name, lin, block, stats.get(rel))
                         info[name].update({"pass": p + 1, "passes": self.passes})
                         self.hook.onecomp_layer_done(block=i, name=name, info=info[name])
+                    if p > 0 and block_error(block, q, fp_next, kwargs[i]) > err_before:
+                        self._restore(mods, prefix, qts, info, previous)   # never worse than the last pass
                     done.update(group)
             del fp_w
             q_next = run_block(block, q, kwargs[i])                    # quantized block, quantized stream
@@ -77,6 +81,20 @@ class LayerwisePass:
             per_block_s.append(time.time() - t0)
             self.hook.onecomp_block_done(index=i, total=total, info={"seconds": per_block_s[-1]})
         return {"block_seconds": per_block_s}
+
+    @staticmethod
+    def _snapshot(mods, prefix, qts, info):
+        return {n: (m.weight.detach().clone(), qts[f"{prefix}.{n}"], dict(info[f"{prefix}.{n}"]))
+                for n, m in mods.items()}
+
+    @staticmethod
+    def _restore(mods, prefix, qts, info, previous):
+        with torch.no_grad():
+            for n, m in mods.items():
+                w, qt, inf = previous[n]
+                m.weight.copy_(w)
+                qts[f"{prefix}.{n}"] = qt
+                info[f"{prefix}.{n}"] = {**inf, "pass_rejected": True}
 
     def _statistics(self, block, mods, q, kwargs, fp_block=None, fp=None, prefix="") -> dict:
         """H of each linear in ``mods`` from the quantized stream; with ``fp_block``, also hand

@@ -54,3 +54,16 @@ def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, out: torch.T
             y = block(hidden[i:i + 1], **kwargs)
             out[i:i + 1] = y[0] if isinstance(y, tuple) else y
     return out
+
+
+def block_error(block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, kwargs: dict, rows=None) -> float:
+    """Mean squared difference between the block on ``inputs`` and ``targets`` over the
+    samples ``rows`` (all when None): the block-output objective of block-level corrections."""
+    rows = range(inputs.shape[0]) if rows is None else rows
+    with torch.no_grad():
+        tot = 0.0
+        for s in rows:
+            y = block(inputs[s:s + 1], **kwargs)
+            y = y[0] if isinstance(y, tuple) else y
+            tot += float(((y.float() - targets[s:s + 1].float()) ** 2).mean())
+        return tot / max(len(rows), 1)

@@ -6,15 +6,7 @@ from __future__ import annotations
 
 import torch
 
-
-def block_error(block, inputs, targets, kwargs, rows) -> float:
-    with torch.no_grad():
-        tot = 0.0
-        for s in rows:
-            y = block(inputs[s:s + 1], **kwargs)
-            y = y[0] if isinstance(y, tuple) else y
-            tot += float(((y.float() - targets[s:s + 1].float()) ** 2).mean())
-        return tot / max(len(rows), 1)
+from onecomp_core.streams import block_error
 
 
 def compensate(block, params: list[torch.nn.Parameter], inputs, targets, kwargs, *, steps: int, lr: float,

@@ -150,6 +150,7 @@ class LPCD(QEP):
         self.resid: dict[str, ResidualAccumulator] = {}
         self._last_x: dict[str, torch.Tensor] = {}
         self._relaxed: set = set()
+        self._targets: dict[str, torch.Tensor] = {}     # last relaxed target of each inner layer
 
     @property
     def block_passes(self) -> int:
@@ -157,16 +158,23 @@ class LPCD(QEP):
 
     def prepare_group(self, gctx):
         self._relaxed = set()
+        if gctx.pass_index == 0 and not gctx.quantized:      # a new block
+            self._targets = {}
         o = self.options
         inner = [n for n in gctx.group if n not in gctx.residual_writers
-                 and not excluded(f"{gctx.prefix}.{n}", o.exclude)]
-        if gctx.pass_index == 0 or not inner or o.relax_steps == 0:
+                 and f"{gctx.prefix}.{n}" in self._targets]
+        if gctx.pass_index == 0 or not inner:
             return
+        # continue the relaxation from the last one (the first pass's closed-form QEP step),
+        # now with every other linear quantized, by Adam against the FP block output
         params = [gctx.block.get_submodule(n).weight for n in inner]
-        r = compensate(gctx.block, params, gctx.q_inputs, gctx.fp_outputs, gctx.kwargs, steps=o.relax_steps,
+        with torch.no_grad():
+            for n, w in zip(inner, params):
+                w.copy_(self._targets.pop(f"{gctx.prefix}.{n}").to(w))
+        if o.relax_steps:
+            compensate(gctx.block, params, gctx.q_inputs, gctx.fp_outputs, gctx.kwargs, steps=o.relax_steps,
                        lr=o.relax_lr, batch=o.relax_batch, eval_samples=o.relax_eval, seed=o.seed + gctx.pass_index)
-        if r["kept"]:
-            self._relaxed = {f"{gctx.prefix}.{n}" for n in inner}
+        self._relaxed = {f"{gctx.prefix}.{n}" for n in inner}
 
     def begin_group(self, names):
         super().begin_group(names)
@@ -189,7 +197,10 @@ class LPCD(QEP):
             return ctx.target
         r = self.resid.get(ctx.name)
         if r is None:                   # inner layers: the QEP step
-            return super().relaxed_target(ctx, C)
+            target = super().relaxed_target(ctx, C)
+            if self.options.iterations > 1:
+                self._targets[ctx.name] = target.detach().clone()
+            return target
         return lpcd_writer_target(ctx.target, ctx.H, C, r.R, self.options.alpha, self.options.damp)
 
 

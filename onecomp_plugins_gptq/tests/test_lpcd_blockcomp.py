@@ -119,11 +119,48 @@ def test_lpcd_iterations_run_and_relax_inner_layers(arch, tiny_models, tmp_path)
     from safetensors.torch import load_file
     a, b = (load_file(str(tmp_path / d / "model-block-00000.safetensors")) for d in ("a", "b"))
     moved = [k for k in a if k.endswith("weight_packed") and not torch.equal(a[k], b[k])]
-    # the second pass re-relaxed inner layers (q/k/v or qkv, gate/up) by Adam, not only the writers
-    assert any(("q" in k.rsplit(".", 2)[-2] or "gate" in k) for k in moved), moved
+    rejected = [n for n, li in two["layers"].items() if li.get("pass_rejected")]
+    assert moved or rejected                # the second pass either changed layers or was undone
+    if arch in ("gemma2", "mixtral"):       # on these tiny models some inner layers' second pass is kept
+        assert any(("q" in k.rsplit(".", 2)[-2] or "gate" in k) for k in moved), moved
 
 
 def test_lpcd_iterations_are_bounded():
     from onecomp_core.errors import OnecompError
     with pytest.raises(OnecompError, match="iterations"):
         onecomp_core.quantize("unused", "unused", corrections=["lpcd"], options={"lpcd": {"iterations": 5}})
+
+
+class Saboteur:
+    """Two passes; the second aims every projector at a ruined target."""
+    from onecomp_core.components import Refiner as _Base
+
+    class Bad(_Base):
+        name = "saboteur"
+        pass_index = 0
+
+        @property
+        def block_passes(self):
+            return 2
+
+        def prepare_group(self, gctx):
+            type(self).pass_index = gctx.pass_index
+
+        def adjust_target(self, ctx):
+            return ctx.target * (10.0 if type(self).pass_index > 0 else 1.0)
+
+    from onecomp_core.hookspecs import hookimpl as _impl
+
+    @_impl
+    def onecomp_register_refiners(self, registry):
+        registry.add_refiner(self.Bad)
+
+
+def test_a_later_pass_that_raises_the_block_error_is_rejected(tiny_llama, tmp_path):
+    from safetensors.torch import load_file
+    kw = dict(bits=4, group_size=32, projector="rtn", num_samples=2, seq_len=32)
+    ref = onecomp_core.quantize(tiny_llama, tmp_path / "ref", **kw)
+    bad = onecomp_core.quantize(tiny_llama, tmp_path / "bad", plugins=[Saboteur()], corrections=["saboteur"], **kw)
+    assert all(li.get("pass_rejected") for li in bad["layers"].values())
+    a, b = (load_file(str(tmp_path / d / "model-block-00000.safetensors")) for d in ("ref", "bad"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
