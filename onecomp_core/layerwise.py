@@ -45,13 +45,14 @@ class LayerwisePass:
             everything = {n for g in groups for n in g}
             writers = frozenset(sk.adapter.residual_taps(block))
             fp_w = {n: block.get_submodule(n).weight.detach().clone() for n in everything} if self.passes > 1 else {}
+            err = None                                         # block error of the kept weights (passes > 1)
             for p in range(self.passes):
                 done: set = set()
                 for group in groups:
                     mods = {n: block.get_submodule(n) for n in group}
                     if p > 0:                                  # coordinate descent: relax again from FP
                         previous = self._snapshot(mods, prefix, qts, info)
-                        err_before = block_error(block, q, fp_next, kwargs[i])
+                        err = block_error(block, q, fp_next, kwargs[i]) if err is None else err
                         with torch.no_grad():
                             for n, m in mods.items():
                                 m.weight.copy_(fp_w[n])
@@ -68,8 +69,12 @@ class LayerwisePass:
                         qts[name], info[name] = self._quantize(name, lin, block, stats.get(rel))
                         info[name].update({"pass": p + 1, "passes": self.passes})
                         self.hook.onecomp_layer_done(block=i, name=name, info=info[name])
-                    if p > 0 and block_error(block, q, fp_next, kwargs[i]) > err_before:
-                        self._restore(mods, prefix, qts, info, previous)   # never worse than the last pass
+                    if p > 0:                                  # never worse than the last pass
+                        after = block_error(block, q, fp_next, kwargs[i])
+                        if after > err:
+                            self._restore(mods, prefix, qts, info, previous)
+                        else:
+                            err = after
                     done.update(group)
             del fp_w
             q_next = run_block(block, q, kwargs[i])                    # quantized block, quantized stream

@@ -11,6 +11,7 @@ class Progress:
     def __init__(self):
         self.blocks = None
         self.layers = None
+        self.layers_scaled = False
 
     @property
     def enabled(self) -> bool:
@@ -34,13 +35,14 @@ class Progress:
             self.blocks = tqdm(total=total, initial=index, desc="blocks", unit="block", file=sys.stderr)
         self.layers = tqdm(total=len(layers), desc=f"block {index} layers", unit="layer", leave=False,
                            file=sys.stderr)
+        self.layers_scaled = False
 
     def layer_done(self, block, name, info):
         if self.layers is not None:
             passes = int(info.get("passes", 1))
-            if passes > 1 and not getattr(self.layers, "onecomp_scaled", False):
+            if passes > 1 and not self.layers_scaled:
                 self.layers.total *= passes          # a correction revisits the block's groups
-                self.layers.onecomp_scaled = True
+                self.layers_scaled = True
             self.layers.update(1)
             self.layers.set_postfix_str(f"{name.rsplit('.', 1)[-1]} err={info.get('rel_error', 0):.2e}")
 

@@ -86,8 +86,6 @@ class AutoBit(Planner):
             raise OnecompError("nothing to quantize: every linear matches an exclude pattern")
         sdt = scale_dtype_for(ctx.checkpoint_dtype)
         cands = [("int", b, g) for b in o.bits for g in o.groups] + [("bin", float(x)) for x in o.binary]
-        if o.binary and o.binary_format not in ctx.formats:
-            ctx.formats[o.binary_format] = self._binary_component(ctx, "format")
 
         def spec(n, c):
             if c[0] == "int":
@@ -97,9 +95,16 @@ class AutoBit(Planner):
                              group_size=run.group_size, symmetric=run.symmetric, scale_dtype=sdt,
                              options={"bpw": c[1]})
 
+        def format_of(s):
+            if s.format not in ctx.formats:            # a binary-factor candidate's format, built once
+                ctx.formats[s.format] = self._binary_component(ctx, "format")
+            return ctx.formats[s.format]
+
         def fits(n, c):
+            s = spec(n, c)
+            f = format_of(s)                           # a missing plugin is an error, not a misfit
             try:
-                ctx.formats[spec(n, c).format].check(spec(n, c), ctx.shapes[n])
+                f.check(s, ctx.shapes[n])
                 return True
             except (OnecompError, ValueError):
                 if c[0] == "int":
@@ -113,9 +118,8 @@ class AutoBit(Planner):
                 v = fixed[0]
                 c = ("bin", float(v["bpw"])) if "bpw" in v else \
                     ("int", int(v.get("bits", run.bits)), int(v.get("group_size", run.group_size)))
-                if c[0] == "bin" and o.binary_format not in ctx.formats:
-                    ctx.formats[o.binary_format] = self._binary_component(ctx, "format")
-                ctx.formats[spec(n, c).format].check(spec(n, c), ctx.shapes[n])
+                s = spec(n, c)
+                format_of(s).check(s, ctx.shapes[n])
                 allowed[n] = [c]
             else:
                 allowed[n] = [c for c in cands if fits(n, c)]
