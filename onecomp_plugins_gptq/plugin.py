@@ -193,15 +193,15 @@ class LPCD(QEP):
         self.resid[name].add(r_fp, r_q, x)
 
     def relaxed_target(self, ctx, C):
-        if ctx.name in self._relaxed:     # already relaxed against the block output, from the quantized stream
-            return ctx.target
         r = self.resid.get(ctx.name)
-        if r is None:                   # inner layers: the QEP step
-            target = super().relaxed_target(ctx, C)
-            if self.options.iterations > 1:
-                self._targets[ctx.name] = target.detach().clone()
-            return target
-        return lpcd_writer_target(ctx.target, ctx.H, C, r.R, self.options.alpha, self.options.damp)
+        if r is not None:               # writers: closed form, from FP, in every pass
+            return lpcd_writer_target(ctx.target, ctx.H, C, r.R, self.options.alpha, self.options.damp)
+        # inner layers: the QEP step in the first pass; later passes already relaxed them against
+        # the block output from the quantized stream. Kept so that the next pass continues from it.
+        target = ctx.target if ctx.name in self._relaxed else super().relaxed_target(ctx, C)
+        if self.options.iterations > 1:
+            self._targets[ctx.name] = target.detach().clone()
+        return target
 
 
 @attrs.define(frozen=True)

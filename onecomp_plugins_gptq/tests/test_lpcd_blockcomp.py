@@ -164,3 +164,19 @@ def test_a_later_pass_that_raises_the_block_error_is_rejected(tiny_llama, tmp_pa
     assert all(li.get("pass_rejected") for li in bad["layers"].values())
     a, b = (load_file(str(tmp_path / d / "model-block-00000.safetensors")) for d in ("ref", "bad"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_every_pass_continues_from_the_last_relaxation():
+    """With 3+ iterations, pass 3 must start from pass 2's relaxation, not fall back to FP."""
+    from types import SimpleNamespace
+    from onecomp_plugins_gptq.plugin import LPCD, LPCDOptions
+    lp = LPCD(LPCDOptions(iterations=3))
+    W = torch.randn(4, 8)
+    H = torch.eye(8)
+    ctx = SimpleNamespace(name="b.q", target=W, H=H)
+    first = lp.relaxed_target(ctx, torch.zeros(8, 8))              # pass 1: the QEP step
+    assert torch.equal(lp._targets["b.q"], first)
+    lp._relaxed = {"b.q"}                                          # pass 2: relaxed by Adam
+    relaxed = W + 1.0
+    second = lp.relaxed_target(SimpleNamespace(name="b.q", target=relaxed, H=H), torch.zeros(8, 8))
+    assert torch.equal(second, relaxed) and torch.equal(lp._targets["b.q"], relaxed)
