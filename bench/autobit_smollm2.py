@@ -1,8 +1,11 @@
 """AutoBit + GPTQ on SmolLM2-135M at 3.0 and 2.5 average bpw, against uniform GPTQ at the
 nearest uniform settings of no more bits and against the naive (Frobenius) error model.
-Same protocol as layerwise_smollm2.py. "activation" is the default error model (input Gram
-diagonal and output curvature diagonal); "-no-curvature" drops the curvature. Prints one JSON
-line per run and one JSON object."""
+Same protocol as layerwise_smollm2.py, on the default (asymmetric) grid unless --sym.
+"activation" is the default error model (input Gram diagonal and output curvature diagonal);
+"-no-curvature" drops the curvature; "conditional" is the GPTQ-aware model (GPTQ's conditional
+input variances instead of the Gram diagonal). The nearest uniform settings of no more bits:
+asymmetric 2b g32 (2.5625 bpw) at 3.0 and 2b g64 (2.28) at 2.5; symmetric 2b g32 (2.5) at both.
+Prints one JSON line per run and one JSON object."""
 from __future__ import annotations
 
 import argparse
@@ -15,11 +18,14 @@ RUNS = [
     ("autobit-activation@3.0", ["--planner", "autobit", "--target-bpw", "3.0"]),        # A and B (default)
     ("autobit-activation-no-curvature@3.0", ["--planner", "autobit", "--target-bpw", "3.0",
                                              "--option", "autobit.curvature=false"]),
+    ("autobit-conditional@3.0", ["--planner", "autobit", "--target-bpw", "3.0", "--option", "autobit.error=\"conditional\""]),
     ("autobit-frobenius@3.0", ["--planner", "autobit", "--target-bpw", "3.0", "--option", "autobit.error=\"frobenius\""]),
-    ("uniform 3b channel (3.03 bpw)", ["--bits", "3", "--group-size", "channel"]),
-    ("uniform 2b g32 (2.5 bpw)", ["--bits", "2", "--group-size", "32"]),   # nearest uniform <= 3.0 and <= 2.5
+    ("uniform 3b channel", ["--bits", "3", "--group-size", "channel"]),   # 3.02-3.03 bpw: over 3.0
+    ("uniform 2b g32", ["--bits", "2", "--group-size", "32"]),            # nearest uniform <= 3.0 (and <= 2.5 symmetric)
+    ("uniform 2b g64", ["--bits", "2", "--group-size", "64"]),            # nearest uniform <= 2.5 asymmetric
     # budget 2.5 bpw
     ("autobit-activation@2.5", ["--planner", "autobit", "--target-bpw", "2.5"]),
+    ("autobit-conditional@2.5", ["--planner", "autobit", "--target-bpw", "2.5", "--option", "autobit.error=\"conditional\""]),
     ("autobit-frobenius@2.5", ["--planner", "autobit", "--target-bpw", "2.5", "--option", "autobit.error=\"frobenius\""]),
 ]
 
@@ -28,8 +34,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", default="", help="comma list of run labels to keep")
+    ap.add_argument("--sym", action="store_true", help="symmetric grid (the first published table)")
     a = ap.parse_args()
-    extra = ["--projector", "gptq", "--sym"]
+    extra = ["--projector", "gptq", *(["--sym"] if a.sym else [])]
     tokens = 4096 if a.quick else 16384
     rows = []
     for label, flags in RUNS:
@@ -39,7 +46,7 @@ def main():
         r["run"] = label
         rows.append(r)
         print(json.dumps(r), flush=True)
-    print(json.dumps({"bench": "autobit_smollm2", "eval_tokens": tokens, "results": rows}))
+    print(json.dumps({"bench": "autobit_smollm2", "eval_tokens": tokens, "symmetric": a.sym, "results": rows}))
 
 
 if __name__ == "__main__":

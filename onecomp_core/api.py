@@ -23,7 +23,7 @@ from .report import markdown, peak_gpu_mb, peak_rss_mb
 from .skeleton import Skeleton, pick_device
 from .store import RunStore, atomic_json, atomic_write_bytes
 from .components import PlanContext
-from .stats import input_diagonals
+from .stats import input_diagonals, input_statistics
 from .streams import capture
 
 __all__ = ["quantize", "load_quantized", "resolve_config", "Resolved"]
@@ -165,7 +165,8 @@ class Runner:
                   for g in sk.adapter.linear_groups(blk)]
         ctx = PlanContext(shapes=shapes, groups=groups, run=run, formats=res.formats, registry=res.plugins.registry,
                           checkpoint_dtype=sk.checkpoint_dtype, weight=lambda n: sk.weights.get(n + ".weight").float(),
-                          input_diag=input_diag, model_folder=folder, calibration_ids=ids, device=device,
+                          input_diag=input_diag, input_grams=lambda fn: input_statistics(sk, inputs, kwargs, fn),
+                          model_folder=folder, calibration_ids=ids, device=device,
                           make=lambda kind, name: res._make(kind, name, res.plugins.registry))
         plan = self.stage("plan", lambda: res.planner.plan(ctx))
         for spec in plan.specs.values():

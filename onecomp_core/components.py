@@ -112,6 +112,7 @@ class PlanContext:
     checkpoint_dtype: torch.dtype
     weight: object                    # name -> float32 FP weight (read lazily from the checkpoint)
     input_diag: object                # () -> {name: diag(X X^T) / N}, one FP pass over the blocks
+    input_grams: object = None        # (fn) -> {name: fn(H)}, H = X X^T / N, one FP pass, one block's Grams held
     model_folder: object = None
     calibration_ids: object = None    # (N, L) token ids
     device: object = None

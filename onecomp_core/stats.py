@@ -79,22 +79,39 @@ class InputCollector:
 def input_diagonals(sk, inputs: torch.Tensor, kwargs: list[dict]) -> dict[str, torch.Tensor]:
     """diag(X X^T) / N of every quantizable linear's input, from one pass of the FP model over
     the calibration stream, block by block (activation-aware planning)."""
+    return input_statistics(sk, inputs, kwargs)
+
+
+def input_statistics(sk, inputs: torch.Tensor, kwargs: list[dict], reduce=None) -> dict:
+    """One pass of the FP model over the calibration stream, block by block. For every
+    quantizable linear: diag(X X^T) / N when ``reduce`` is None, else ``reduce(H)`` of its full
+    input Gram H = X X^T / N. H is built once per input group (q/k/v, gate/up share it) and
+    dropped after ``reduce``, so only one block's Grams are ever held."""
     from .streams import run_block
     out = {}
     h = inputs
     for i in range(len(sk.blocks)):
         block = sk.block(i)
         prefix = sk.block_prefix(i)
-        names = [n for g in sk.adapter.linear_groups(block) for n in g]
-        sums = {n: [torch.zeros(block.get_submodule(n).in_features, device=h.device), 0] for n in names}
+        groups = sk.adapter.linear_groups(block)
+        heads = {g[0]: g for g in groups}            # one hook per shared input
+        acc = {n: (GramAccumulator(block.get_submodule(n).in_features, h.device) if reduce else
+                   OuterSum(1, block.get_submodule(n).in_features, h.device)) for n in heads}
 
         def sink(n, x):
-            x = x.reshape(-1, x.shape[-1]).float()
-            sums[n][0] += (x * x).sum(0)
-            sums[n][1] += x.shape[0]
-        with InputCollector({n: block.get_submodule(n) for n in names}, sink, stop_early=False):
+            if reduce:
+                acc[n].add(x)
+            else:                                    # diag only: sum of squares, no outer product
+                x = x.reshape(-1, x.shape[-1]).float()
+                acc[n].sum += (x * x).sum(0, keepdim=True)
+                acc[n].n += x.shape[0]
+        with InputCollector({n: block.get_submodule(n) for n in heads}, sink, stop_early=False):
             h = run_block(block, h, kwargs[i])
-        for n, (s, cnt) in sums.items():
-            out[f"{prefix}.{n}"] = (s / max(cnt, 1)).cpu()
+        for n, g in heads.items():
+            stat = reduce(acc[n].mean) if reduce else acc[n].mean[0]
+            stat = stat.cpu() if isinstance(stat, torch.Tensor) else stat
+            for m in g:
+                out[f"{prefix}.{m}"] = stat
+        del acc
         sk.release_block(i)
     return out

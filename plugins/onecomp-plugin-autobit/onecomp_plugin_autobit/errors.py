@@ -2,7 +2,10 @@
 uniform candidates, a short fit for binary-factor ones) weighted by diagonal curvature,
 sum_ij dW_ij^2 A_jj B_ii (the diagonal of the Kronecker-factored second-order loss increase),
 with A the input Gram diagonal and B the output curvature diagonal (ones when not measured).
-``A = B = 1`` is the plain Frobenius error of the naive model."""
+``A = B = 1`` is the plain Frobenius error of the naive model. The GPTQ-aware model
+(``error: conditional``) replaces A_jj by the conditional variance of input j given the inputs
+that GPTQ quantizes after it, which absorb part of its rounding error: 1 / U_jj^2 with
+U^T U = H^-1 in GPTQ's column order (GPTQ's per-column loss weight)."""
 from __future__ import annotations
 
 import torch
@@ -26,6 +29,25 @@ def weighted_error(dW: torch.Tensor, A: torch.Tensor | None = None, B: torch.Ten
     if B is not None:
         sq = sq * B[:, None].to(sq)
     return float(sq.sum())
+
+
+def conditional_variances(H: torch.Tensor, damp: float = 0.01, act_order: bool = True) -> torch.Tensor:
+    """c_j = H_jj - H_j,L H_L,L^-1 H_L,j, L = the inputs after j in GPTQ's order (descending
+    diag H with act-order), computed as 1 / U_jj^2 with U^T U = (H + damp mean(diag H) I)^-1.
+    Dead inputs (H_jj = 0) get 0."""
+    H = H.double()
+    d = H.diagonal()
+    dead = d == 0
+    H = H.clone()
+    H[dead, dead] = 1
+    H += damp * H.diagonal().mean() * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    perm = torch.argsort(d, descending=True) if act_order else torch.arange(H.shape[0], device=H.device)
+    L = torch.linalg.cholesky(H[perm][:, perm])
+    U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    c = torch.empty_like(d)
+    c[perm] = 1.0 / U.diagonal() ** 2                       # GPTQ: loss of column j = e_j^2 / [H_F^-1]_jj
+    c[dead] = 0
+    return c.float()
 
 
 def output_curvature(folder, ids: torch.Tensor, names: list[str], device="cpu", max_samples: int = 8) -> dict:

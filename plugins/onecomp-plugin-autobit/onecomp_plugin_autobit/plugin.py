@@ -17,7 +17,7 @@ from onecomp_core.spec import LayerSpec, Plan
 from onecomp_core.validators import boolean, in_range, one_of
 
 from .budget import fit_memory_budget_bits, parse_size
-from .errors import candidate_error, output_curvature, weighted_error
+from .errors import candidate_error, conditional_variances, output_curvature, weighted_error
 from .heatmap import allocation_png
 from .ilp import smallest_budget, solve
 
@@ -56,7 +56,7 @@ def _label(c) -> str:
 class AutoBitOptions:
     bits: tuple = attrs.field(default=(2, 3, 4, 8), converter=tuple, validator=_int_list(2, 8))
     groups: tuple = attrs.field(default=(32, 64, 128, -1), converter=tuple, validator=_int_list(1, 1 << 16, True))
-    error: str = attrs.field(default="activation", validator=one_of("activation", "frobenius"))
+    error: str = attrs.field(default="activation", validator=one_of("activation", "conditional", "frobenius"))
     curvature: bool = attrs.field(default=True, validator=boolean)
     curvature_samples: int = attrs.field(default=8, validator=in_range(1, 4096))
     tie: bool = attrs.field(default=True, validator=boolean)
@@ -171,8 +171,8 @@ class AutoBit(Planner):
 
     @property
     def uses_curvature(self) -> bool:
-        """The output curvature weights the activation-aware model only (Frobenius: A = B = 1)."""
-        return self.options.error == "activation" and self.options.curvature
+        """The output curvature weights the activation-aware models only (Frobenius: A = B = 1)."""
+        return self.options.error != "frobenius" and self.options.curvature
 
     # -- pieces -----------------------------------------------------------------------------
     def _units(self, ctx, names, allowed):
@@ -196,14 +196,16 @@ class AutoBit(Planner):
         o = self.options
         binary = any(c[0] == "bin" for n in names for c in allowed[n])
         proxy = self._binary_proxy(ctx) if binary else None
-        key = hashlib.sha1(json.dumps([str(ctx.model_folder), o.error, self.uses_curvature, o.curvature_samples,
+        gptq_order = self._gptq_order(ctx) if o.error == "conditional" else None
+        key = hashlib.sha1(json.dumps([str(ctx.model_folder), o.error, gptq_order, self.uses_curvature, o.curvature_samples,
                                        ctx.run.symmetric, sorted({_label(c) for n in names for c in allowed[n]}),
                                        ctx.run.calibration.__repr__(), o.binary_format if binary else None,
                                        repr(proxy.options) if proxy else None], default=str).encode()).hexdigest()[:16]
         path = cache_root() / "autobit" / f"{key}.pt"
         cached = torch.load(path) if o.cache and path.is_file() else {}
         if any(f"{n}|{_label(c)}" not in cached for n in names for c in allowed[n]):   # statistics only if needed
-            A = ctx.input_diag() if o.error == "activation" else {}
+            A = ctx.input_diag() if o.error == "activation" else \
+                self._conditional(ctx, *gptq_order) if o.error == "conditional" else {}
             B = output_curvature(ctx.model_folder, ctx.calibration_ids, names, ctx.device, o.curvature_samples) \
                 if self.uses_curvature else {}
         out = {}
@@ -225,6 +227,19 @@ class AutoBit(Planner):
             torch.save(cached, tmp)
             tmp.replace(path)
         return out
+
+    def _gptq_order(self, ctx) -> tuple:
+        """(damp, act_order) of the run's projector when it has them (GPTQ, JointQ), else
+        GPTQ's defaults: the conditional variances follow the order the projector will use."""
+        opts = getattr(ctx.make("projector", ctx.run.projector), "options", None) if ctx.make else None
+        return float(getattr(opts, "damp", 0.01)), bool(getattr(opts, "act_order", True))
+
+    @staticmethod
+    def _conditional(ctx, damp, act_order) -> dict:
+        if ctx.input_grams is None:
+            raise OnecompError("autobit.error='conditional' needs a planner context with full input Grams "
+                               "(ctx.input_grams); use error='activation' with this runner")
+        return ctx.input_grams(lambda H: conditional_variances(H, damp, act_order))
 
     def _binary_proxy(self, ctx):
         """The binary format's projector with ``binary_iters`` refinement steps: the fast proxy

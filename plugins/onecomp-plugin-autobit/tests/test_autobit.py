@@ -9,7 +9,7 @@ import onecomp_core
 from onecomp_core.errors import OnecompError
 from onecomp_core.plugins import load_plugins
 from onecomp_plugin_autobit.budget import fit_memory_budget_bits, inference_overhead_bytes, parse_size
-from onecomp_plugin_autobit.errors import candidate_error
+from onecomp_plugin_autobit.errors import candidate_error, conditional_variances
 from onecomp_plugin_autobit.heatmap import allocation_png
 from onecomp_plugin_autobit.ilp import brute_force, smallest_budget, solve
 
@@ -57,6 +57,34 @@ def test_activation_aware_error_weights_columns():
     part = candidate_error(W, 3, 32, False, A=A)
     assert 0 < part < full
     assert candidate_error(W, 8, 32, False) < candidate_error(W, 2, 32, False)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(2, 12), act_order=st.booleans())
+def test_conditional_variances_are_gptq_schur_complements(seed, n, act_order):
+    """c_j = H_jj - H_jL H_LL^-1 H_Lj over the inputs L after j in GPTQ's order (Schur
+    complement of the damped H), never above H_jj; the last input keeps its whole variance."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, 3 * n, generator=g, dtype=torch.float64) * torch.rand(n, 1, generator=g, dtype=torch.float64)
+    H = X @ X.T / X.shape[1]
+    c = conditional_variances(H, damp=0.01, act_order=act_order).double()
+    Hd = H + 0.01 * H.diagonal().mean() * torch.eye(n, dtype=H.dtype)
+    order = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(n)
+    for pos, j in enumerate(order.tolist()):
+        later = order[pos + 1:]
+        want = Hd[j, j] - (Hd[j, later] @ torch.linalg.solve(Hd[later][:, later], Hd[later, j]) if len(later) else 0)
+        assert torch.isclose(c[j], want, rtol=1e-4, atol=1e-9)
+        assert c[j] <= Hd[j, j] * (1 + 1e-5)
+    assert torch.isclose(c[order[-1]], Hd[order[-1], order[-1]], rtol=1e-4)
+
+
+def test_conditional_variance_of_a_dead_input_is_zero():
+    H = torch.diag(torch.tensor([2.0, 0.0, 1.0]))
+    c = conditional_variances(H)
+    assert c[1] == 0 and c[0] > 0 and c[2] > 0
+    # independent inputs: nothing to absorb, c = the damped diagonal (the dead input counts as
+    # 1 in the mean, as in GPTQ)
+    assert torch.allclose(c[[0, 2]], torch.tensor([2.0, 1.0]) + 0.01 * 4 / 3, rtol=1e-5)
 
 
 def test_heatmap_is_a_png():
@@ -157,6 +185,9 @@ def test_error_model_is_reported(tiny_llama, tmp_path):
     assert rep["plan_info"]["error_model"] == "frobenius"
     rep = quantize(tiny_llama, tmp_path / "n", target_bpw=3.0, options={"autobit": {"curvature": False}})
     assert rep["plan_info"]["error_model"] == "activation"
+    rep = quantize(tiny_llama, tmp_path / "c", target_bpw=3.0, projector="gptq", options={"autobit": {"error": "conditional"}})
+    assert rep["plan_info"]["error_model"] == "conditional+curvature"
+    assert rep["summary"]["bpw"] <= 3.0 + 1e-9
 
 
 def test_binary_factor_candidates_mix_with_the_grid(tiny_llama, tmp_path):
