@@ -56,7 +56,7 @@ def _label(c) -> str:
 class AutoBitOptions:
     bits: tuple = attrs.field(default=(2, 3, 4, 8), converter=tuple, validator=_int_list(2, 8))
     groups: tuple = attrs.field(default=(32, 64, 128, -1), converter=tuple, validator=_int_list(1, 1 << 16, True))
-    error: str = attrs.field(default="activation", validator=one_of("activation", "conditional", "frobenius"))
+    error: str = attrs.field(default="auto", validator=one_of("auto", "activation", "conditional", "frobenius"))
     curvature: bool = attrs.field(default=True, validator=boolean)
     curvature_samples: int = attrs.field(default=8, validator=in_range(1, 4096))
     tie: bool = attrs.field(default=True, validator=boolean)
@@ -75,6 +75,8 @@ class AutoBit(Planner):
     Options = AutoBitOptions
 
     def plan(self, ctx) -> Plan:
+        if self.options.error == "auto":
+            self.options = attrs.evolve(self.options, error="conditional" if self._gptq_like(ctx) else "activation")
         run, o = ctx.run, self.options
         fmt = ctx.formats[run.format]
         if getattr(fmt, "takes_bpw", False):
@@ -227,6 +229,13 @@ class AutoBit(Planner):
             torch.save(cached, tmp)
             tmp.replace(path)
         return out
+
+    @staticmethod
+    def _gptq_like(ctx) -> bool:
+        """The run's projector spreads rounding error over later columns (it has GPTQ's
+        ``damp`` and ``act_order`` options: gptq, jointq)."""
+        opts = getattr(ctx.make("projector", ctx.run.projector), "options", None) if ctx.make else None
+        return hasattr(opts, "damp") and hasattr(opts, "act_order")
 
     def _gptq_order(self, ctx) -> tuple:
         """(damp, act_order) of the run's projector when it has them (GPTQ, JointQ), else

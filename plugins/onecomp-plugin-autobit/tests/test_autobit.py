@@ -185,7 +185,7 @@ def test_error_model_is_reported(tiny_llama, tmp_path):
     assert rep["plan_info"]["error_model"] == "frobenius"
     rep = quantize(tiny_llama, tmp_path / "n", target_bpw=3.0, options={"autobit": {"curvature": False}})
     assert rep["plan_info"]["error_model"] == "activation"
-    rep = quantize(tiny_llama, tmp_path / "c", target_bpw=3.0, projector="gptq", options={"autobit": {"error": "conditional"}})
+    rep = quantize(tiny_llama, tmp_path / "c", target_bpw=3.0, projector="gptq")      # auto: GPTQ-aware
     assert rep["plan_info"]["error_model"] == "conditional+curvature"
     assert rep["summary"]["bpw"] <= 3.0 + 1e-9
 
