@@ -1,9 +1,9 @@
 """AutoBit + GPTQ on SmolLM2-135M at 3.0 and 2.5 average bpw, against uniform GPTQ at the
 nearest uniform settings of no more bits and against the naive (Frobenius) error model.
 Same protocol as layerwise_smollm2.py, on the default (asymmetric) grid unless --sym.
-"activation" is the default error model (input Gram diagonal and output curvature diagonal);
-"-no-curvature" drops the curvature; "conditional" is the GPTQ-aware model (GPTQ's conditional
-input variances instead of the Gram diagonal). The nearest uniform settings of no more bits:
+"conditional" is the GPTQ-aware model (GPTQ's conditional input variances and the output
+curvature diagonal; the default with GPTQ), "activation" the diagonal one (input Gram diagonal
+and output curvature diagonal); "-no-curvature" drops the curvature. The nearest uniform settings of no more bits:
 asymmetric 2b g32 (2.5625 bpw) at 3.0 and 2b g64 (2.28) at 2.5; symmetric 2b g32 (2.5) at both.
 Prints one JSON line per run and one JSON object."""
 from __future__ import annotations
@@ -15,17 +15,19 @@ from common import quantize_and_measure
 
 RUNS = [
     # budget 3.0 bpw
-    ("autobit-activation@3.0", ["--planner", "autobit", "--target-bpw", "3.0"]),        # A and B (default)
-    ("autobit-activation-no-curvature@3.0", ["--planner", "autobit", "--target-bpw", "3.0",
-                                             "--option", "autobit.curvature=false"]),
+    ("autobit-activation@3.0", ["--planner", "autobit", "--target-bpw", "3.0", "--option", "autobit.error=\"activation\""]),
+    ("autobit-activation-no-curvature@3.0", ["--planner", "autobit", "--target-bpw", "3.0", "--option",
+                                             "autobit.error=\"activation\"", "--option", "autobit.curvature=false"]),
     ("autobit-conditional@3.0", ["--planner", "autobit", "--target-bpw", "3.0", "--option", "autobit.error=\"conditional\""]),
     ("autobit-frobenius@3.0", ["--planner", "autobit", "--target-bpw", "3.0", "--option", "autobit.error=\"frobenius\""]),
     ("uniform 3b channel", ["--bits", "3", "--group-size", "channel"]),   # 3.02-3.03 bpw: over 3.0
     ("uniform 2b g32", ["--bits", "2", "--group-size", "32"]),            # nearest uniform <= 3.0 (and <= 2.5 symmetric)
     ("uniform 2b g64", ["--bits", "2", "--group-size", "64"]),            # nearest uniform <= 2.5 asymmetric
     # budget 2.5 bpw
-    ("autobit-activation@2.5", ["--planner", "autobit", "--target-bpw", "2.5"]),
+    ("autobit-activation@2.5", ["--planner", "autobit", "--target-bpw", "2.5", "--option", "autobit.error=\"activation\""]),
     ("autobit-conditional@2.5", ["--planner", "autobit", "--target-bpw", "2.5", "--option", "autobit.error=\"conditional\""]),
+    ("autobit-conditional-no-curvature@2.5", ["--planner", "autobit", "--target-bpw", "2.5", "--option",
+                                              "autobit.error=\"conditional\"", "--option", "autobit.curvature=false"]),
     ("autobit-frobenius@2.5", ["--planner", "autobit", "--target-bpw", "2.5", "--option", "autobit.error=\"frobenius\""]),
 ]
 
