@@ -231,16 +231,19 @@ class AutoBit(Planner):
         return out
 
     @staticmethod
-    def _gptq_like(ctx) -> bool:
+    def _projector_options(ctx):
+        return getattr(ctx.make("projector", ctx.run.projector), "options", None) if ctx.make else None
+
+    def _gptq_like(self, ctx) -> bool:
         """The run's projector spreads rounding error over later columns (it has GPTQ's
         ``damp`` and ``act_order`` options: gptq, jointq)."""
-        opts = getattr(ctx.make("projector", ctx.run.projector), "options", None) if ctx.make else None
+        opts = self._projector_options(ctx)
         return hasattr(opts, "damp") and hasattr(opts, "act_order")
 
     def _gptq_order(self, ctx) -> tuple:
         """(damp, act_order) of the run's projector when it has them (GPTQ, JointQ), else
         GPTQ's defaults: the conditional variances follow the order the projector will use."""
-        opts = getattr(ctx.make("projector", ctx.run.projector), "options", None) if ctx.make else None
+        opts = self._projector_options(ctx)
         return float(getattr(opts, "damp", 0.01)), bool(getattr(opts, "act_order", True))
 
     @staticmethod
