@@ -37,6 +37,23 @@ class GramAccumulator(OuterSum):
         return self.mean
 
 
+class DiagAccumulator:
+    """diag(X X^T) / N over the inputs a linear sees, without forming the outer product."""
+
+    def __init__(self, in_features: int, device):
+        self.sum = torch.zeros(in_features, dtype=torch.float32, device=device)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.sum += (x * x).sum(0)
+        self.n += x.shape[0]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sum / max(self.n, 1)
+
+
 class StopForward(Exception):
     """Raised from a hook once every linear of interest has seen its input."""
 
@@ -95,20 +112,12 @@ def input_statistics(sk, inputs: torch.Tensor, kwargs: list[dict], reduce=None) 
         prefix = sk.block_prefix(i)
         groups = sk.adapter.linear_groups(block)
         heads = {g[0]: g for g in groups}            # one hook per shared input
-        acc = {n: (GramAccumulator(block.get_submodule(n).in_features, h.device) if reduce else
-                   OuterSum(1, block.get_submodule(n).in_features, h.device)) for n in heads}
-
-        def sink(n, x):
-            if reduce:
-                acc[n].add(x)
-            else:                                    # diag only: sum of squares, no outer product
-                x = x.reshape(-1, x.shape[-1]).float()
-                acc[n].sum += (x * x).sum(0, keepdim=True)
-                acc[n].n += x.shape[0]
-        with InputCollector({n: block.get_submodule(n) for n in heads}, sink, stop_early=False):
+        kind = GramAccumulator if reduce else DiagAccumulator
+        acc = {n: kind(block.get_submodule(n).in_features, h.device) for n in heads}
+        with InputCollector({n: block.get_submodule(n) for n in heads}, lambda n, x: acc[n].add(x), stop_early=False):
             h = run_block(block, h, kwargs[i])
         for n, g in heads.items():
-            stat = reduce(acc[n].mean) if reduce else acc[n].mean[0]
+            stat = reduce(acc[n].mean) if reduce else acc[n].mean
             stat = stat.cpu() if isinstance(stat, torch.Tensor) else stat
             for m in g:
                 out[f"{prefix}.{m}"] = stat

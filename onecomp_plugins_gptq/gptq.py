@@ -9,32 +9,16 @@ from __future__ import annotations
 import torch
 
 from onecomp_core.formats import grid
+from onecomp_core.hessian import damp_hessian, inverse_cholesky_upper
 
 
 def prepare_hessian(H: torch.Tensor, W: torch.Tensor, damp: float):
     """Dead inputs (H_ii = 0) get H_ii = 1 and a zero weight column; then
     H <- H + damp * mean(diag H) * I."""
-    H = H.clone().double()
+    H, dead = damp_hessian(H, damp)
     W = W.clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
     W[:, dead] = 0
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     return H, W
-
-
-def inverse_cholesky_upper(H: torch.Tensor, damp: float = 0.01, tries: int = 6) -> torch.Tensor:
-    """U with U^T U = H^-1 (upper triangular); adds more damping if H is not positive definite."""
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    mean_diag = torch.mean(torch.diag(H))
-    for k in range(tries):
-        L, info = torch.linalg.cholesky_ex(H + (0 if k == 0 else damp * 10**k) * mean_diag * eye)
-        if int(info) == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info2 = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if int(info2) == 0:
-                return U
-    raise RuntimeError("Hessian is not positive definite even after extra damping")
 
 
 def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, symmetric: bool, *,

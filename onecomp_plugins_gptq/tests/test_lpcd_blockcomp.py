@@ -67,15 +67,14 @@ def test_blockcomp_end_to_end(tiny_llama, tmp_path):
 def test_jointq_with_blockcomp_on_every_architecture(arch, tiny_models, tmp_path):
     """JointQ as the projector and block-wise compensation in front, on each adapter's blocks:
     every linear quantized once with a finite, bounded error and the checkpoint loads."""
-    import torch as _t
     rep = onecomp_core.quantize(tiny_models(arch), tmp_path / "q", bits=3, group_size=32, projector="jointq",
                                 corrections=["blockcomp"], options={"blockcomp": {"steps": 2}},
                                 num_samples=2, seq_len=32)
     errs = [li["rel_error"] for li in rep["layers"].values()]
     assert errs and all(0 <= e < 2 for e in errs)
     model = onecomp_core.load_quantized(tmp_path / "q")
-    with _t.no_grad():
-        assert _t.isfinite(model(_t.randint(3, 300, (1, 8))).logits).all()
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randint(3, 300, (1, 8))).logits).all()
 
 
 class PassProbe:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from onecomp_core.formats import grid
+from onecomp_core.hessian import damp_hessian, inverse_cholesky_upper
 
 
 def candidate_error(W: torch.Tensor, bits: int, group_size: int, symmetric: bool,
@@ -35,15 +36,10 @@ def conditional_variances(H: torch.Tensor, damp: float = 0.01, act_order: bool =
     """c_j = H_jj - H_j,L H_L,L^-1 H_L,j, L = the inputs after j in GPTQ's order (descending
     diag H with act-order), computed as 1 / U_jj^2 with U^T U = (H + damp mean(diag H) I)^-1.
     Dead inputs (H_jj = 0) get 0."""
-    H = H.double()
-    d = H.diagonal()
-    dead = d == 0
-    H = H.clone()
-    H[dead, dead] = 1
-    H += damp * H.diagonal().mean() * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    d = H.diagonal().double()
+    Hd, dead = damp_hessian(H, damp)
     perm = torch.argsort(d, descending=True) if act_order else torch.arange(H.shape[0], device=H.device)
-    L = torch.linalg.cholesky(H[perm][:, perm])
-    U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    U = inverse_cholesky_upper(Hd[perm][:, perm], damp)
     c = torch.empty_like(d)
     c[perm] = 1.0 / U.diagonal() ** 2                       # GPTQ: loss of column j = e_j^2 / [H_F^-1]_jj
     c[dead] = 0
