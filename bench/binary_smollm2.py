@@ -1,5 +1,6 @@
 """1-2 bit formats on SmolLM2-135M, layer-wise only: DBF and MDBF at 1.0, 1.5 and 2.0 bpw
-against uniform 2-bit GPTQ at every group size (all of which store more than 2.0 bpw), and
+against uniform 2-bit GPTQ at every group size (all of which store more than 2.0 bpw;
+asymmetric grid unless --sym), and
 AutoBit mixing DBF and GPTQ modules at 2.0 bpw. `--correction qep` puts QEP in front.
 Same protocol as layerwise_smollm2.py (32 x 512 calibration tokens, enwiki_eval). Prints one
 JSON line per run, then one JSON object with all of them."""
@@ -11,14 +12,15 @@ import json
 from common import quantize_and_measure
 
 
-def runs(iters: int):
+def runs(iters: int, sym: bool):
     out = []
     for bpw in ("1.0", "1.5", "2.0"):
         for fmt in ("dbf", "mdbf"):
             out.append((f"{fmt}@{bpw}", ["--format", fmt, "--projector", fmt, "--target-bpw", bpw,
                                          "--option", f"{fmt}.iters={iters}"]))
     for group in ("128", "64", "32", "channel"):
-        out.append((f"gptq 2b {group}", ["--projector", "gptq", "--bits", "2", "--group-size", group, "--sym"]))
+        out.append((f"gptq 2b {group}", ["--projector", "gptq", "--bits", "2", "--group-size", group,
+                                            *(["--sym"] if sym else [])]))
     # mixed: AutoBit may give modules DBF factors at 1.0/1.5 bpw or a 2-4 bit GPTQ grid
     out.append(("autobit+dbf@2.0", ["--planner", "autobit", "--target-bpw", "2.0", "--projector", "gptq",
                                     "--option", "autobit.binary=[1.0,1.5]", "--option", "autobit.bits=[2,3,4]",
@@ -30,11 +32,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--iters", type=int, default=40, help="ADMM iterations of dbf/mdbf")
     ap.add_argument("--only", default="", help="comma list of run labels to keep")
+    ap.add_argument("--sym", action="store_true", help="uniform GPTQ rows on the symmetric grid (the first table)")
     ap.add_argument("--correction", default="", help="a layer-wise correction in front of every projector, e.g. qep")
     a = ap.parse_args()
     extra = ["--correction", a.correction] if a.correction else []
     rows = []
-    for label, flags in runs(a.iters):
+    for label, flags in runs(a.iters, a.sym):
         if a.only and label not in a.only.split(","):
             continue
         r = quantize_and_measure("smollm2-135m", [*flags, *extra], 16384)
