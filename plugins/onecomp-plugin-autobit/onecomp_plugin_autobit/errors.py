@@ -46,11 +46,16 @@ def conditional_variances(H: torch.Tensor, damp: float = 0.01, act_order: bool =
     return c.float()
 
 
-def output_curvature(folder, ids: torch.Tensor, names: list[str], device="cpu", max_samples: int = 8) -> dict:
-    """B_ii = mean over tokens of (dL/dy_i)^2 for the output y of each named linear, from the
-    language-modelling loss on calibration samples (the diagonal of the output factor of the
-    Kronecker-factored Fisher). Loads the full FP model once; only activations get gradients
-    (the embeddings are the leaf), so no parameter gradients are stored."""
+def output_curvature(folder, ids: torch.Tensor, names: list[str], device="cpu", max_samples: int = 8,
+                     fisher: str = "empirical", seed: int = 0) -> dict:
+    """B_ii = mean over tokens of (dL/dy_i)^2 for the output y of each named linear (the
+    diagonal of the output factor of the Kronecker-factored Fisher), L the cross-entropy of
+    the calibration samples against
+      fisher="empirical": their own next tokens (the empirical Fisher), or
+      fisher="true": tokens drawn from the model's own next-token distribution (one draw per
+        position: an unbiased estimate of the Fisher, the Hessian of KL(p_FP || p_Q) at Q = FP).
+    Loads the full FP model once; only activations get gradients (the embeddings are the
+    leaf), so no parameter gradients are stored."""
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).to(device)
     model.eval().requires_grad_(False)
@@ -69,11 +74,17 @@ def output_curvature(folder, ids: torch.Tensor, names: list[str], device="cpu", 
                 out.register_hook(on_grad)
         return forward_hook
     hooks = [model.get_submodule(n).register_forward_hook(grab(n)) for n in names]
+    g = torch.Generator(device=device).manual_seed(seed)
     try:
         for row in ids[:max_samples]:
             x = row[None].to(device)
             emb = model.get_input_embeddings()(x).detach().requires_grad_(True)
-            model(inputs_embeds=emb, labels=x).loss.backward()
+            if fisher == "empirical":
+                model(inputs_embeds=emb, labels=x).loss.backward()
+            else:
+                logits = model(inputs_embeds=emb).logits[0].float()
+                y = torch.multinomial(torch.softmax(logits.detach(), -1), 1, generator=g).squeeze(1)
+                torch.nn.functional.cross_entropy(logits, y).backward()
     finally:
         for h in hooks:
             h.remove()

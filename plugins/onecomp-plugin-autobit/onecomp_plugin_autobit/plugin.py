@@ -59,6 +59,7 @@ class AutoBitOptions:
     error: str = attrs.field(default="auto", validator=one_of("auto", "activation", "conditional", "frobenius"))
     curvature: bool = attrs.field(default=True, validator=boolean)
     curvature_samples: int = attrs.field(default=8, validator=in_range(1, 4096))
+    fisher: str = attrs.field(default="empirical", validator=one_of("empirical", "true"))
     tie: bool = attrs.field(default=True, validator=boolean)
     overrides: dict = attrs.field(factory=dict, validator=_overrides)
     time_limit_s: float = attrs.field(default=60.0, validator=in_range(0.1, 3600))
@@ -199,7 +200,7 @@ class AutoBit(Planner):
         binary = any(c[0] == "bin" for n in names for c in allowed[n])
         proxy = self._binary_proxy(ctx) if binary else None
         gptq_order = self._gptq_order(ctx) if o.error == "conditional" else None
-        key = hashlib.sha1(json.dumps([str(ctx.model_folder), o.error, gptq_order, self.uses_curvature, o.curvature_samples,
+        key = hashlib.sha1(json.dumps([str(ctx.model_folder), o.error, gptq_order, self.uses_curvature, o.curvature_samples, o.fisher,
                                        ctx.run.symmetric, sorted({_label(c) for n in names for c in allowed[n]}),
                                        ctx.run.calibration.__repr__(), o.binary_format if binary else None,
                                        repr(proxy.options) if proxy else None], default=str).encode()).hexdigest()[:16]
@@ -208,7 +209,8 @@ class AutoBit(Planner):
         if any(f"{n}|{_label(c)}" not in cached for n in names for c in allowed[n]):   # statistics only if needed
             A = ctx.input_diag() if o.error == "activation" else \
                 self._conditional(ctx, *gptq_order) if o.error == "conditional" else {}
-            B = output_curvature(ctx.model_folder, ctx.calibration_ids, names, ctx.device, o.curvature_samples) \
+            B = output_curvature(ctx.model_folder, ctx.calibration_ids, names, ctx.device, o.curvature_samples,
+                                 o.fisher) \
                 if self.uses_curvature else {}
         out = {}
         for n in names:
