@@ -4,9 +4,10 @@
 
 with sign matrices S_a, S_b in {-1, +1} and rank-l envelopes A (out x l), P (k x l),
 B (in x l), G (k x l). l = 1 is DBF (W ~ diag(a) S_a diag(p g) S_b^T diag(b)); l > 1 is MDBF.
-Fitted by: truncated SVD of W (rank k) -> signs of the factors, magnitudes by a rank-l SVD of
-their absolute values (SVID); then alternating ADMM on L and R, weighted by the diagonal d of
-the input Gram matrix H (activation-aware):  min ||(W - L R^T) diag(d)^1/2||^2.
+Fitted by: truncated SVD of W H^1/2 (rank k) -> signs of the factors, magnitudes by a rank-l
+SVD of their absolute values (SVID); then alternating ADMM on L and R, activation-aware:
+min ||(W - L R^T) H^1/2||^2 with H the input Gram matrix (full, as GPTQ's objective) or its
+diagonal.
 """
 from __future__ import annotations
 
@@ -64,24 +65,76 @@ def bits_per_weight(out: int, cols: int, k: int, l: int, meta_bits: int = 16) ->
     return (k * (out + cols) + meta_bits * l * (out + cols + 2 * k)) / (out * cols)
 
 
+class Metric:
+    """The input weighting of the fit, ||(W - L R^T) H^1/2||^2 with H = Q diag(lam) Q^T:
+    Q = None when H is diagonal (lam = its diagonal, the activation-aware DBF of the papers),
+    else the eigenvectors of the full Gram (the objective GPTQ minimises)."""
+
+    def __init__(self, lam: torch.Tensor, Q: torch.Tensor | None = None):
+        self.lam, self.Q = lam, Q
+        self.H = None if Q is None else (Q * lam[None, :]) @ Q.T
+
+    @classmethod
+    def of(cls, h: torch.Tensor | None, cols: int, device, damp: float = 0.01) -> "Metric":
+        """h: None (plain Frobenius), the (in,) diagonal or the (in, in) Gram; scaled to mean 1
+        (full Grams also get damp * I, as GPTQ's Hessian does)."""
+        if h is None:
+            return cls(torch.ones(cols, device=device))
+        if h.dim() == 1:
+            d = h.float().clamp_min(1e-12)
+            return cls(d / d.mean())
+        H = h.double() / h.diagonal().double().mean().clamp_min(1e-30)
+        lam, Q = torch.linalg.eigh(H + damp * torch.eye(cols, dtype=H.dtype, device=H.device))
+        return cls(lam.clamp_min(damp * 1e-3).float(), Q.float())
+
+    def left(self, X: torch.Tensor) -> torch.Tensor:
+        """H X for X with one row per input."""
+        return self.lam[:, None] * X if self.Q is None else self.H @ X
+
+    def error(self, W, L, R) -> float:
+        E = W - L @ R.T
+        return float((E * self.left(E.T).T).sum())
+
+    def whiten(self, W: torch.Tensor) -> torch.Tensor:
+        """W H^1/2 (in the eigenbasis: W Q diag(lam)^1/2)."""
+        Wq = W if self.Q is None else W @ self.Q
+        return Wq * self.lam.sqrt()[None, :]
+
+    def unwhiten(self, V: torch.Tensor) -> torch.Tensor:
+        """Q diag(lam)^-1/2 V: the factor R with R^T H^1/2 = V^T (H^1/2 as in whiten)."""
+        V = V / self.lam.sqrt()[:, None]
+        return V if self.Q is None else self.Q @ V
+
+    def solve_r(self, G: torch.Tensor, rhs: torch.Tensor, rho: float) -> torch.Tensor:
+        """R with H R G + rho R = rhs (G = L^T L, symmetric): diagonal in the eigenbases of H and G."""
+        mu, QG = torch.linalg.eigh(G)
+        X = rhs if self.Q is None else self.Q.T @ rhs
+        X = (X @ QG) / (self.lam[:, None] * mu[None, :] + rho)
+        X = X @ QG.T
+        return X if self.Q is None else self.Q @ X
+
+
 def weighted_error(W, L, R, d) -> float:
+    """||(W - L R^T) H^1/2||^2 for d the diagonal of H or H itself."""
     E = W - L @ R.T
-    return float(((E * E) * d[None, :]).sum())
+    HE = d[:, None].to(E) * E.T if d.dim() == 1 else d.to(E) @ E.T
+    return float((E * HE.T).sum())
 
 
 def fit(W: torch.Tensor, k: int, l: int, d: torch.Tensor | None = None, *, iters: int = 40, rho: float = 0.6,
-        polish: int = 4, seed: int = 0, trace: list | None = None):
-    """-> (S_a, A, P, S_b, B, G). ``d`` (in,) weights the columns (None: plain Frobenius).
-    ``trace`` receives the weighted error of the kept iterate after the SVID start, after
-    every ADMM iteration and after every polish round. An ADMM iteration that would raise the
-    error is rejected and rho doubled; polish rounds are exact least-squares updates of the
-    envelopes with the signs fixed (envelopes.py). The kept objective never increases."""
+        polish: int = 4, seed: int = 0, damp: float = 0.01, trace: list | None = None):
+    """-> (S_a, A, P, S_b, B, G). ``d`` weights the inputs: None (plain Frobenius), the (in,)
+    diagonal of the input Gram H, or the full (in, in) H (damped by ``damp``); either way it is
+    scaled to mean diagonal 1. ``trace`` receives the weighted error of the kept iterate after
+    the SVID start, after every ADMM iteration and after every polish round. An ADMM iteration
+    that would raise the error is rejected and rho doubled; polish rounds are exact
+    least-squares updates of the envelopes with the signs fixed (envelopes.py). The kept
+    objective never increases."""
     torch.manual_seed(seed)
     W = W.float()
     out, cols = W.shape
-    d = torch.ones(cols, device=W.device) if d is None else d.float().clamp_min(1e-12)
-    d = d / d.mean()
-    U, S, Vh = torch.linalg.svd(W * d.sqrt()[None, :], full_matrices=False)
+    m = Metric.of(d, cols, W.device, damp)
+    U, S, Vh = torch.linalg.svd(m.whiten(W), full_matrices=False)    # best rank k of W H^1/2
     r = torch.sqrt(S[:k])
     L0, R0 = U[:, :k] * r, Vh[:k].T * r
     if k > S.numel():   # more binary columns than the rank: start the extra ones small and random
@@ -90,38 +143,37 @@ def fit(W: torch.Tensor, k: int, l: int, d: torch.Tensor | None = None, *, iters
         tiny = float(r[-1]) * 0.1 + 1e-8
         L0 = torch.cat([L0, tiny * torch.randn(out, extra, generator=g).to(W.device)], 1)
         R0 = torch.cat([R0, tiny * torch.randn(cols, extra, generator=g).to(W.device)], 1)
-    return _admm(W, d, k, l, svid(L0, l), svid(R0 / d.sqrt()[:, None], l), iters, rho, polish, trace)
+    return _admm(W, m, k, l, svid(L0, l), svid(m.unwhiten(R0), l), iters, rho, polish, trace)
 
 
-def _admm(W, d, k, l, fl, fr, iters, rho, polish, trace):
+def _admm(W, m: Metric, k, l, fl, fr, iters, rho, polish, trace):
     """Alternating ADMM from the structured start (fl, fr), then envelope polish: -> factors."""
     ZL, ZR = compose(*fl), compose(*fr)
     UL, UR = torch.zeros_like(ZL), torch.zeros_like(ZR)
     eye = torch.eye(k, device=W.device)
-    err = weighted_error(W, ZL, ZR, d)
+    err = m.error(W, ZL, ZR)
     best = (err, fl, fr)
     if trace is not None:
         trace.append(err)
-    WD = W * d[None, :]
+    WH = m.left(W.T).T
     state = (ZL, ZR, UL, UR, fl, fr)
     for _ in range(iters):
         ZL, ZR, UL, UR, fl, fr = state
-        # L-step: L (R^T D R + rho I) = W D R + rho (Z_L - U_L), then project onto the structure
-        gram = (ZR * d[:, None]).T @ ZR
+        # L-step: L (R^T H R + rho I) = W H R + rho (Z_L - U_L), then project onto the structure
+        gram = ZR.T @ m.left(ZR)
         rho_l = rho * float(torch.diagonal(gram).mean().clamp_min(1e-12))    # rho relative to the Gram scale
-        L = torch.linalg.solve(gram + rho_l * eye, (WD @ ZR + rho_l * (ZL - UL)).T).T
+        L = torch.linalg.solve(gram + rho_l * eye, (WH @ ZR + rho_l * (ZL - UL)).T).T
         fl = svid(L + UL, l)
         ZL2 = compose(*fl)
         UL2 = UL + L - ZL2
-        # R-step, row j: (d_j L^T L + rho I) r_j = d_j L^T w_j + rho (z_j - u_j), via eigh(L^T L)
-        lam, Q = torch.linalg.eigh(ZL2.T @ ZL2)
-        rho_r = rho * float(lam.mean().clamp_min(1e-12))
-        rhs = (d[:, None] * (W.T @ ZL2)) + rho_r * (ZR - UR)
-        R = ((rhs @ Q) / (d[:, None] * lam[None, :] + rho_r)) @ Q.T
+        # R-step: H R (L^T L) + rho R = H W^T L + rho (Z_R - U_R)  (a Sylvester equation)
+        G = ZL2.T @ ZL2
+        rho_r = rho * float(torch.diagonal(G).mean().clamp_min(1e-12))
+        R = m.solve_r(G, WH.T @ ZL2 + rho_r * (ZR - UR), rho_r)
         fr = svid(R + UR, l)
         ZR2 = compose(*fr)
         UR2 = UR + R - ZR2
-        new = weighted_error(W, ZL2, ZR2, d)
+        new = m.error(W, ZL2, ZR2)
         if not math.isfinite(new):     # diverged: restart from the best iterate, more conservative
             _, fl, fr = best
             state, rho = (compose(*fl), compose(*fr), torch.zeros_like(UL), torch.zeros_like(UR), fl, fr), rho * 2
@@ -134,7 +186,7 @@ def _admm(W, d, k, l, fl, fr, iters, rho, polish, trace):
             trace.append(err)
     err, fl, fr = best
     for _ in range(polish):
-        fl, fr, new = polish_envelopes(W, d, fl, fr)
+        fl, fr, new = polish_envelopes(W, m, fl, fr)
         if new > err:
             break
         err, best = new, (new, fl, fr)
@@ -144,16 +196,19 @@ def _admm(W, d, k, l, fl, fr, iters, rho, polish, trace):
     return Sa, A, P, Sb, B, G
 
 
-def polish_envelopes(W, d, fl, fr):
-    """One round of exact envelope updates, L side then R side: -> (fl, fr, weighted error)."""
+def polish_envelopes(W, m: Metric, fl, fr):
+    """One round of exact envelope updates, L side then (diagonal H only: the rows of R are
+    coupled through a full H) R side: -> (fl, fr, weighted error)."""
     (Sa, A, P), (Sb, B, G) = fl, fr
     ZR = compose(Sb, B, G)
-    C, N = (ZR * d[:, None]).T @ ZR, (W * d[None, :]) @ ZR               # L side of envelopes.py
+    HZR = m.left(ZR)
+    C, N = ZR.T @ HZR, W @ HZR                                           # L side of envelopes.py
     ones = torch.ones(W.shape[0], device=W.device)
     A = update_rows(Sa, P, C, N)
     P = update_shared(Sa, A, C, N, ones)
     ZL = compose(Sa, A, P)
-    C, N = ZL.T @ ZL, W.T @ ZL                                            # R side, weights d
-    B = update_rows(Sb, G, C, N)
-    G = update_shared(Sb, B, C, N, d)
-    return (Sa, A, P), (Sb, B, G), weighted_error(W, ZL, compose(Sb, B, G), d)
+    if m.Q is None:
+        C, N = ZL.T @ ZL, W.T @ ZL                                        # R side, weights d
+        B = update_rows(Sb, G, C, N)
+        G = update_shared(Sb, B, C, N, m.lam)
+    return (Sa, A, P), (Sb, B, G), m.error(W, ZL, compose(Sb, B, G))

@@ -18,21 +18,24 @@ class BinaryFactorOptions:
     iters: int = attrs.field(default=40, validator=in_range(0, 10_000))
     rho: float = attrs.field(default=0.6, validator=in_range(1e-6, 1e6))
     polish: int = attrs.field(default=4, validator=in_range(0, 1000))
-    activation: str = attrs.field(default="diag", validator=one_of("diag", "none"))
+    activation: str = attrs.field(default="full", validator=one_of("full", "diag", "none"))
+    damp: float = attrs.field(default=0.01, validator=in_range(0.0, 1.0))
     sinkhorn: str = attrs.field(default="none", validator=one_of("none", "l1", "l2"))
     sinkhorn_iters: int = attrs.field(default=10, validator=in_range(1, 1000))
     seed: int = attrs.field(default=0, validator=in_range(0, 2**31))
 
 
 def project_binary_factors(o: BinaryFactorOptions, fmt, W, H, spec):
-    """Sinkhorn (optional) -> SVD/SVID start -> ADMM, activation-aware with diag(H)."""
+    """Sinkhorn (optional) -> SVD/SVID start -> ADMM, activation-aware with H or diag(H)."""
     k, l = fmt.rank(spec, tuple(W.shape)), fmt.envelope_rank(spec)
-    d = torch.diagonal(H).clone() if (H is not None and o.activation == "diag") else None
+    d = None if H is None or o.activation == "none" else \
+        H.float().clone() if o.activation == "full" else torch.diagonal(H).float().clone()
     Wf, r, c = (W.float(), None, None)
     if o.sinkhorn != "none":
         Wf, r, c = balance(W, 1 if o.sinkhorn == "l1" else 2, o.sinkhorn_iters)
-        d = d * c * c if d is not None else c * c          # the error is measured on W, not W'
-    Sa, A, P, Sb, B, G = fit(Wf, k, l, d, iters=o.iters, rho=o.rho, polish=o.polish, seed=o.seed)
+        # the error is measured on W = W' diag(c): weights diag(c) H diag(c)
+        d = c * c if d is None else d * c * c if d.dim() == 1 else c[:, None] * d * c[None, :]
+    Sa, A, P, Sb, B, G = fit(Wf, k, l, d, iters=o.iters, rho=o.rho, polish=o.polish, seed=o.seed, damp=o.damp)
     if r is not None:
         A, B = A * r[:, None], B * c[:, None]
     return fmt.make(Sa, A, P, Sb, B, G)

@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 import onecomp_core
 from onecomp_core.errors import OnecompError
 from onecomp_core.spec import LayerSpec
-from onecomp_plugins_dbf.factors import bits_per_weight, compose, fit, rank_for_bpw, weighted_error
+from onecomp_plugins_dbf.factors import Metric, bits_per_weight, compose, fit, rank_for_bpw, weighted_error
 from onecomp_plugins_dbf.envelopes import objective, update_rows, update_shared
 from onecomp_plugins_dbf.fmt import BinaryFactorLinear, DBFFormat
 from onecomp_plugins_dbf.plugin import DBF
@@ -29,17 +29,43 @@ def test_sign_packing_round_trip(rows, k, seed):
     assert torch.equal(unpack_signs(p, k), S)
 
 
-@pytest.mark.parametrize("l", [1, 2, 3])
-def test_admm_objective_never_increases_and_improves_on_svid(l):
+def correlated_gram(cols, seed=0):
+    """The Gram of inputs with correlated channels and a few loud ones, like a real layer's."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(4 * cols, cols // 4, generator=g) @ torch.randn(cols // 4, cols, generator=g)
+    X = X + 0.3 * torch.randn(4 * cols, cols, generator=g)
+    X[:, :3] *= 8
+    return X.T @ X / X.shape[0]
+
+
+@pytest.mark.parametrize("l,weights", [(1, "diag"), (2, "diag"), (3, "diag"), (1, "full"), (2, "full")])
+def test_admm_objective_never_increases_and_improves_on_svid(l, weights):
     W = lowrankish(48, 64)
-    d = torch.rand(64) + 0.1
+    d = torch.rand(64) + 0.1 if weights == "diag" else correlated_gram(64)
     trace = []
-    Sa, A, P, Sb, B, G = fit(W, 24, l, d, iters=25, trace=trace)
+    Sa, A, P, Sb, B, G = fit(W, 24, l, d, iters=25, damp=0.0, trace=trace)
     assert all(b <= a for a, b in zip(trace, trace[1:]))
     assert trace[-1] < 0.95 * trace[0]
-    final = weighted_error(W, compose(Sa, A, P), compose(Sb, B, G), d / d.mean())
-    assert final == pytest.approx(trace[-1], rel=1e-4)
+    scale = d.mean() if weights == "diag" else d.diagonal().mean()
+    final = weighted_error(W, compose(Sa, A, P), compose(Sb, B, G), d / scale)
+    assert final == pytest.approx(trace[-1], rel=1e-3)
     assert set(Sa.unique().tolist()) <= {-1.0, 1.0}
+
+
+@settings(max_examples=25, deadline=None)
+@given(cols=st.integers(1, 12), k=st.integers(1, 6), rho=st.floats(1e-3, 10), full=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_r_step_solves_its_sylvester_equation(cols, k, rho, full, seed):
+    """Metric.solve_r returns R with H R G + rho R = rhs, for a diagonal and a full H."""
+    g = torch.Generator().manual_seed(seed)
+    X, Y = torch.randn(cols + 2, cols, generator=g), torch.randn(k + 2, k, generator=g)
+    H = (X.T @ X).double()
+    G, rhs = (Y.T @ Y).double(), torch.randn(cols, k, generator=g).double()
+    m = Metric.of(H if full else H.diagonal(), cols, "cpu", damp=0.0)
+    m = Metric(m.lam.double(), None if m.Q is None else m.Q.double())
+    R = m.solve_r(G, rhs, rho)
+    Hn = m.H if full else torch.diag(m.lam)
+    assert torch.allclose(Hn @ R @ G + rho * R, rhs, atol=1e-6 * (1 + float(rhs.abs().max())))
 
 
 @settings(max_examples=25, deadline=None)
@@ -75,6 +101,16 @@ def test_activation_aware_fit_lowers_the_weighted_error():
     f_aware = fit(W, 16, 1, d, iters=20)
     err = lambda f: weighted_error(W, compose(*f[:3]), compose(*f[3:]), d)
     assert err(f_aware) < err(f_plain)
+
+
+def test_full_gram_fit_beats_diagonal_on_correlated_inputs():
+    """Weighting by the full Gram (GPTQ's objective) lowers that objective below the fit that
+    only sees its diagonal: the inputs are correlated, as a real layer's are."""
+    W, H = lowrankish(40, 64, 2), correlated_gram(64, 1)
+    full = fit(W, 20, 1, H, iters=20)
+    diag = fit(W, 20, 1, H.diagonal(), iters=20)
+    err = lambda f: weighted_error(W, compose(*f[:3]), compose(*f[3:]), H)
+    assert err(full) < 0.9 * err(diag)
 
 
 def test_rank_and_bits_accounting():

@@ -265,7 +265,7 @@ class AutoBit(Planner):
 
     @staticmethod
     def _binary_error(ctx, proxy, W, s, A, B) -> float:
-        H = torch.diag(A.float()) if A is not None else None      # the binary fit is weighted by diag(H)
+        H = torch.diag(A.float()) if A is not None else None      # only the Gram diagonal is known here
         Wq = proxy.project(W, H, s, ctx.formats[s.format]).dequantize(torch.float32)
         return weighted_error(Wq - W, A, B)
 
