@@ -14,22 +14,32 @@ from onecomp_core.formats import grid
 from onecomp_core.hessian import damp_hessian, inverse_cholesky_upper
 
 
-def candidate_error(W: torch.Tensor, bits: int, group_size: int, symmetric: bool,
-                    A: torch.Tensor | None = None, B: torch.Tensor | None = None) -> float:
+def rtn_weight(W: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> torch.Tensor:
+    """The RTN proxy of a grid candidate: W rounded to its grid, dequantized (fp32)."""
     codes, scale, zero = grid.rtn(W, bits, group_size, symmetric)
     cols = W.shape[1]
-    dW = grid.dequantize(codes.float(), grid.expand(scale, cols, group_size), grid.expand(zero, cols, group_size)) - W
-    return weighted_error(dW, A, B)
+    return grid.dequantize(codes.float(), grid.expand(scale, cols, group_size), grid.expand(zero, cols, group_size))
+
+
+def row_errors(dW: torch.Tensor, A: torch.Tensor | None = None) -> torch.Tensor:
+    """(out,): sum_j dW_ij^2 A_jj per output row, to be weighted by the output curvature B_ii."""
+    sq = dW.float() * dW.float()
+    return (sq * A[None, :].to(sq)).sum(1) if A is not None else sq.sum(1)
+
+
+def total_error(rows: torch.Tensor, B: torch.Tensor | None = None) -> float:
+    """sum_i B_ii rows_i (B: ones when None)."""
+    return float(rows.sum() if B is None else rows @ B.to(rows))
+
+
+def candidate_error(W: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+                    A: torch.Tensor | None = None, B: torch.Tensor | None = None) -> float:
+    return weighted_error(rtn_weight(W, bits, group_size, symmetric) - W.float(), A, B)
 
 
 def weighted_error(dW: torch.Tensor, A: torch.Tensor | None = None, B: torch.Tensor | None = None) -> float:
     """sum_ij dW_ij^2 A_jj B_ii (A, B: ones when None)."""
-    sq = dW.float() * dW.float()
-    if A is not None:
-        sq = sq * A[None, :].to(sq)
-    if B is not None:
-        sq = sq * B[:, None].to(sq)
-    return float(sq.sum())
+    return total_error(row_errors(dW, A), B)
 
 
 def conditional_variances(H: torch.Tensor, damp: float = 0.01, act_order: bool = True) -> torch.Tensor:
@@ -47,18 +57,22 @@ def conditional_variances(H: torch.Tensor, damp: float = 0.01, act_order: bool =
 
 
 def output_curvature(folder, ids: torch.Tensor, names: list[str], device="cpu", max_samples: int = 8,
-                     fisher: str = "empirical", seed: int = 0) -> dict:
+                     fisher: str = "empirical", seed: int = 0, weights: dict | None = None) -> dict:
     """B_ii = mean over tokens of (dL/dy_i)^2 for the output y of each named linear (the
     diagonal of the output factor of the Kronecker-factored Fisher), L the cross-entropy of
     the calibration samples against
       fisher="empirical": their own next tokens (the empirical Fisher), or
       fisher="true": tokens drawn from the model's own next-token distribution (one draw per
         position: an unbiased estimate of the Fisher, the Hessian of KL(p_FP || p_Q) at Q = FP).
-    Loads the full FP model once; only activations get gradients (the embeddings are the
-    leaf), so no parameter gradients are stored."""
+    ``weights`` (name -> tensor) replaces those linears' weights first: the curvature at that
+    point (AutoBit's second pass: at the first plan's quantized weights). Loads the full FP model
+    once; only activations get gradients (the embeddings are the leaf), so no parameter
+    gradients are stored."""
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).to(device)
     model.eval().requires_grad_(False)
+    for n, w in (weights or {}).items():
+        model.get_submodule(n).weight.data.copy_(w)
     sums: dict = {n: None for n in names}
     counts = {n: 0 for n in names}
 

@@ -17,7 +17,7 @@ from onecomp_core.spec import LayerSpec, Plan
 from onecomp_core.validators import boolean, in_range, one_of
 
 from .budget import fit_memory_budget_bits, parse_size
-from .errors import candidate_error, conditional_variances, output_curvature, weighted_error
+from .errors import conditional_variances, output_curvature, row_errors, rtn_weight, total_error
 from .heatmap import allocation_png
 from .ilp import smallest_budget, solve
 
@@ -60,6 +60,7 @@ class AutoBitOptions:
     curvature: bool = attrs.field(default=True, validator=boolean)
     curvature_samples: int = attrs.field(default=8, validator=in_range(1, 4096))
     fisher: str = attrs.field(default="empirical", validator=one_of("empirical", "true"))
+    passes: int = attrs.field(default=1, validator=in_range(1, 4))
     tie: bool = attrs.field(default=True, validator=boolean)
     overrides: dict = attrs.field(factory=dict, validator=_overrides)
     time_limit_s: float = attrs.field(default=60.0, validator=in_range(0.1, 3600))
@@ -127,21 +128,26 @@ class AutoBit(Planner):
             else:
                 allowed[n] = [c for c in cands if fits(n, c)]
         units = self._units(ctx, names, allowed)
-        errs = self._errors(ctx, names, allowed, spec)
         total = sum(ctx.shapes[n][0] * ctx.shapes[n][1] for n in names)
         budget, budget_info = self._budget(ctx, total)
-        E, M = [], []
-        for unit in units:
-            opts = allowed[unit[0]]
-            E.append([sum(errs[n][i] for n in unit) for i in range(len(opts))])
-            M.append([sum(self._bits(ctx, spec(n, c)) * ctx.shapes[n][0] * ctx.shapes[n][1] for n in unit)
-                      for c in opts])
+        M = [[sum(self._bits(ctx, spec(n, c)) * ctx.shapes[n][0] * ctx.shapes[n][1] for n in unit) for c in allowed[unit[0]]]
+             for unit in units]
         floor = smallest_budget(M)
         if budget < floor:
             raise OnecompError(f"budget infeasible: {budget / total:.4f} bits per weight is below the smallest "
                                f"feasible {floor / total:.4f} with these candidates; raise the budget or add "
                                f"smaller candidates (autobit.bits / autobit.groups / autobit.binary)")
-        choice, solver, secs = solve(E, M, budget, o.time_limit_s)
+        rows, B, proxy = self._errors(ctx, names, allowed, spec)
+        passes = []
+        for p in range(o.passes if self.uses_curvature else 1):
+            if p:      # later passes: the curvature at the previous plan's proxy-quantized weights
+                Wq = {n: self._proxy_weight(ctx, proxy, n, allowed[unit[0]][c], spec)
+                      for unit, c in zip(units, choice) for n in unit}
+                B = self._curvature(ctx, names, Wq)
+            E = [[sum(total_error(rows[n][i], B.get(n)) for n in unit) for i in range(len(allowed[unit[0]]))]
+                 for unit in units]
+            choice, solver, secs = solve(E, M, budget, o.time_limit_s)
+            passes.append({"predicted_error": sum(E[i][c] for i, c in enumerate(choice)), "solve_seconds": secs})
         specs = {}
         for unit, c in zip(units, choice):
             for n in unit:
@@ -151,7 +157,7 @@ class AutoBit(Planner):
         info = {"budget_bits": budget, "budget_bpw": budget / total, "planned_bpw": used / total,
                 "smallest_feasible_bpw": floor / total, "predicted_error": sum(E[i][c] for i, c in enumerate(choice)),
                 "error_model": o.error + ("+curvature" if self.uses_curvature else ""), "solver": solver,
-                "solve_seconds": secs, "units": len(units),
+                "solve_seconds": sum(p["solve_seconds"] for p in passes), "passes": passes, "units": len(units),
                 "candidates": [list(c[1:]) if c[0] == "int" else {o.binary_format: c[1]} for c in cands],
                 **budget_info}
         plan = Plan(specs, planner=self.name, info=info)
@@ -195,7 +201,11 @@ class AutoBit(Planner):
         units += [[n] for n in names if n not in seen]
         return units
 
-    def _errors(self, ctx, names, allowed, spec) -> dict:
+    def _errors(self, ctx, names, allowed, spec):
+        """-> (rows, B, proxy): rows[n][i] the (out,) row errors sum_j dW_ij^2 A_jj of module n's
+        i-th candidate under its proxy, B[n] the output curvature ({} when off), proxy the
+        binary-factor projector (None without binary candidates). Cached per model, error model
+        and calibration."""
         o = self.options
         binary = any(c[0] == "bin" for n in names for c in allowed[n])
         proxy = self._binary_proxy(ctx) if binary else None
@@ -206,31 +216,42 @@ class AutoBit(Planner):
                                        repr(proxy.options) if proxy else None], default=str).encode()).hexdigest()[:16]
         path = cache_root() / "autobit" / f"{key}.pt"
         cached = torch.load(path) if o.cache and path.is_file() else {}
-        if any(f"{n}|{_label(c)}" not in cached for n in names for c in allowed[n]):   # statistics only if needed
+        rows, B = cached.get("rows", {}), cached.get("B")
+        if any(f"{n}|{_label(c)}" not in rows for n in names for c in allowed[n]):   # statistics only if needed
             A = ctx.input_diag() if o.error == "activation" else \
                 self._conditional(ctx, *gptq_order) if o.error == "conditional" else {}
-            B = output_curvature(ctx.model_folder, ctx.calibration_ids, names, ctx.device, o.curvature_samples,
-                                 o.fisher) \
-                if self.uses_curvature else {}
-        out = {}
-        for n in names:
-            W = None
-            out[n] = []
-            for c in allowed[n]:
-                k = f"{n}|{_label(c)}"
-                if k not in cached:
-                    W = ctx.weight(n) if W is None else W
-                    if c[0] == "int":
-                        cached[k] = candidate_error(W, c[1], c[2], ctx.run.symmetric, A.get(n), B.get(n))
-                    else:
-                        cached[k] = self._binary_error(ctx, proxy, W, spec(n, c), A.get(n), B.get(n))
-                out[n].append(cached[k])
+            B = self._curvature(ctx, names) if B is None else B
+            for n in names:
+                W = None
+                for c in allowed[n]:
+                    k = f"{n}|{_label(c)}"
+                    if k not in rows:
+                        W = ctx.weight(n).float() if W is None else W
+                        rows[k] = row_errors(self._proxy_weight(ctx, proxy, n, c, spec, W, A.get(n)) - W, A.get(n))
+        B = B if B is not None else self._curvature(ctx, names)
         if o.cache:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
-            torch.save(cached, tmp)
+            torch.save({"rows": rows, "B": B}, tmp)
             tmp.replace(path)
-        return out
+        return {n: [rows[f"{n}|{_label(c)}"] for c in allowed[n]] for n in names}, B, proxy
+
+    def _curvature(self, ctx, names, weights=None) -> dict:
+        o = self.options
+        if not self.uses_curvature:
+            return {}
+        return output_curvature(ctx.model_folder, ctx.calibration_ids, names, ctx.device, o.curvature_samples,
+                                o.fisher, weights=weights)
+
+    def _proxy_weight(self, ctx, proxy, n, c, spec, W=None, A=None) -> torch.Tensor:
+        """Module n's weight under candidate c's fast proxy: RTN for a grid, a short fit
+        (weighted by the Gram diagonal A when known) for a binary factorisation."""
+        W = ctx.weight(n).float() if W is None else W
+        if c[0] == "int":
+            return rtn_weight(W, c[1], c[2], ctx.run.symmetric)
+        s = spec(n, c)
+        H = torch.diag(A.float()) if A is not None else None      # only the Gram diagonal is known here
+        return proxy.project(W, H, s, ctx.formats[s.format]).dequantize(torch.float32)
 
     @staticmethod
     def _projector_options(ctx):
@@ -262,12 +283,6 @@ class AutoBit(Planner):
         if hasattr(proj.options, "iters"):
             proj.options = attrs.evolve(proj.options, iters=self.options.binary_iters)
         return proj
-
-    @staticmethod
-    def _binary_error(ctx, proxy, W, s, A, B) -> float:
-        H = torch.diag(A.float()) if A is not None else None      # only the Gram diagonal is known here
-        Wq = proxy.project(W, H, s, ctx.formats[s.format]).dequantize(torch.float32)
-        return weighted_error(Wq - W, A, B)
 
     def _budget(self, ctx, total):
         run = ctx.run
