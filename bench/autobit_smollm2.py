@@ -3,7 +3,8 @@ nearest uniform settings of no more bits and against the naive (Frobenius) error
 Same protocol as layerwise_smollm2.py, on the default (asymmetric) grid unless --sym.
 "conditional" is the GPTQ-aware model (GPTQ's conditional input variances and the output
 curvature diagonal; the default with GPTQ; "-true-fisher": the curvature from tokens drawn from
-the model instead of the data's next tokens), "activation" the diagonal one (input Gram diagonal
+the model instead of the data's next tokens; "-2pass": re-planned with the curvature measured at the
+first plan's RTN weights), "activation" the diagonal one (input Gram diagonal
 and output curvature diagonal); "-no-curvature" drops the curvature. The nearest uniform settings of no more bits:
 asymmetric 2b g32 (2.5625 bpw) at 3.0 and 2b g64 (2.28) at 2.5; symmetric 2b g32 (2.5) at both.
 Prints one JSON line per run and one JSON object."""
@@ -22,6 +23,9 @@ RUNS = [
     ("autobit-conditional@3.0", ["--planner", "autobit", "--target-bpw", "3.0", "--option", "autobit.error=\"conditional\""]),
     ("autobit-conditional-true-fisher@3.0", ["--planner", "autobit", "--target-bpw", "3.0", "--option",
                                              "autobit.error=\"conditional\"", "--option", "autobit.fisher=\"true\""]),
+    ("autobit-conditional-true-fisher-2pass@3.0", ["--planner", "autobit", "--target-bpw", "3.0", "--option",
+                                                   "autobit.error=\"conditional\"", "--option", "autobit.fisher=\"true\"",
+                                                   "--option", "autobit.passes=2"]),
     ("autobit-frobenius@3.0", ["--planner", "autobit", "--target-bpw", "3.0", "--option", "autobit.error=\"frobenius\""]),
     ("uniform 3b channel", ["--bits", "3", "--group-size", "channel"]),   # 3.02-3.03 bpw: over 3.0
     ("uniform 2b g32", ["--bits", "2", "--group-size", "32"]),            # nearest uniform <= 3.0 (and <= 2.5 symmetric)
@@ -33,6 +37,9 @@ RUNS = [
                                               "autobit.error=\"conditional\"", "--option", "autobit.curvature=false"]),
     ("autobit-conditional-true-fisher@2.5", ["--planner", "autobit", "--target-bpw", "2.5", "--option",
                                              "autobit.error=\"conditional\"", "--option", "autobit.fisher=\"true\""]),
+    ("autobit-conditional-true-fisher-2pass@2.5", ["--planner", "autobit", "--target-bpw", "2.5", "--option",
+                                                   "autobit.error=\"conditional\"", "--option", "autobit.fisher=\"true\"",
+                                                   "--option", "autobit.passes=2"]),
     ("autobit-frobenius@2.5", ["--planner", "autobit", "--target-bpw", "2.5", "--option", "autobit.error=\"frobenius\""]),
 ]
 
