@@ -59,7 +59,7 @@ class AutoBitOptions:
     error: str = attrs.field(default="auto", validator=one_of("auto", "activation", "conditional", "frobenius"))
     curvature: bool = attrs.field(default=True, validator=boolean)
     curvature_samples: int = attrs.field(default=8, validator=in_range(1, 4096))
-    fisher: str = attrs.field(default="empirical", validator=one_of("empirical", "true"))
+    fisher: str = attrs.field(default="true", validator=one_of("empirical", "true"))
     passes: int = attrs.field(default=1, validator=in_range(1, 4))
     tie: bool = attrs.field(default=True, validator=boolean)
     overrides: dict = attrs.field(factory=dict, validator=_overrides)
