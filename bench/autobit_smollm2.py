@@ -2,10 +2,10 @@
 nearest uniform settings of no more bits and against the naive (Frobenius) error model.
 Same protocol as layerwise_smollm2.py, on the default (asymmetric) grid unless --sym.
 "conditional" is the GPTQ-aware model (GPTQ's conditional input variances and the output
-curvature diagonal; the default with GPTQ; "-true-fisher": the curvature from tokens drawn from
-the model instead of the data's next tokens; "-2pass": re-planned with the curvature measured at the
-first plan's RTN weights), "activation" the diagonal one (input Gram diagonal
-and output curvature diagonal); "-no-curvature" drops the curvature. The nearest uniform settings of no more bits:
+curvature diagonal from the true Fisher: the default with GPTQ), "activation" the diagonal one
+(input Gram diagonal and output curvature); "-empirical-fisher": the curvature from the data's
+next tokens instead of tokens drawn from the model; "-2pass": re-planned with the curvature
+measured at the first plan's RTN weights; "-no-curvature" drops the curvature. The nearest uniform settings of no more bits:
 asymmetric 2b g32 (2.5625 bpw) at 3.0 and 2b g64 (2.28) at 2.5; symmetric 2b g32 (2.5) at both.
 Prints one JSON line per run and one JSON object."""
 from __future__ import annotations
@@ -15,32 +15,34 @@ import json
 
 from common import quantize_and_measure
 
+def _ab(budget, *options):
+    """An AutoBit run at ``budget`` bpw with the given autobit options (key=value, JSON values)."""
+    flags = ["--planner", "autobit", "--target-bpw", budget]
+    for o in options:
+        flags += ["--option", f"autobit.{o}"]
+    return flags
+
+
+COND, ACT, FROB, EMP = 'error="conditional"', 'error="activation"', 'error="frobenius"', 'fisher="empirical"'
 RUNS = [
     # budget 3.0 bpw
-    ("autobit-activation@3.0", ["--planner", "autobit", "--target-bpw", "3.0", "--option", "autobit.error=\"activation\""]),
-    ("autobit-activation-no-curvature@3.0", ["--planner", "autobit", "--target-bpw", "3.0", "--option",
-                                             "autobit.error=\"activation\"", "--option", "autobit.curvature=false"]),
-    ("autobit-conditional@3.0", ["--planner", "autobit", "--target-bpw", "3.0", "--option", "autobit.error=\"conditional\""]),
-    ("autobit-conditional-true-fisher@3.0", ["--planner", "autobit", "--target-bpw", "3.0", "--option",
-                                             "autobit.error=\"conditional\"", "--option", "autobit.fisher=\"true\""]),
-    ("autobit-conditional-true-fisher-2pass@3.0", ["--planner", "autobit", "--target-bpw", "3.0", "--option",
-                                                   "autobit.error=\"conditional\"", "--option", "autobit.fisher=\"true\"",
-                                                   "--option", "autobit.passes=2"]),
-    ("autobit-frobenius@3.0", ["--planner", "autobit", "--target-bpw", "3.0", "--option", "autobit.error=\"frobenius\""]),
+    ("autobit-conditional@3.0", _ab("3.0", COND)),
+    ("autobit-conditional-empirical-fisher@3.0", _ab("3.0", COND, EMP)),
+    ("autobit-conditional-2pass@3.0", _ab("3.0", COND, "passes=2")),
+    ("autobit-activation-empirical-fisher@3.0", _ab("3.0", ACT, EMP)),
+    ("autobit-activation-no-curvature@3.0", _ab("3.0", ACT, "curvature=false")),
+    ("autobit-frobenius@3.0", _ab("3.0", FROB)),
     ("uniform 3b channel", ["--bits", "3", "--group-size", "channel"]),   # 3.02-3.03 bpw: over 3.0
     ("uniform 2b g32", ["--bits", "2", "--group-size", "32"]),            # nearest uniform <= 3.0 (and <= 2.5 symmetric)
     ("uniform 2b g64", ["--bits", "2", "--group-size", "64"]),            # nearest uniform <= 2.5 asymmetric
     # budget 2.5 bpw
-    ("autobit-activation@2.5", ["--planner", "autobit", "--target-bpw", "2.5", "--option", "autobit.error=\"activation\""]),
-    ("autobit-conditional@2.5", ["--planner", "autobit", "--target-bpw", "2.5", "--option", "autobit.error=\"conditional\""]),
-    ("autobit-conditional-no-curvature@2.5", ["--planner", "autobit", "--target-bpw", "2.5", "--option",
-                                              "autobit.error=\"conditional\"", "--option", "autobit.curvature=false"]),
-    ("autobit-conditional-true-fisher@2.5", ["--planner", "autobit", "--target-bpw", "2.5", "--option",
-                                             "autobit.error=\"conditional\"", "--option", "autobit.fisher=\"true\""]),
-    ("autobit-conditional-true-fisher-2pass@2.5", ["--planner", "autobit", "--target-bpw", "2.5", "--option",
-                                                   "autobit.error=\"conditional\"", "--option", "autobit.fisher=\"true\"",
-                                                   "--option", "autobit.passes=2"]),
-    ("autobit-frobenius@2.5", ["--planner", "autobit", "--target-bpw", "2.5", "--option", "autobit.error=\"frobenius\""]),
+    ("autobit-conditional@2.5", _ab("2.5", COND)),
+    ("autobit-conditional-empirical-fisher@2.5", _ab("2.5", COND, EMP)),
+    ("autobit-conditional-2pass@2.5", _ab("2.5", COND, "passes=2")),
+    ("autobit-conditional-empirical-fisher-32-samples@2.5", _ab("2.5", COND, EMP, "curvature_samples=32")),
+    ("autobit-conditional-no-curvature@2.5", _ab("2.5", COND, "curvature=false")),
+    ("autobit-activation-empirical-fisher@2.5", _ab("2.5", ACT, EMP)),
+    ("autobit-frobenius@2.5", _ab("2.5", FROB)),
 ]
 
 
