@@ -4,8 +4,8 @@ Same protocol as layerwise_smollm2.py, on the default (asymmetric) grid unless -
 "conditional" is the GPTQ-aware model (GPTQ's conditional input variances and the output
 curvature diagonal from the true Fisher: the default with GPTQ), "activation" the diagonal one
 (input Gram diagonal and output curvature); "-empirical-fisher": the curvature from the data's
-next tokens instead of tokens drawn from the model; "-2pass": re-planned with the curvature
-measured at the first plan's RTN weights; "-no-curvature" drops the curvature. The nearest uniform settings of no more bits:
+next tokens instead of tokens drawn from the model; "-no-curvature" drops the curvature.
+The nearest uniform settings of no more bits:
 asymmetric 2b g32 (2.5625 bpw) at 3.0 and 2b g64 (2.28) at 2.5; symmetric 2b g32 (2.5) at both.
 Prints one JSON line per run and one JSON object."""
 from __future__ import annotations
@@ -28,7 +28,6 @@ RUNS = [
     # budget 3.0 bpw
     ("autobit-conditional@3.0", _ab("3.0", COND)),
     ("autobit-conditional-empirical-fisher@3.0", _ab("3.0", COND, EMP)),
-    ("autobit-conditional-2pass@3.0", _ab("3.0", COND, "passes=2")),
     ("autobit-activation-empirical-fisher@3.0", _ab("3.0", ACT, EMP)),
     ("autobit-activation-no-curvature@3.0", _ab("3.0", ACT, "curvature=false")),
     ("autobit-frobenius@3.0", _ab("3.0", FROB)),
@@ -38,7 +37,6 @@ RUNS = [
     # budget 2.5 bpw
     ("autobit-conditional@2.5", _ab("2.5", COND)),
     ("autobit-conditional-empirical-fisher@2.5", _ab("2.5", COND, EMP)),
-    ("autobit-conditional-2pass@2.5", _ab("2.5", COND, "passes=2")),
     ("autobit-conditional-empirical-fisher-32-samples@2.5", _ab("2.5", COND, EMP, "curvature_samples=32")),
     ("autobit-conditional-no-curvature@2.5", _ab("2.5", COND, "curvature=false")),
     ("autobit-activation-empirical-fisher@2.5", _ab("2.5", ACT, EMP)),

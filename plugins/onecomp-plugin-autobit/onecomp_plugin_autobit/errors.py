@@ -57,22 +57,18 @@ def conditional_variances(H: torch.Tensor, damp: float = 0.01, act_order: bool =
 
 
 def output_curvature(folder, ids: torch.Tensor, names: list[str], device="cpu", max_samples: int = 8,
-                     fisher: str = "empirical", seed: int = 0, weights: dict | None = None) -> dict:
+                     fisher: str = "empirical", seed: int = 0) -> dict:
     """B_ii = mean over tokens of (dL/dy_i)^2 for the output y of each named linear (the
     diagonal of the output factor of the Kronecker-factored Fisher), L the cross-entropy of
     the calibration samples against
       fisher="empirical": their own next tokens (the empirical Fisher), or
       fisher="true": tokens drawn from the model's own next-token distribution (one draw per
         position: an unbiased estimate of the Fisher, the Hessian of KL(p_FP || p_Q) at Q = FP).
-    ``weights`` (name -> tensor) replaces those linears' weights first: the curvature at that
-    point (AutoBit's second pass: at the first plan's quantized weights). Loads the full FP model
-    once; only activations get gradients (the embeddings are the leaf), so no parameter
-    gradients are stored."""
+    Loads the full FP model once; only activations get gradients (the embeddings are the
+    leaf), so no parameter gradients are stored."""
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).to(device)
     model.eval().requires_grad_(False)
-    for n, w in (weights or {}).items():
-        model.get_submodule(n).weight.data.copy_(w)
     sums: dict = {n: None for n in names}
     counts = {n: 0 for n in names}
 

@@ -60,7 +60,6 @@ class AutoBitOptions:
     curvature: bool = attrs.field(default=True, validator=boolean)
     curvature_samples: int = attrs.field(default=8, validator=in_range(1, 4096))
     fisher: str = attrs.field(default="true", validator=one_of("empirical", "true"))
-    passes: int = attrs.field(default=1, validator=in_range(1, 4))
     tie: bool = attrs.field(default=True, validator=boolean)
     overrides: dict = attrs.field(factory=dict, validator=_overrides)
     time_limit_s: float = attrs.field(default=60.0, validator=in_range(0.1, 3600))
@@ -137,17 +136,10 @@ class AutoBit(Planner):
             raise OnecompError(f"budget infeasible: {budget / total:.4f} bits per weight is below the smallest "
                                f"feasible {floor / total:.4f} with these candidates; raise the budget or add "
                                f"smaller candidates (autobit.bits / autobit.groups / autobit.binary)")
-        rows, B, proxy = self._errors(ctx, names, allowed, spec)
-        passes = []
-        for p in range(o.passes if self.uses_curvature else 1):
-            if p:      # later passes: the curvature at the previous plan's proxy-quantized weights
-                Wq = {n: self._proxy_weight(ctx, proxy, n, allowed[unit[0]][c], spec)
-                      for unit, c in zip(units, choice) for n in unit}
-                B = self._curvature(ctx, names, Wq)
-            E = [[sum(total_error(rows[n][i], B.get(n)) for n in unit) for i in range(len(allowed[unit[0]]))]
-                 for unit in units]
-            choice, solver, secs = solve(E, M, budget, o.time_limit_s)
-            passes.append({"predicted_error": sum(E[i][c] for i, c in enumerate(choice)), "solve_seconds": secs})
+        rows, B = self._errors(ctx, names, allowed, spec)
+        E = [[sum(total_error(rows[n][i], B.get(n)) for n in unit) for i in range(len(allowed[unit[0]]))]
+             for unit in units]
+        choice, solver, secs = solve(E, M, budget, o.time_limit_s)
         specs = {}
         for unit, c in zip(units, choice):
             for n in unit:
@@ -157,7 +149,7 @@ class AutoBit(Planner):
         info = {"budget_bits": budget, "budget_bpw": budget / total, "planned_bpw": used / total,
                 "smallest_feasible_bpw": floor / total, "predicted_error": sum(E[i][c] for i, c in enumerate(choice)),
                 "error_model": o.error + ("+curvature" if self.uses_curvature else ""), "solver": solver,
-                "solve_seconds": sum(p["solve_seconds"] for p in passes), "passes": passes, "units": len(units),
+                "solve_seconds": secs, "units": len(units),
                 "candidates": [list(c[1:]) if c[0] == "int" else {o.binary_format: c[1]} for c in cands],
                 **budget_info}
         plan = Plan(specs, planner=self.name, info=info)
@@ -202,10 +194,9 @@ class AutoBit(Planner):
         return units
 
     def _errors(self, ctx, names, allowed, spec):
-        """-> (rows, B, proxy): rows[n][i] the (out,) row errors sum_j dW_ij^2 A_jj of module n's
-        i-th candidate under its proxy, B[n] the output curvature ({} when off), proxy the
-        binary-factor projector (None without binary candidates). Cached per model, error model
-        and calibration."""
+        """-> (rows, B): rows[n][i] the (out,) row errors sum_j dW_ij^2 A_jj of module n's i-th
+        candidate under its proxy, B[n] the output curvature ({} when off). Cached per model,
+        error model and calibration."""
         o = self.options
         binary = any(c[0] == "bin" for n in names for c in allowed[n])
         proxy = self._binary_proxy(ctx) if binary else None
@@ -234,19 +225,18 @@ class AutoBit(Planner):
             tmp = path.with_suffix(".tmp")
             torch.save({"rows": rows, "B": B}, tmp)
             tmp.replace(path)
-        return {n: [rows[f"{n}|{_label(c)}"] for c in allowed[n]] for n in names}, B, proxy
+        return {n: [rows[f"{n}|{_label(c)}"] for c in allowed[n]] for n in names}, B
 
-    def _curvature(self, ctx, names, weights=None) -> dict:
+    def _curvature(self, ctx, names) -> dict:
         o = self.options
         if not self.uses_curvature:
             return {}
-        return output_curvature(ctx.model_folder, ctx.calibration_ids, names, ctx.device, o.curvature_samples,
-                                o.fisher, weights=weights)
+        return output_curvature(ctx.model_folder, ctx.calibration_ids, names, ctx.device, o.curvature_samples, o.fisher)
 
-    def _proxy_weight(self, ctx, proxy, n, c, spec, W=None, A=None) -> torch.Tensor:
+    @staticmethod
+    def _proxy_weight(ctx, proxy, n, c, spec, W, A=None) -> torch.Tensor:
         """Module n's weight under candidate c's fast proxy: RTN for a grid, a short fit
         (weighted by the Gram diagonal A when known) for a binary factorisation."""
-        W = ctx.weight(n).float() if W is None else W
         if c[0] == "int":
             return rtn_weight(W, c[1], c[2], ctx.run.symmetric)
         s = spec(n, c)
