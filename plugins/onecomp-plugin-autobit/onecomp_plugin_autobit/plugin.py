@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import attrs
 import torch
@@ -64,6 +66,7 @@ class AutoBitOptions:
     overrides: dict = attrs.field(factory=dict, validator=_overrides)
     time_limit_s: float = attrs.field(default=60.0, validator=in_range(0.1, 3600))
     cache: bool = attrs.field(default=True, validator=boolean)
+    workers: int = attrs.field(default=0, validator=in_range(0, 256))
     binary: tuple = attrs.field(default=(), converter=tuple, validator=_bpw_list)
     binary_format: str = attrs.field(default="dbf")
     binary_iters: int = attrs.field(default=8, validator=in_range(0, 10_000))
@@ -212,13 +215,18 @@ class AutoBit(Planner):
             A = ctx.input_diag() if o.error == "activation" else \
                 self._conditional(ctx, *gptq_order) if o.error == "conditional" else {}
             B = self._curvature(ctx, names) if B is None else B
-            for n in names:
-                W = None
-                for c in allowed[n]:
-                    k = f"{n}|{_label(c)}"
-                    if k not in rows:
-                        W = ctx.weight(n).float() if W is None else W
-                        rows[k] = row_errors(self._proxy_weight(ctx, proxy, n, c, spec, W, A.get(n)) - W, A.get(n))
+            workers = o.workers or min(8, os.cpu_count() or 1)
+            with ThreadPoolExecutor(workers) as pool:      # torch releases the GIL inside its ops
+                for n in names:
+                    todo = [c for c in allowed[n] if f"{n}|{_label(c)}" not in rows]
+                    if not todo:
+                        continue
+                    W, a = ctx.weight(n).float(), A.get(n)     # one module's weight in memory at a time
+
+                    def err(c, n=n, W=W, a=a):
+                        return row_errors(self._proxy_weight(ctx, proxy, n, c, spec, W, a) - W, a)
+                    for c, r in zip(todo, pool.map(err, todo)):     # the module's candidates in parallel
+                        rows[f"{n}|{_label(c)}"] = r
         B = B if B is not None else self._curvature(ctx, names)
         if o.cache:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -241,3 +241,13 @@ def test_true_fisher_curvature_plans_inside_the_budget(tiny_llama, tmp_path):
     for fisher in ("true", "empirical"):
         rep = quantize(tiny_llama, tmp_path / fisher, target_bpw=3.0, options={"autobit": {"fisher": fisher}})
         assert rep["summary"]["bpw"] <= 3.0 + 1e-9
+
+
+def test_parallel_candidate_errors_equal_serial(tiny_llama, tmp_path):
+    """Candidate errors computed by several threads give the same errors and plan as one thread
+    (grid and binary-factor candidates)."""
+    opts = {"bits": [2, 4], "groups": [32, -1], "binary": [1.5], "binary_iters": 2, "cache": False}
+    one = quantize(tiny_llama, tmp_path / "a", target_bpw=2.5, options={"autobit": {**opts, "workers": 1}})
+    many = quantize(tiny_llama, tmp_path / "b", target_bpw=2.5, options={"autobit": {**opts, "workers": 3}})
+    assert many["plan"] == one["plan"]
+    assert many["plan_info"]["predicted_error"] == pytest.approx(one["plan_info"]["predicted_error"], rel=1e-6)
