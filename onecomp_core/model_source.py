@@ -63,12 +63,20 @@ def _download(repo_id: str) -> Path:
     return Path(path)
 
 
+def gguf_cache_dir(path: Path) -> Path:
+    """Where the conversion of a GGUF file is cached: keyed by the file's content, so copies of
+    one file (a reinstalled package, a second virtual environment) share one converted folder."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 23), b""):
+            h.update(chunk)
+    return cache_root() / "models" / f"{path.stem}-{h.hexdigest()[:12]}"
+
+
 def convert_gguf(path: Path) -> Path:
     """Dequantize a GGUF file with transformers' loader into a safetensors folder, cached by the
-    file's identity; the folder appears complete or not at all."""
-    st = path.stat()
-    key = hashlib.sha1(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    dest = cache_root() / "models" / f"{path.stem}-{key}"
+    file's content; the folder appears complete or not at all."""
+    dest = gguf_cache_dir(path)
     if (dest / "config.json").is_file():
         return dest
     import torch
