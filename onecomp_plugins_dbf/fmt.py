@@ -120,6 +120,9 @@ class DBFFormat(Format):
     def bits_per_weight(self, spec, shape) -> float:
         return bits_per_weight(*shape, self.rank(spec, shape), self.envelope_rank(spec))
 
+    def stored_bits_per_weight(self, spec, shape, qt) -> float:
+        return bits_per_weight(*shape, qt.k, qt.l)
+
     def to_tensors(self, prefix, t: BinaryFactorTensor, dtype):
         out, cols = t.shape
         return {f"{prefix}.sign_a": pack_signs(t.Sa), f"{prefix}.sign_b": pack_signs(t.Sb),

@@ -25,11 +25,17 @@ class BinaryFactorOptions:
     seed: int = attrs.field(default=0, validator=in_range(0, 2**31))
 
 
+def input_weighting(o: BinaryFactorOptions, H):
+    """What the fit weights the inputs by: None (Frobenius), diag(H) or H, per ``activation``."""
+    if H is None or o.activation == "none":
+        return None
+    return H.float().clone() if o.activation == "full" else torch.diagonal(H).float().clone()
+
+
 def project_binary_factors(o: BinaryFactorOptions, fmt, W, H, spec):
     """Sinkhorn (optional) -> SVD/SVID start -> ADMM, activation-aware with H or diag(H)."""
     k, l = fmt.rank(spec, tuple(W.shape)), fmt.envelope_rank(spec)
-    d = None if H is None or o.activation == "none" else \
-        H.float().clone() if o.activation == "full" else torch.diagonal(H).float().clone()
+    d = input_weighting(o, H)
     Wf, r, c = (W.float(), None, None)
     if o.sinkhorn != "none":
         Wf, r, c = balance(W, 1 if o.sinkhorn == "l1" else 2, o.sinkhorn_iters)

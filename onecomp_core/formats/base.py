@@ -15,6 +15,9 @@ class Format:
 
     - ``check(spec, shape)``: raise :class:`OnecompError` for a spec the format cannot hold
     - ``bits_per_weight(spec, shape)``: every stored bit (codes and metadata) / weights
+    - ``stored_bits_per_weight(spec, shape, qt)``: the same for a tensor the projector produced
+      (defaults to ``bits_per_weight``; formats whose projector may pick a smaller structure
+      per module, like ``mdbf``'s envelope rank, count what ``qt`` holds)
     - ``to_tensors(prefix, qt, dtype)`` / ``from_tensors(prefix, tensors, meta)``: disk layout
     - ``module(qt, bias)``: an ``nn.Module`` that runs the quantized layer (inference)
     - ``checkpoint_config(entries)``: what ``config.json`` says about the quantization (or None)
@@ -33,6 +36,9 @@ class Format:
 
     def bits_per_weight(self, spec: LayerSpec, shape: tuple[int, int]) -> float:
         raise NotImplementedError
+
+    def stored_bits_per_weight(self, spec: LayerSpec, shape: tuple[int, int], qt) -> float:
+        return self.bits_per_weight(spec, shape)
 
     def to_tensors(self, prefix: str, qt, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         raise NotImplementedError

@@ -1,14 +1,18 @@
 """The ``mdbf`` format and projector: DBF's code with rank-l envelopes,
 W ~ (S_a o (A P^T)) (S_b o (B G^T))^T. The envelope rank is the projector's and format's option
-``l`` (set with --option mdbf.l=3); the factor rank k follows from the bpw target and l."""
+``l`` (set with --option mdbf.l=3); the factor rank k follows from the bpw target and l. With
+``envelope: best`` (default) every envelope rank 1..l is fitted at the module's bpw and the one
+with the least weighted error kept (a rank-1 envelope leaves room for a larger k); ``fixed``
+fits l only. Each module stores its own (k, l), so the checkpoint is self-describing."""
 from __future__ import annotations
 
 import attrs
 
 from onecomp_core.hookspecs import hookimpl
-from onecomp_core.validators import in_range
+from onecomp_core.validators import in_range, one_of
+from onecomp_plugins_dbf.factors import Metric
 from onecomp_plugins_dbf.fmt import DBFFormat
-from onecomp_plugins_dbf.plugin import DBF, BinaryFactorOptions
+from onecomp_plugins_dbf.plugin import DBF, BinaryFactorOptions, input_weighting, project_binary_factors
 
 
 @attrs.define(frozen=True)
@@ -28,6 +32,7 @@ class MDBFFormat(DBFFormat):
 @attrs.define(frozen=True)
 class MDBFOptions(BinaryFactorOptions):
     l: int = attrs.field(default=2, validator=in_range(1, 64))   # the same table configures the format
+    envelope: str = attrs.field(default="best", validator=one_of("best", "fixed"))
 
 
 class MDBF(DBF):
@@ -35,8 +40,24 @@ class MDBF(DBF):
     Options = MDBFOptions
 
     def project(self, W, H, spec, fmt):
-        spec = attrs.evolve(spec, options={**spec.options, "l": spec.options.get("l", self.options.l)})
-        return super().project(W, H, spec, fmt)
+        if not isinstance(fmt, DBFFormat):
+            raise ValueError(f"projector {self.name!r} writes binary-factor formats, not {spec.format!r}")
+        top = int(spec.options.get("l", self.options.l))
+        ranks = range(1, top + 1) if self.options.envelope == "best" else [top]
+        metric = Metric.of(input_weighting(self.options, H), W.shape[1], W.device, self.options.damp)
+        best = None
+        for l in ranks:
+            s = attrs.evolve(spec, options={**spec.options, "l": l})
+            if fmt.rank(s, tuple(W.shape)) < 1:
+                continue
+            t = project_binary_factors(self.options, fmt, W, H, s)
+            err = metric.error(W.float(), *t.factors())          # ||(W - L R^T) H^1/2||^2
+            if best is None or err < best[0]:
+                best = (err, t)
+        if best is None:
+            fmt.fail(f"{spec.options.get('bpw')} bits per weight leave no room for envelope rank {top} of "
+                     f"{spec.name} {tuple(W.shape)}; raise --target-bpw or lower mdbf.l")
+        return best[1]
 
 
 @hookimpl

@@ -38,3 +38,29 @@ def test_zero_extra_envelope_columns_store_the_dbf_layer_exactly():
     torch.testing.assert_close(back.dequantize(), a.dequantize())
     x = torch.randn(5, 40)
     torch.testing.assert_close(fmt.module(back)(x), x @ a.dequantize().T, rtol=1e-4, atol=1e-4)
+
+
+def test_best_envelope_rank_keeps_the_least_weighted_error_and_counts_its_bits():
+    from onecomp_plugins_dbf.factors import Metric, bits_per_weight
+    torch.manual_seed(1)
+    W = torch.randn(64, 96) @ torch.diag(torch.linspace(2, 0.1, 96))
+    X = torch.randn(300, 96)
+    H = X.T @ X / 300
+    spec = LayerSpec(name="m", format="mdbf", options={"bpw": 2.0})
+    fmt = MDBFFormat(MDBFFormat.Options(l=3))
+    m = Metric.of(H, 96, W.device)
+    fixed = {l: MDBF(MDBF.Options(l=l, envelope="fixed", iters=10)).project(W, H, spec, fmt) for l in (1, 2, 3)}
+    errs = {l: m.error(W, *t.factors()) for l, t in fixed.items()}
+    best = MDBF(MDBF.Options(l=3, iters=10)).project(W, H, spec, fmt)
+    chosen = min(errs, key=errs.get)
+    assert best.l == chosen and m.error(W, *best.factors()) == errs[chosen]
+    assert fmt.stored_bits_per_weight(spec, (64, 96), best) == bits_per_weight(64, 96, best.k, best.l) <= 2.0
+    assert len(set(errs.values())) == 3        # the candidates really differ
+
+
+def test_no_room_for_any_envelope_rank_is_a_clear_error():
+    import pytest
+    from onecomp_core.errors import OnecompError
+    spec = LayerSpec(name="m", format="mdbf", options={"bpw": 0.3})
+    with pytest.raises(OnecompError, match="no room for envelope rank 2"):
+        MDBF().project(torch.randn(8, 8), None, spec, MDBFFormat())
