@@ -176,6 +176,10 @@ def test_end_to_end(tiny_llama, tmp_path, fmt, corr):
     model = onecomp_core.load_quantized(tmp_path / "q")
     with torch.no_grad():
         assert torch.isfinite(model(torch.randint(3, 300, (1, 12))).logits).all()
+    # the report counts what each loaded module holds (mdbf may store l = 1 in some modules)
+    held = {n: bits_per_weight(m.out_features, m.in_features, m.sign_a.shape[1], m.A.shape[1])
+            for n, m in model.named_modules() if isinstance(m, BinaryFactorLinear)}
+    assert held and held == {n: rep["layers"][n]["bpw"] for n in held}
 
 
 def test_format_and_projector_share_their_option_table():
