@@ -1,9 +1,9 @@
 """The ``mdbf`` format and projector: DBF's code with rank-l envelopes,
 W ~ (S_a o (A P^T)) (S_b o (B G^T))^T. The envelope rank is the projector's and format's option
-``l`` (set with --option mdbf.l=3); the factor rank k follows from the bpw target and l. With
-``envelope: best`` (default) every envelope rank 1..l is fitted at the module's bpw and the one
-with the least weighted error kept (a rank-1 envelope leaves room for a larger k); ``fixed``
-fits l only. Each module stores its own (k, l), so the checkpoint is self-describing."""
+``l`` (set with --option mdbf.l=3); the factor rank k follows from the bpw target and l.
+``envelope: fixed`` (default) fits l only; with ``best`` every envelope rank 1..l is fitted at
+the module's bpw and the one with the least weighted error kept (a rank-1 envelope leaves room
+for a larger k). Each module stores its own (k, l), so the checkpoint is self-describing."""
 from __future__ import annotations
 
 import attrs
@@ -32,7 +32,7 @@ class MDBFFormat(DBFFormat):
 @attrs.define(frozen=True)
 class MDBFOptions(BinaryFactorOptions):
     l: int = attrs.field(default=2, validator=in_range(1, 64))   # the same table configures the format
-    envelope: str = attrs.field(default="best", validator=one_of("best", "fixed"))
+    envelope: str = attrs.field(default="fixed", validator=one_of("best", "fixed"))
 
 
 class MDBF(DBF):

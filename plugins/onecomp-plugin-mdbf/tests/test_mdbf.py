@@ -51,7 +51,7 @@ def test_best_envelope_rank_keeps_the_least_weighted_error_and_counts_its_bits()
     m = Metric.of(H, 96, W.device)
     fixed = {l: MDBF(MDBF.Options(l=l, envelope="fixed", iters=10)).project(W, H, spec, fmt) for l in (1, 2, 3)}
     errs = {l: m.error(W, *t.factors()) for l, t in fixed.items()}
-    best = MDBF(MDBF.Options(l=3, iters=10)).project(W, H, spec, fmt)
+    best = MDBF(MDBF.Options(l=3, envelope="best", iters=10)).project(W, H, spec, fmt)
     chosen = min(errs, key=errs.get)
     assert best.l == chosen and m.error(W, *best.factors()) == errs[chosen]
     assert fmt.stored_bits_per_weight(spec, (64, 96), best) == bits_per_weight(64, 96, best.k, best.l) <= 2.0
@@ -63,4 +63,4 @@ def test_no_room_for_any_envelope_rank_is_a_clear_error():
     from onecomp_core.errors import OnecompError
     spec = LayerSpec(name="m", format="mdbf", options={"bpw": 0.3})
     with pytest.raises(OnecompError, match="no room for envelope rank 2"):
-        MDBF().project(torch.randn(8, 8), None, spec, MDBFFormat())
+        MDBF(MDBF.Options(envelope="best")).project(torch.randn(8, 8), None, spec, MDBFFormat())
