@@ -1,7 +1,9 @@
 """1-2 bit formats on SmolLM2-135M, layer-wise only: DBF and MDBF at 1.0, 1.5 and 2.0 bpw
 against uniform 2-bit GPTQ at every group size (all of which store more than 2.0 bpw;
 asymmetric grid unless --sym), and
-AutoBit mixing DBF and GPTQ modules at 2.0 bpw. `--correction qep` puts QEP in front.
+AutoBit mixing DBF and GPTQ modules at 2.0 bpw. `--correction qep` puts QEP in front;
+`--calibration FILE` calibrates on another text, e.g. a replicate on the second half of the
+corpus: `tail -n +6256 data/enwiki_calib.txt > calib_b.txt` (from the article 'Andorra' on).
 Same protocol as layerwise_smollm2.py (32 x 512 calibration tokens, enwiki_eval). Prints one
 JSON line per run, then one JSON object with all of them."""
 from __future__ import annotations
@@ -34,18 +36,22 @@ def main():
     ap.add_argument("--only", default="", help="comma list of run labels to keep")
     ap.add_argument("--sym", action="store_true", help="uniform GPTQ rows on the symmetric grid (the first table)")
     ap.add_argument("--correction", default="", help="a layer-wise correction in front of every projector, e.g. qep")
+    ap.add_argument("--calibration", default="",
+                    help="another calibration text (e.g. a later part of the same corpus): a replicate")
     a = ap.parse_args()
     extra = ["--correction", a.correction] if a.correction else []
+    if a.calibration:
+        extra += ["--calibration", a.calibration]     # the last --calibration wins
     rows = []
     for label, flags in runs(a.iters, a.sym):
         if a.only and label not in a.only.split(","):
             continue
         r = quantize_and_measure("smollm2-135m", [*flags, *extra], 16384)
-        r["run"] = label + (f"+{a.correction}" if a.correction else "")
+        r["run"] = label + (f"+{a.correction}" if a.correction else "") + (" (other calibration)" if a.calibration else "")
         rows.append(r)
         print(json.dumps(r), flush=True)
     print(json.dumps({"bench": "binary_smollm2", "eval_tokens": 16384, "admm_iters": a.iters,
-                      "correction": a.correction or None, "results": rows}))
+                      "correction": a.correction or None, "calibration": a.calibration or None, "results": rows}))
 
 
 if __name__ == "__main__":
