@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from common import quantize_and_measure
+from common import CALIB, quantize_and_measure
 
 
 def runs(iters: int, sym: bool):
@@ -40,13 +40,11 @@ def main():
                     help="another calibration text (e.g. a later part of the same corpus): a replicate")
     a = ap.parse_args()
     extra = ["--correction", a.correction] if a.correction else []
-    if a.calibration:
-        extra += ["--calibration", a.calibration]     # the last --calibration wins
     rows = []
     for label, flags in runs(a.iters, a.sym):
         if a.only and label not in a.only.split(","):
             continue
-        r = quantize_and_measure("smollm2-135m", [*flags, *extra], 16384)
+        r = quantize_and_measure("smollm2-135m", [*flags, *extra], 16384, a.calibration or CALIB)
         r["run"] = label + (f"+{a.correction}" if a.correction else "") + (" (other calibration)" if a.calibration else "")
         rows.append(r)
         print(json.dumps(r), flush=True)

@@ -14,14 +14,14 @@ CALIB = ROOT / "data" / "enwiki_calib.txt"
 EVAL = ROOT / "data" / "enwiki_eval.txt"
 
 
-def quantize_and_measure(model: str, flags: list[str], eval_tokens: int = 16384) -> dict:
+def quantize_and_measure(model: str, flags: list[str], eval_tokens: int = 16384, calibration: Path = CALIB) -> dict:
     """One `onecomp quantize ... --eval-text` run -> its summary numbers."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "q"
         cfg = Path(tmp) / "c.json"
         cfg.write_text(json.dumps({"eval_tokens": eval_tokens}))
         cmd = [sys.executable, "-m", "onecomp_core.cli", "quantize", model, "--out", str(out),
-               "--calibration", str(CALIB), "--eval-text", str(EVAL), "--config", str(cfg), *flags]
+               "--calibration", str(calibration), "--eval-text", str(EVAL), "--config", str(cfg), *flags]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "ONECOMP_PROGRESS": "0"})
         if proc.returncode != 0:
             return {"flags": flags, "error": proc.stderr.strip().splitlines()[-1:]}
