@@ -121,15 +121,17 @@ def weighted_error(W, L, R, d) -> float:
     return float((E * HE.T).sum())
 
 
-def fit(W: torch.Tensor, k: int, l: int, d: torch.Tensor | None = None, *, iters: int = 40, rho: float = 0.6,
-        polish: int = 4, seed: int = 0, damp: float = 0.01, trace: list | None = None):
+def fit(W: torch.Tensor, k: int, l: int, d: torch.Tensor | None = None, *, iters: int = 40, rho: float = 0.02,
+        rho_end: float = 4.0, polish: int = 4, seed: int = 0, damp: float = 0.01, trace: list | None = None):
     """-> (S_a, A, P, S_b, B, G). ``d`` weights the inputs: None (plain Frobenius), the (in,)
     diagonal of the input Gram H, or the full (in, in) H (damped by ``damp``); either way it is
-    scaled to mean diagonal 1. ``trace`` receives the weighted error of the kept iterate after
-    the SVID start, after every ADMM iteration and after every polish round. An ADMM iteration
-    that would raise the error is rejected and rho doubled; polish rounds are exact
-    least-squares updates of the envelopes with the signs fixed (envelopes.py). The kept
-    objective never increases."""
+    scaled to mean diagonal 1. The ADMM penalty grows geometrically from ``rho`` to ``rho_end``
+    over the iterations (both relative to the Gram scale): a small penalty lets the signs move
+    early, a large one makes the iterates settle on the structure. ADMM iterates are not
+    monotone; the best one is kept. ``trace`` receives the weighted error of the kept iterate
+    after the SVID start, after every ADMM iteration and after every polish round (exact
+    least-squares updates of the envelopes with the signs fixed, envelopes.py), so it never
+    increases."""
     torch.manual_seed(seed)
     W = W.float()
     out, cols = W.shape
@@ -143,47 +145,51 @@ def fit(W: torch.Tensor, k: int, l: int, d: torch.Tensor | None = None, *, iters
         tiny = float(r[-1]) * 0.1 + 1e-8
         L0 = torch.cat([L0, tiny * torch.randn(out, extra, generator=g).to(W.device)], 1)
         R0 = torch.cat([R0, tiny * torch.randn(cols, extra, generator=g).to(W.device)], 1)
-    return _admm(W, m, k, l, svid(L0, l), svid(m.unwhiten(R0), l), iters, rho, polish, trace)
+    return _admm(W, m, k, l, svid(L0, l), svid(m.unwhiten(R0), l), rho_schedule(rho, rho_end, iters),
+                 polish, trace)
 
 
-def _admm(W, m: Metric, k, l, fl, fr, iters, rho, polish, trace):
-    """Alternating ADMM from the structured start (fl, fr), then envelope polish: -> factors."""
+def rho_schedule(rho: float, rho_end: float, iters: int) -> list[float]:
+    """rho_t = rho (rho_end / rho)^(t / (iters - 1)), t = 0 .. iters-1: geometric growth."""
+    if iters <= 1:
+        return [rho] * iters
+    return [rho * (rho_end / rho) ** (t / (iters - 1)) for t in range(iters)]
+
+
+def _admm(W, m: Metric, k, l, fl, fr, rhos, polish, trace):
+    """Alternating ADMM from the structured start (fl, fr) with penalties ``rhos``, keeping the
+    best iterate, then envelope polish: -> factors."""
     ZL, ZR = compose(*fl), compose(*fr)
     UL, UR = torch.zeros_like(ZL), torch.zeros_like(ZR)
     eye = torch.eye(k, device=W.device)
-    err = m.error(W, ZL, ZR)
-    best = (err, fl, fr)
+    best = (m.error(W, ZL, ZR), fl, fr)
     if trace is not None:
-        trace.append(err)
+        trace.append(best[0])
     WH = m.left(W.T).T
-    state = (ZL, ZR, UL, UR, fl, fr)
-    for _ in range(iters):
-        ZL, ZR, UL, UR, fl, fr = state
+    for rho in rhos:
         # L-step: L (R^T H R + rho I) = W H R + rho (Z_L - U_L), then project onto the structure
         gram = ZR.T @ m.left(ZR)
         rho_l = rho * float(torch.diagonal(gram).mean().clamp_min(1e-12))    # rho relative to the Gram scale
         L = torch.linalg.solve(gram + rho_l * eye, (WH @ ZR + rho_l * (ZL - UL)).T).T
         fl = svid(L + UL, l)
-        ZL2 = compose(*fl)
-        UL2 = UL + L - ZL2
+        ZL = compose(*fl)
+        UL = UL + L - ZL
         # R-step: H R (L^T L) + rho R = H W^T L + rho (Z_R - U_R)  (a Sylvester equation)
-        G = ZL2.T @ ZL2
+        G = ZL.T @ ZL
         rho_r = rho * float(torch.diagonal(G).mean().clamp_min(1e-12))
-        R = m.solve_r(G, WH.T @ ZL2 + rho_r * (ZR - UR), rho_r)
+        R = m.solve_r(G, WH.T @ ZL + rho_r * (ZR - UR), rho_r)
         fr = svid(R + UR, l)
-        ZR2 = compose(*fr)
-        UR2 = UR + R - ZR2
-        new = m.error(W, ZL2, ZR2)
-        if not math.isfinite(new):     # diverged: restart from the best iterate, more conservative
+        ZR = compose(*fr)
+        UR = UR + R - ZR
+        new = m.error(W, ZL, ZR)
+        if not math.isfinite(new):     # diverged: go on from the best iterate with fresh duals
             _, fl, fr = best
-            state, rho = (compose(*fl), compose(*fr), torch.zeros_like(UL), torch.zeros_like(UR), fl, fr), rho * 2
-        elif new <= err:               # accept: the kept objective never increases
-            err, state = new, (ZL2, ZR2, UL2, UR2, fl, fr)
-            best = (err, fl, fr)
-        else:                          # reject the step and make the next one more conservative
-            rho *= 2
+            ZL, ZR = compose(*fl), compose(*fr)
+            UL, UR = torch.zeros_like(ZL), torch.zeros_like(ZR)
+        elif new < best[0]:
+            best = (new, fl, fr)
         if trace is not None:
-            trace.append(err)
+            trace.append(best[0])
     err, fl, fr = best
     for _ in range(polish):
         fl, fr, new = polish_envelopes(W, m, fl, fr)

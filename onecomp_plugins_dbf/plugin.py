@@ -16,7 +16,8 @@ from .sinkhorn import balance
 @attrs.define(frozen=True)
 class BinaryFactorOptions:
     iters: int = attrs.field(default=40, validator=in_range(0, 10_000))
-    rho: float = attrs.field(default=0.6, validator=in_range(1e-6, 1e6))
+    rho: float = attrs.field(default=0.02, validator=in_range(1e-6, 1e6))
+    rho_end: float = attrs.field(default=4.0, validator=in_range(1e-6, 1e6))
     polish: int = attrs.field(default=4, validator=in_range(0, 1000))
     activation: str = attrs.field(default="full", validator=one_of("full", "diag", "none"))
     damp: float = attrs.field(default=0.01, validator=in_range(0.0, 1.0))
@@ -41,7 +42,7 @@ def project_binary_factors(o: BinaryFactorOptions, fmt, W, H, spec):
         Wf, r, c = balance(W, 1 if o.sinkhorn == "l1" else 2, o.sinkhorn_iters)
         # the error is measured on W = W' diag(c): weights diag(c) H diag(c)
         d = c * c if d is None else d * c * c if d.dim() == 1 else c[:, None] * d * c[None, :]
-    Sa, A, P, Sb, B, G = fit(Wf, k, l, d, iters=o.iters, rho=o.rho, polish=o.polish, seed=o.seed, damp=o.damp)
+    Sa, A, P, Sb, B, G = fit(Wf, k, l, d, iters=o.iters, rho=o.rho, rho_end=o.rho_end, polish=o.polish, seed=o.seed, damp=o.damp)
     if r is not None:
         A, B = A * r[:, None], B * c[:, None]
     return fmt.make(Sa, A, P, Sb, B, G)

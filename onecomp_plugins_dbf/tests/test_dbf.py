@@ -189,3 +189,12 @@ def test_format_and_projector_share_their_option_table():
     assert r.projectors["dbf"].options.iters == 3
     with pytest.raises(OnecompError, match=r"projector 'dbf' has no option\(s\) 'itters'; options: .*iters"):
         Resolved(make_config("m", {**base, "options": {"dbf": {"itters": 3}}}))
+
+
+def test_rho_schedule_grows_geometrically_between_its_ends():
+    from onecomp_plugins_dbf.factors import rho_schedule
+    rhos = rho_schedule(0.02, 4.0, 30)
+    assert len(rhos) == 30 and rhos[0] == pytest.approx(0.02) and rhos[-1] == pytest.approx(4.0)
+    ratios = [b / a for a, b in zip(rhos, rhos[1:])]
+    assert max(ratios) == pytest.approx(min(ratios)) and ratios[0] > 1
+    assert rho_schedule(0.5, 4.0, 1) == [0.5] and rho_schedule(0.5, 4.0, 0) == []
