@@ -15,33 +15,28 @@ import torch
 from common import CALIB
 from onecomp_core.calibration import calibration_samples
 from onecomp_core.model_source import resolve_model
+from onecomp_core.stats import GramAccumulator
 from onecomp_plugins_dbf.factors import Metric, compose, fit, rank_for_bpw
 
 MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
 
 
 def grams(layers: list[int], calibration: str) -> dict:
-    """(W, H) of each chosen module, H = X^T X / tokens of its FP inputs."""
+    """(W, H) of each chosen module, H = X^T X / tokens of its FP inputs (the pipeline's
+    GramAccumulator)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     path = resolve_model("smollm2-135m")
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ids = calibration_samples(calibration, tok, 32, 512)
-    acc, hooks = {}, []
-    for li in layers:
-        for name in MODULES:
-            key = f"{li}.{name}"
-
-            def hook(mod, inp, key=key):
-                x = inp[0].reshape(-1, inp[0].shape[-1]).double()
-                acc[key] = acc.get(key, 0) + x.T @ x
-            hooks.append(model.model.layers[li].get_submodule(name).register_forward_pre_hook(hook))
+    mods = {f"{li}.{name}": model.model.layers[li].get_submodule(name) for li in layers for name in MODULES}
+    acc = {key: GramAccumulator(mod.in_features, "cpu") for key, mod in mods.items()}
+    for key, mod in mods.items():
+        mod.register_forward_pre_hook(lambda _, inp, a=acc[key]: a.add(inp[0]))
     with torch.no_grad():
         for i in range(0, ids.shape[0], 4):
             model(ids[i:i + 4])
-    n = ids.numel()
-    return {key: (model.model.layers[int(key.split(".")[0])].get_submodule(key.split(".", 1)[1]).weight.detach(),
-                  (H / n).float()) for key, H in acc.items()}
+    return {key: (mod.weight.detach(), acc[key].H) for key, mod in mods.items()}
 
 
 def main():
