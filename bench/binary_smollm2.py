@@ -14,12 +14,14 @@ import json
 from common import CALIB, quantize_and_measure
 
 
-def runs(iters: int, sym: bool):
+def runs(iters: int, sym: bool, options: list[str]):
     out = []
     for bpw in ("1.0", "1.5", "2.0"):
         for fmt in ("dbf", "mdbf"):
+            mine = [o for o in options if o.startswith(f"{fmt}.")]
             out.append((f"{fmt}@{bpw}", ["--format", fmt, "--projector", fmt, "--target-bpw", bpw,
-                                         "--option", f"{fmt}.iters={iters}"]))
+                                         "--option", f"{fmt}.iters={iters}",
+                                         *[x for o in mine for x in ("--option", o)]]))
     for group in ("128", "64", "32", "channel"):
         out.append((f"gptq 2b {group}", ["--projector", "gptq", "--bits", "2", "--group-size", group,
                                             *(["--sym"] if sym else [])]))
@@ -36,20 +38,24 @@ def main():
     ap.add_argument("--only", default="", help="comma list of run labels to keep")
     ap.add_argument("--sym", action="store_true", help="uniform GPTQ rows on the symmetric grid (the first table)")
     ap.add_argument("--correction", default="", help="a layer-wise correction in front of every projector, e.g. qep")
+    ap.add_argument("--option", action="append", default=[],
+                    help="extra projector option for the dbf/mdbf runs, e.g. mdbf.envelope=best (repeatable)")
     ap.add_argument("--calibration", default="",
                     help="another calibration text (e.g. a later part of the same corpus): a replicate")
     a = ap.parse_args()
     extra = ["--correction", a.correction] if a.correction else []
     rows = []
-    for label, flags in runs(a.iters, a.sym):
+    for label, flags in runs(a.iters, a.sym, a.option):
         if a.only and label not in a.only.split(","):
             continue
         r = quantize_and_measure("smollm2-135m", [*flags, *extra], 16384, a.calibration or CALIB)
-        r["run"] = label + (f"+{a.correction}" if a.correction else "") + (" (other calibration)" if a.calibration else "")
+        mine = [o for o in a.option if o.startswith(label.split("@")[0] + ".")]
+        r["run"] = label + "".join(f" {o}" for o in mine) + (f"+{a.correction}" if a.correction else "") + (" (other calibration)" if a.calibration else "")
         rows.append(r)
         print(json.dumps(r), flush=True)
     print(json.dumps({"bench": "binary_smollm2", "eval_tokens": 16384, "admm_iters": a.iters,
-                      "correction": a.correction or None, "calibration": a.calibration or None, "results": rows}))
+                      "correction": a.correction or None, "calibration": a.calibration or None,
+                      "options": a.option, "results": rows}))
 
 
 if __name__ == "__main__":
