@@ -2,7 +2,9 @@
 relative weighted error ||(W - L R^T) H^1/2||^2 / ||W H^1/2||^2 that DBF (l = 1) and MDBF
 (l = 2) leave at 1.0, 1.5 and 2.0 bpw, with the full input Gram H of the FP model on the usual
 32 x 512 calibration tokens, and the seconds per fit. A quick way to compare ADMM settings
-(--iters, --rho, --rho-end) before spending a model run on them. Prints one JSON line per fit,
+(--iters, --rho, --rho-end, --damp) before spending a model run on them. With --heldout the same
+factors are also scored under the Gram of 32 x 512 tokens of enwiki_eval (text the fit never
+saw): how much of a fit's advantage carries to other inputs. Prints one JSON line per fit,
 then one JSON object with all of them."""
 from __future__ import annotations
 
@@ -12,16 +14,18 @@ import time
 
 import torch
 
-from common import CALIB
+from common import CALIB, EVAL
 from onecomp_core.calibration import calibration_samples
 from onecomp_core.model_source import resolve_model
 from onecomp_core.stats import GramAccumulator
 from onecomp_plugins_dbf.factors import Metric, compose, fit, rank_for_bpw
 
 MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
+ALL = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+       "mlp.up_proj", "mlp.down_proj")
 
 
-def grams(layers: list[int], calibration: str) -> dict:
+def grams(layers: list[int], calibration: str, modules=MODULES) -> dict:
     """(W, H) of each chosen module, H = X^T X / tokens of its FP inputs (the pipeline's
     GramAccumulator)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -29,7 +33,7 @@ def grams(layers: list[int], calibration: str) -> dict:
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ids = calibration_samples(calibration, tok, 32, 512)
-    mods = {f"{li}.{name}": model.model.layers[li].get_submodule(name) for li in layers for name in MODULES}
+    mods = {f"{li}.{name}": model.model.layers[li].get_submodule(name) for li in layers for name in modules}
     acc = {key: GramAccumulator(mod.in_features, "cpu") for key, mod in mods.items()}
     for key, mod in mods.items():
         mod.register_forward_pre_hook(lambda _, inp, a=acc[key]: a.add(inp[0]))
@@ -45,23 +49,39 @@ def main():
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--rho", type=float, default=0.02)
     ap.add_argument("--rho-end", type=float, default=4.0)
+    ap.add_argument("--damp", type=float, default=0.01)
+    ap.add_argument("--bpw", default="1.0,1.5,2.0")
+    ap.add_argument("--modules", choices=("five", "all"), default="five",
+                    help="five: q, k, o, gate, down; all: also v_proj and up_proj")
+    ap.add_argument("--heldout", action="store_true", help="also score each fit under the enwiki_eval Gram")
     a = ap.parse_args()
+    layers, modules = [int(x) for x in a.layers.split(",")], MODULES if a.modules == "five" else ALL
+    held = grams(layers, str(EVAL), modules) if a.heldout else {}
     rows = []
-    for key, (W, H) in grams([int(x) for x in a.layers.split(",")], str(CALIB)).items():
+    for key, (W, H) in grams(layers, str(CALIB), modules).items():
+        W = W.float()
         out, cols = W.shape
-        m = Metric.of(H, cols, W.device)
-        total = m.error(W.float(), torch.zeros(out, 1), torch.zeros(cols, 1))
-        for bpw in (1.0, 1.5, 2.0):
+        scores = {"rel_error": Metric.of(H, cols, W.device)}     # the error as the fit sees it (damp 0.01)
+        if a.heldout:
+            scores["heldout_error"] = Metric.of(held[key][1], cols, W.device)
+        totals = {name: m.error(W, torch.zeros(out, 1), torch.zeros(cols, 1)) for name, m in scores.items()}
+        for bpw in (float(x) for x in a.bpw.split(",")):
             for l in (1, 2):
                 k = rank_for_bpw(out, cols, bpw, l)
                 t = time.perf_counter()
-                Sa, A, P, Sb, B, G = fit(W, k, l, H, iters=a.iters, rho=a.rho, rho_end=a.rho_end)
-                r = {"module": key, "bpw": bpw, "l": l, "k": k, "seconds": round(time.perf_counter() - t, 2),
-                     "rel_error": round(m.error(W.float(), compose(Sa, A, P), compose(Sb, B, G)) / total, 4)}
+                Sa, A, P, Sb, B, G = fit(W, k, l, H, iters=a.iters, rho=a.rho, rho_end=a.rho_end, damp=a.damp)
+                r = {"module": key, "bpw": bpw, "l": l, "k": k, "seconds": round(time.perf_counter() - t, 2)}
+                L, R = compose(Sa, A, P), compose(Sb, B, G)
+                r.update({name: round(m.error(W, L, R) / totals[name], 4) for name, m in scores.items()})
                 rows.append(r)
                 print(json.dumps(r), flush=True)
+    sums = {}
+    for r in rows:     # per (bpw, l): the errors summed over modules, for a one-line comparison
+        s = sums.setdefault(f"{r['bpw']} l={r['l']}", {n: 0.0 for n in r if n.endswith("error")})
+        for n in s:
+            s[n] = round(s[n] + r[n], 4)
     print(json.dumps({"bench": "binary_layers_smollm2", "iters": a.iters, "rho": a.rho, "rho_end": a.rho_end,
-                      "results": rows}))
+                      "damp": a.damp, "layers": a.layers, "modules": a.modules, "sums": sums, "results": rows}))
 
 
 if __name__ == "__main__":
