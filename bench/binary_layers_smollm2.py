@@ -25,22 +25,26 @@ ALL = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_
        "mlp.up_proj", "mlp.down_proj")
 
 
-def grams(layers: list[int], calibration: str, modules=MODULES) -> dict:
-    """(W, H) of each chosen module, H = X^T X / tokens of its FP inputs (the pipeline's
-    GramAccumulator)."""
+def grams(layers: list[int], texts: list[str], modules=MODULES) -> list[dict]:
+    """For each text, (W, H) of each chosen module, H = X^T X / tokens of its FP inputs on 32 x
+    512 tokens of that text (the pipeline's GramAccumulator); the model is loaded once."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     path = resolve_model("smollm2-135m")
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    ids = calibration_samples(calibration, tok, 32, 512)
     mods = {f"{li}.{name}": model.model.layers[li].get_submodule(name) for li in layers for name in modules}
-    acc = {key: GramAccumulator(mod.in_features, "cpu") for key, mod in mods.items()}
+    acc = {}
     for key, mod in mods.items():
-        mod.register_forward_pre_hook(lambda _, inp, a=acc[key]: a.add(inp[0]))
-    with torch.no_grad():
-        for i in range(0, ids.shape[0], 4):
-            model(ids[i:i + 4])
-    return {key: (mod.weight.detach(), acc[key].H) for key, mod in mods.items()}
+        mod.register_forward_pre_hook(lambda _, inp, key=key: acc[key].add(inp[0]))
+    per_text = []
+    for text in texts:
+        acc.update({key: GramAccumulator(mod.in_features, "cpu") for key, mod in mods.items()})
+        ids = calibration_samples(text, tok, 32, 512)
+        with torch.no_grad():
+            for i in range(0, ids.shape[0], 4):
+                model(ids[i:i + 4])
+        per_text.append({key: (mod.weight.detach(), acc[key].H) for key, mod in mods.items()})
+    return per_text
 
 
 def main():
@@ -56,14 +60,14 @@ def main():
     ap.add_argument("--heldout", action="store_true", help="also score each fit under the enwiki_eval Gram")
     a = ap.parse_args()
     layers, modules = [int(x) for x in a.layers.split(",")], MODULES if a.modules == "five" else ALL
-    held = grams(layers, str(EVAL), modules) if a.heldout else {}
+    fitted, *held = grams(layers, [str(CALIB), *([str(EVAL)] if a.heldout else [])], modules)
     rows = []
-    for key, (W, H) in grams(layers, str(CALIB), modules).items():
+    for key, (W, H) in fitted.items():
         W = W.float()
         out, cols = W.shape
         scores = {"rel_error": Metric.of(H, cols, W.device)}     # the error as the fit sees it (damp 0.01)
         if a.heldout:
-            scores["heldout_error"] = Metric.of(held[key][1], cols, W.device)
+            scores["heldout_error"] = Metric.of(held[0][key][1], cols, W.device)
         totals = {name: m.error(W, torch.zeros(out, 1), torch.zeros(cols, 1)) for name, m in scores.items()}
         for bpw in (float(x) for x in a.bpw.split(",")):
             for l in (1, 2):

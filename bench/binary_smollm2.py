@@ -14,11 +14,16 @@ import json
 from common import CALIB, quantize_and_measure
 
 
+def own_options(fmt: str, options: list[str]) -> list[str]:
+    """The --option values meant for ``fmt``'s projector (those named ``fmt.key=value``)."""
+    return [o for o in options if o.startswith(f"{fmt}.")]
+
+
 def runs(iters: int, sym: bool, options: list[str]):
     out = []
     for bpw in ("1.0", "1.5", "2.0"):
         for fmt in ("dbf", "mdbf"):
-            mine = [o for o in options if o.startswith(f"{fmt}.")]
+            mine = own_options(fmt, options)
             out.append((f"{fmt}@{bpw}", ["--format", fmt, "--projector", fmt, "--target-bpw", bpw,
                                          "--option", f"{fmt}.iters={iters}",
                                          *[x for o in mine for x in ("--option", o)]]))
@@ -49,8 +54,7 @@ def main():
         if a.only and label not in a.only.split(","):
             continue
         r = quantize_and_measure("smollm2-135m", [*flags, *extra], 16384, a.calibration or CALIB)
-        mine = [o for o in a.option if o.startswith(label.split("@")[0] + ".")]
-        r["run"] = label + "".join(f" {o}" for o in mine) + (f"+{a.correction}" if a.correction else "") + (" (other calibration)" if a.calibration else "")
+        r["run"] = label + "".join(f" {o}" for o in own_options(label.split("@")[0], a.option)) + (f"+{a.correction}" if a.correction else "") + (" (other calibration)" if a.calibration else "")
         rows.append(r)
         print(json.dumps(r), flush=True)
     print(json.dumps({"bench": "binary_smollm2", "eval_tokens": 16384, "admm_iters": a.iters,
