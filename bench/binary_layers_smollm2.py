@@ -25,9 +25,9 @@ ALL = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_
        "mlp.up_proj", "mlp.down_proj")
 
 
-def grams(layers: list[int], texts: list[str], modules=MODULES) -> list[dict]:
-    """For each text, (W, H) of each chosen module, H = X^T X / tokens of its FP inputs on 32 x
-    512 tokens of that text (the pipeline's GramAccumulator); the model is loaded once."""
+def grams(layers: list[int], texts: list[tuple[str, int]], modules=MODULES) -> list[dict]:
+    """For each (text, n), (W, H) of each chosen module, H = X^T X / tokens of its FP inputs on
+    n x 512 tokens of that text (the pipeline's GramAccumulator); the model is loaded once."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     path = resolve_model("smollm2-135m")
     tok = AutoTokenizer.from_pretrained(path)
@@ -37,9 +37,9 @@ def grams(layers: list[int], texts: list[str], modules=MODULES) -> list[dict]:
     for key, mod in mods.items():
         mod.register_forward_pre_hook(lambda _, inp, key=key: acc[key].add(inp[0]))
     per_text = []
-    for text in texts:
+    for text, samples in texts:
         acc.update({key: GramAccumulator(mod.in_features, "cpu") for key, mod in mods.items()})
-        ids = calibration_samples(text, tok, 32, 512)
+        ids = calibration_samples(text, tok, samples, 512)
         with torch.no_grad():
             for i in range(0, ids.shape[0], 4):
                 model(ids[i:i + 4])
@@ -58,9 +58,10 @@ def main():
     ap.add_argument("--modules", choices=("five", "all"), default="five",
                     help="five: q, k, o, gate, down; all: also v_proj and up_proj")
     ap.add_argument("--heldout", action="store_true", help="also score each fit under the enwiki_eval Gram")
+    ap.add_argument("--samples", type=int, default=32, help="calibration sequences of 512 tokens the fit's Gram sees")
     a = ap.parse_args()
     layers, modules = [int(x) for x in a.layers.split(",")], MODULES if a.modules == "five" else ALL
-    fitted, *held = grams(layers, [str(CALIB), *([str(EVAL)] if a.heldout else [])], modules)
+    fitted, *held = grams(layers, [(str(CALIB), a.samples), *([(str(EVAL), 32)] if a.heldout else [])], modules)
     rows = []
     for key, (W, H) in fitted.items():
         W = W.float()
@@ -85,7 +86,7 @@ def main():
         for n in s:
             s[n] = round(s[n] + r[n], 4)
     print(json.dumps({"bench": "binary_layers_smollm2", "iters": a.iters, "rho": a.rho, "rho_end": a.rho_end,
-                      "damp": a.damp, "layers": a.layers, "modules": a.modules, "sums": sums, "results": rows}))
+                      "damp": a.damp, "samples": a.samples, "layers": a.layers, "modules": a.modules, "sums": sums, "results": rows}))
 
 
 if __name__ == "__main__":

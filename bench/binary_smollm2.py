@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+from pathlib import Path
 
 from common import CALIB, quantize_and_measure
 
@@ -47,18 +49,26 @@ def main():
                     help="extra projector option for the dbf/mdbf runs, e.g. mdbf.envelope=best (repeatable)")
     ap.add_argument("--calibration", default="",
                     help="another calibration text (e.g. a later part of the same corpus): a replicate")
+    ap.add_argument("--samples", type=int, default=0,
+                    help="calibration sequences of 512 tokens (default: the protocol's 32)")
+    ap.add_argument("--reports", default="", help="a folder to keep each run's report.json in (per-module errors)")
     a = ap.parse_args()
-    extra = ["--correction", a.correction] if a.correction else []
+    extra = (["--correction", a.correction] if a.correction else []) + (["--num-samples", str(a.samples)] if a.samples else [])
     rows = []
     for label, flags in runs(a.iters, a.sym, a.option):
         if a.only and label not in a.only.split(","):
             continue
-        r = quantize_and_measure("smollm2-135m", [*flags, *extra], 16384, a.calibration or CALIB)
-        r["run"] = label + "".join(f" {o}" for o in own_options(label.split("@")[0], a.option)) + (f"+{a.correction}" if a.correction else "") + (" (other calibration)" if a.calibration else "")
+        name = (label + "".join(f" {o}" for o in own_options(label.split("@")[0], a.option))
+                + (f"+{a.correction}" if a.correction else "") + (f" {a.samples}x512" if a.samples else "")
+                + (" (other calibration)" if a.calibration else ""))
+        keep = Path(a.reports) / (re.sub(r"[^A-Za-z0-9@.+=-]+", "_", name) + ".json") if a.reports else None
+        r = quantize_and_measure("smollm2-135m", [*flags, *extra], 16384, a.calibration or CALIB, keep)
+        r["run"] = name
         rows.append(r)
         print(json.dumps(r), flush=True)
     print(json.dumps({"bench": "binary_smollm2", "eval_tokens": 16384, "admm_iters": a.iters,
                       "correction": a.correction or None, "calibration": a.calibration or None,
+                      "samples": a.samples or 32,
                       "options": a.option, "results": rows}))
 
 

@@ -14,8 +14,10 @@ CALIB = ROOT / "data" / "enwiki_calib.txt"
 EVAL = ROOT / "data" / "enwiki_eval.txt"
 
 
-def quantize_and_measure(model: str, flags: list[str], eval_tokens: int = 16384, calibration: Path = CALIB) -> dict:
-    """One `onecomp quantize ... --eval-text` run -> its summary numbers."""
+def quantize_and_measure(model: str, flags: list[str], eval_tokens: int = 16384, calibration: Path = CALIB,
+                         keep_report: Path | None = None) -> dict:
+    """One `onecomp quantize ... --eval-text` run -> its summary numbers. ``keep_report``: also
+    copy the run's report.json there (per-module errors and times)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "q"
         cfg = Path(tmp) / "c.json"
@@ -26,6 +28,9 @@ def quantize_and_measure(model: str, flags: list[str], eval_tokens: int = 16384,
         if proc.returncode != 0:
             return {"flags": flags, "error": proc.stderr.strip().splitlines()[-1:]}
         rep = json.loads((out / "report.json").read_text())
+        if keep_report is not None:
+            Path(keep_report).parent.mkdir(parents=True, exist_ok=True)
+            Path(keep_report).write_text(json.dumps(rep, indent=1))
     s, e = rep["summary"], rep["evaluation"]
     return {"flags": " ".join(flags), "bpw": s["bpw"], "plan": rep.get("plan_info", {}).get("planned_bpw"), "ppl": round(e["ppl"], 3), "ppl_fp": round(e["ppl_ref"], 3),
             "kl": round(e["kl"], 4), "wall_s": s["wall_seconds"], "layerwise_s": round(rep["stages"]["layerwise"], 1),
