@@ -54,6 +54,7 @@ def main():
     ap.add_argument("--rho", type=float, default=0.02)
     ap.add_argument("--rho-end", type=float, default=4.0)
     ap.add_argument("--damp", type=float, default=0.01)
+    ap.add_argument("--polish", type=int, default=8, help="rounds of sign flips and envelope updates after the ADMM")
     ap.add_argument("--bpw", default="1.0,1.5,2.0")
     ap.add_argument("--modules", choices=("five", "all"), default="five",
                     help="five: q, k, o, gate, down; all: also v_proj and up_proj")
@@ -74,7 +75,7 @@ def main():
             for l in (1, 2):
                 k = rank_for_bpw(out, cols, bpw, l)
                 t = time.perf_counter()
-                Sa, A, P, Sb, B, G = fit(W, k, l, H, iters=a.iters, rho=a.rho, rho_end=a.rho_end, damp=a.damp)
+                Sa, A, P, Sb, B, G = fit(W, k, l, H, iters=a.iters, rho=a.rho, rho_end=a.rho_end, damp=a.damp, polish=a.polish)
                 r = {"module": key, "bpw": bpw, "l": l, "k": k, "seconds": round(time.perf_counter() - t, 2)}
                 L, R = compose(Sa, A, P), compose(Sb, B, G)
                 r.update({name: round(m.error(W, L, R) / totals[name], 4) for name, m in scores.items()})
@@ -86,7 +87,7 @@ def main():
         for n in s:
             s[n] = round(s[n] + r[n], 4)
     print(json.dumps({"bench": "binary_layers_smollm2", "iters": a.iters, "rho": a.rho, "rho_end": a.rho_end,
-                      "damp": a.damp, "samples": a.samples, "layers": a.layers, "modules": a.modules, "sums": sums, "results": rows}))
+                      "damp": a.damp, "polish": a.polish, "samples": a.samples, "layers": a.layers, "modules": a.modules, "sums": sums, "results": rows}))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import math
 import torch
 
 from .envelopes import update_rows, update_shared
+from .sign_descent import sweep
 
 
 def sign(x: torch.Tensor) -> torch.Tensor:
@@ -122,16 +123,17 @@ def weighted_error(W, L, R, d) -> float:
 
 
 def fit(W: torch.Tensor, k: int, l: int, d: torch.Tensor | None = None, *, iters: int = 40, rho: float = 0.02,
-        rho_end: float = 4.0, polish: int = 4, seed: int = 0, damp: float = 0.01, trace: list | None = None):
+        rho_end: float = 4.0, polish: int = 8, seed: int = 0, damp: float = 0.01, trace: list | None = None):
     """-> (S_a, A, P, S_b, B, G). ``d`` weights the inputs: None (plain Frobenius), the (in,)
     diagonal of the input Gram H, or the full (in, in) H (damped by ``damp``); either way it is
     scaled to mean diagonal 1. The ADMM penalty grows geometrically from ``rho`` to ``rho_end``
     over the iterations (both relative to the Gram scale): a small penalty lets the signs move
     early, a large one makes the iterates settle on the structure. ADMM iterates are not
-    monotone; the best one is kept. ``trace`` receives the weighted error of the kept iterate
-    after the SVID start, after every ADMM iteration and after every polish round (exact
-    least-squares updates of the envelopes with the signs fixed, envelopes.py), so it never
-    increases."""
+    monotone; the best one is kept. Then up to ``polish`` rounds of exact descent from it
+    (:func:`polish_round`: sign flips and least-squares envelopes, each step never worse),
+    stopping early once a round gains less than 1e-4 of the error. ``trace`` receives the
+    weighted error of the kept iterate after the SVID start, after every ADMM iteration and
+    after every polish round, so it never increases."""
     torch.manual_seed(seed)
     W = W.float()
     out, cols = W.shape
@@ -158,7 +160,7 @@ def rho_schedule(rho: float, rho_end: float, iters: int) -> list[float]:
 
 def _admm(W, m: Metric, k, l, fl, fr, rhos, polish, trace):
     """Alternating ADMM from the structured start (fl, fr) with penalties ``rhos``, keeping the
-    best iterate, then envelope polish: -> factors."""
+    best iterate, then polish rounds: -> factors."""
     ZL, ZR = compose(*fl), compose(*fr)
     UL, UR = torch.zeros_like(ZL), torch.zeros_like(ZR)
     eye = torch.eye(k, device=W.device)
@@ -192,29 +194,33 @@ def _admm(W, m: Metric, k, l, fl, fr, rhos, polish, trace):
             trace.append(best[0])
     err, fl, fr = best
     for _ in range(polish):
-        fl, fr, new = polish_envelopes(W, m, fl, fr)
+        fl, fr, new = polish_round(W, m, fl, fr)
         if new > err:
             break
-        err, best = new, (new, fl, fr)
+        gain, err, best = err - new, new, (new, fl, fr)
         if trace is not None:
             trace.append(err)
+        if gain <= 1e-4 * err:          # converged: a further round would not be worth its time
+            break
     _, (Sa, A, P), (Sb, B, G) = best
     return Sa, A, P, Sb, B, G
 
 
-def polish_envelopes(W, m: Metric, fl, fr):
-    """One round of exact envelope updates, L side then (diagonal H only: the rows of R are
-    coupled through a full H) R side: -> (fl, fr, weighted error)."""
+def polish_round(W, m: Metric, fl, fr):
+    """One round of exact updates, each of which can only lower the weighted error: L-side sign
+    flips (sign_descent.py), the L envelopes, R-side sign flips, the R envelopes (envelopes.py;
+    a full H couples the rows of R): -> (fl, fr, weighted error)."""
     (Sa, A, P), (Sb, B, G) = fl, fr
     ZR = compose(Sb, B, G)
     HZR = m.left(ZR)
     C, N = ZR.T @ HZR, W @ HZR                                           # L side of envelopes.py
-    ones = torch.ones(W.shape[0], device=W.device)
+    Sa, _ = sweep(Sa, A @ P.T, C, N)
     A = update_rows(Sa, P, C, N)
-    P = update_shared(Sa, A, C, N, ones)
+    P = update_shared(Sa, A, C, N, torch.ones(W.shape[0], device=W.device))
     ZL = compose(Sa, A, P)
-    if m.Q is None:
-        C, N = ZL.T @ ZL, W.T @ ZL                                        # R side, weights d
-        B = update_rows(Sb, G, C, N)
-        G = update_shared(Sb, B, C, N, m.lam)
+    C, N = ZL.T @ ZL, W.T @ ZL                                           # R side, weights H
+    w = m.lam if m.Q is None else m.H
+    Sb, _ = sweep(Sb, B @ G.T, C, N, None if m.Q is None else m.H)
+    B = update_rows(Sb, G, C, N, w, B)
+    G = update_shared(Sb, B, C, N, w)
     return (Sa, A, P), (Sb, B, G), m.error(W, ZL, compose(Sb, B, G))

@@ -10,6 +10,7 @@ from onecomp_plugins_dbf.factors import Metric, bits_per_weight, compose, fit, r
 from onecomp_plugins_dbf.envelopes import objective, update_rows, update_shared
 from onecomp_plugins_dbf.fmt import BinaryFactorLinear, DBFFormat
 from onecomp_plugins_dbf.plugin import DBF
+from onecomp_plugins_dbf.sign_descent import sweep
 from onecomp_plugins_dbf.signs import pack_signs, unpack_signs
 from onecomp_plugins_dbf.sinkhorn import balance
 
@@ -69,9 +70,11 @@ def test_r_step_solves_its_sylvester_equation(cols, k, rho, full, seed):
 
 
 @settings(max_examples=25, deadline=None)
-@given(rows=st.integers(2, 12), k=st.integers(1, 8), l=st.integers(1, 3), seed=st.integers(0, 2**16))
-def test_envelope_updates_are_exact_minimisers(rows, k, l, seed):
-    """Each update of envelopes.py solves its quadratic: the objective never rises, and no
+@given(rows=st.integers(2, 12), k=st.integers(1, 8), l=st.integers(1, 3), full=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_envelope_updates_are_exact_minimisers(rows, k, l, full, seed):
+    """Each update of envelopes.py solves its quadratic, with diagonal row weights or a full
+    PSD coupling of the rows (the R side under a full Gram): the objective never rises, and no
     small perturbation of the result does better. Only well-posed systems (more rows and
     factor columns than envelope ranks, as in every real layer): with k <= l or rows <= l the
     systems are singular and the solver's 1e-7 ridge keeps them finite, not exact."""
@@ -81,10 +84,14 @@ def test_envelope_updates_are_exact_minimisers(rows, k, l, seed):
     E, F = torch.rand(rows, l, generator=g).double(), torch.rand(k, l, generator=g).double()
     R = torch.randn(k + 3, k, generator=g).double()
     C, N = R.T @ R, torch.randn(rows, k, generator=g).double()
-    w = torch.rand(rows, generator=g).double() + 0.1
+    if full:
+        X = torch.randn(rows + 2, rows, generator=g).double()
+        w = X.T @ X / rows + 0.1 * torch.eye(rows, dtype=torch.float64)
+    else:
+        w = torch.rand(rows, generator=g).double() + 0.1
     f = lambda E, F: objective(compose(S, E, F), C, N, w)
     f0 = f(E, F)
-    E1 = update_rows(S, F, C, N)
+    E1 = update_rows(S, F, C, N, w)
     F1 = update_shared(S, E1, C, N, w)
     # rounding tolerance relative to the largest objective value met (ill-conditioned solves
     # may land ~1e-10 away from the exact minimum)
@@ -94,6 +101,55 @@ def test_envelope_updates_are_exact_minimisers(rows, k, l, seed):
         dE, dF = 1e-3 * torch.randn(rows, l, generator=g).double(), 1e-3 * torch.randn(k, l, generator=g).double()
         assert f(E1 + dE, F) >= f(E1, F) - 10 * tol
         assert f(E1, F1 + dF) >= f(E1, F1) - 10 * tol
+
+
+@settings(max_examples=20, deadline=None)
+@given(rows=st.integers(3, 12), k=st.integers(3, 8), l=st.integers(1, 2), seed=st.integers(0, 2**16))
+def test_coupled_rows_update_by_conjugate_gradients_matches_the_direct_solve(rows, k, l, seed):
+    """Large coupled systems go to matrix-free CG: from any start it lowers f and lands on the
+    direct solution (small well-conditioned systems converge within its iterations)."""
+    g = torch.Generator().manual_seed(seed)
+    S = torch.where(torch.rand(rows, k, generator=g) > 0.5, 1.0, -1.0).double()
+    F = torch.rand(k, l, generator=g).double() + 0.2
+    R = torch.randn(k + 3, k, generator=g).double()
+    C, N = R.T @ R + 0.1 * torch.eye(k, dtype=torch.float64), torch.randn(rows, k, generator=g).double()
+    X = torch.randn(rows + 2, rows, generator=g).double()
+    w = X.T @ X / rows + 0.5 * torch.eye(rows, dtype=torch.float64)
+    E0 = torch.rand(rows, l, generator=g).double()
+    direct = update_rows(S, F, C, N, w)
+    cg = update_rows(S, F, C, N, w, E0, direct_max=0)
+    f = lambda E: objective(compose(S, E, F), C, N, w)
+    assert f(cg) <= f(E0) + 1e-9 * (1 + abs(f(E0)))
+    assert f(cg) == pytest.approx(f(direct), rel=1e-6, abs=1e-8)
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 10), k=st.integers(1, 12), full=st.booleans(), seed=st.integers(0, 2**16))
+def test_sign_descent_never_increases_and_ends_at_a_single_flip_minimum(rows, k, full, seed):
+    """sign_descent.sweep, rows independent (L side) or coupled by a full Gram (R side): the
+    objective never rises, and (independent rows) once the sweeps stop flipping no single
+    sign flip lowers it (checked by brute force)."""
+    g = torch.Generator().manual_seed(seed)
+    S = torch.where(torch.rand(rows, k, generator=g) > 0.5, 1.0, -1.0).double()
+    V = torch.rand(rows, k, generator=g).double() + 0.05
+    Y = torch.randn(k + 2, k, generator=g).double()
+    C, N = Y.T @ Y, torch.randn(rows, k, generator=g).double()
+    if full:
+        X = torch.randn(rows + 1, rows, generator=g).double() + 1.0     # strongly correlated rows
+        w = X.T @ X / rows + 0.05 * torch.eye(rows, dtype=torch.float64)
+    else:
+        w = torch.ones(rows, dtype=torch.float64)
+    f = lambda S: objective(S * V, C, N, w)
+    S1, flips = sweep(S, V, C, N, w if full else None, sweeps=50)
+    assert f(S1) <= f(S) + 1e-9 * (1 + abs(f(S)))
+    assert set(S1.unique().tolist()) <= {-1.0, 1.0} and flips >= int((S1 != S).sum())
+    if full:
+        return
+    for i in range(rows):
+        for j in range(k):
+            T = S1.clone()
+            T[i, j] = -T[i, j]
+            assert f(T) >= f(S1) - 1e-9 * (1 + abs(f(S1)))
 
 
 def test_activation_aware_fit_lowers_the_weighted_error():
