@@ -19,6 +19,16 @@ from __future__ import annotations
 import torch
 
 
+def weigh(w: torch.Tensor | None, X: torch.Tensor) -> torch.Tensor:
+    """Dw X for w None (Dw = I), a vector (Dw = diag(w)) or a full rows x rows matrix; X has one
+    row per weight, any trailing shape."""
+    if w is None:
+        return X
+    if w.dim() == 1:
+        return w.reshape(-1, *[1] * (X.dim() - 1)) * X
+    return (w @ X.reshape(X.shape[0], -1)).reshape(X.shape)
+
+
 def _solve_psd(A: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """A x = b for (batched) positive semi-definite A, with a tiny relative ridge: by Cholesky
     (half the work of LU), by LU where the factorisation fails."""
@@ -49,7 +59,7 @@ def update_rows(S: torch.Tensor, F: torch.Tensor, C: torch.Tensor, N: torch.Tens
     M = SF.double().permute(0, 2, 1).reshape(rows * l, k)       # row (i, t): S_i o F_t
     wl = w.double().repeat_interleave(l, 0).repeat_interleave(l, 1)
     K = (M @ C.double() @ M.T) * wl
-    b = (M * (w.double() @ N.double()).repeat_interleave(l, 0)).sum(1)
+    b = (M * weigh(w.double(), N.double()).repeat_interleave(l, 0)).sum(1)
     return _solve_psd(K, b).reshape(rows, l).to(F.dtype)
 
 
@@ -59,7 +69,7 @@ def _cg_rows(S, F, C, N, w, E, iters: int = 30):
     dtype = F.dtype
     S, F, C, N, w, E = (t.double() for t in (S, F, C, N, w, E))
     K = lambda E: (S * (w @ ((S * (E @ F.T)) @ C))) @ F
-    b = (S * (w @ N)) @ F
+    b = (S * weigh(w, N)) @ F
     r = b - K(E)
     p, rr = r.clone(), float((r * r).sum())
     tol = 1e-20 * max(float((b * b).sum()), 1e-300)
@@ -75,19 +85,18 @@ def _cg_rows(S, F, C, N, w, E, iters: int = 30):
 
 
 def update_shared(S: torch.Tensor, E: torch.Tensor, C: torch.Tensor, N: torch.Tensor,
-                  w: torch.Tensor) -> torch.Tensor:
+                  w: torch.Tensor | None = None) -> torch.Tensor:
     """argmin_F f: K vec(F) = b with K[(j,t),(m,s)] = C_jm sum_ip w_ip S_ij E_it S_pm E_ps and
-    b[(j,t)] = sum_i S_ij E_it (w N)_ij (w a vector: w_ip = w_i on the diagonal)."""
+    b[(j,t)] = sum_i S_ij E_it (w N)_ij (w a vector: w_ip = w_i on the diagonal; None: ones)."""
     rows, k = S.shape
     l = E.shape[1]
     SE = (S[:, :, None] * E[:, None, :]).double()               # rows x k x l: S_ij E_it
-    wSE = SE * w.double()[:, None, None] if w.dim() == 1 else (w.double() @ SE.reshape(rows, -1)).reshape(SE.shape)
+    wSE = weigh(None if w is None else w.double(), SE)
     K = torch.einsum("ijt,ims->jtms", wSE, SE) * C.double()[:, None, :, None]
     b = torch.einsum("ij,ijt->jt", N.double(), wSE)
     F = _solve_psd(K.reshape(k * l, k * l), b.reshape(-1))
     return F.reshape(k, l).to(E.dtype)
 
 
-def objective(X: torch.Tensor, C: torch.Tensor, N: torch.Tensor, w: torch.Tensor) -> float:
-    wX = w[:, None] * X if w.dim() == 1 else w @ X
-    return float((wX * (X @ C - 2 * N)).sum())
+def objective(X: torch.Tensor, C: torch.Tensor, N: torch.Tensor, w: torch.Tensor | None = None) -> float:
+    return float((weigh(w, X) * (X @ C - 2 * N)).sum())

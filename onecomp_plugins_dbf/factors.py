@@ -216,11 +216,11 @@ def polish_round(W, m: Metric, fl, fr):
     C, N = ZR.T @ HZR, W @ HZR                                           # L side of envelopes.py
     Sa, _ = sweep(Sa, A @ P.T, C, N)
     A = update_rows(Sa, P, C, N)
-    P = update_shared(Sa, A, C, N, torch.ones(W.shape[0], device=W.device))
+    P = update_shared(Sa, A, C, N)
     ZL = compose(Sa, A, P)
     C, N = ZL.T @ ZL, W.T @ ZL                                           # R side, weights H
     w = m.lam if m.Q is None else m.H
-    Sb, _ = sweep(Sb, B @ G.T, C, N, None if m.Q is None else m.H)
+    Sb, _ = sweep(Sb, B @ G.T, C, N, w)
     B = update_rows(Sb, G, C, N, w, B)
     G = update_shared(Sb, B, C, N, w)
     return (Sa, A, P), (Sb, B, G), m.error(W, ZL, compose(Sb, B, G))

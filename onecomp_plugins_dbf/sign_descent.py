@@ -8,7 +8,8 @@ with Dw = I on the L side (C = R^T H R, N = W H R: one quadratic per row) and Dw
 R side (C = L^T L, N = W^T L; a full Gram couples the rows). Flipping x_ij -> -x_ij
 (d = -2 x_ij) changes f by  d g_ij + d^2 Dw_ii C_jj,  g = 2 Dw (X C - N) the gradient. A sweep
 visits the columns j in turn and flips, in one step, every row of column j whose single flip
-lowers f. With Dw = I the rows are independent, so that step is exact. With a full Dw the
+lowers f. With Dw = I (or diagonal: a row's weight does not change which of its flips lower
+f) the rows are independent, so that step is exact. With a full Dw the
 flips of one column interact through Dw: the step's exact change  d.g_j + C_jj d^T Dw d  is
 computed and, while it is not negative, the step keeps only the better half of its flips. So
 f never increases.
@@ -17,15 +18,19 @@ from __future__ import annotations
 
 import torch
 
+from .envelopes import weigh
+
 
 def sweep(S: torch.Tensor, V: torch.Tensor, C: torch.Tensor, N: torch.Tensor, w: torch.Tensor | None = None,
           sweeps: int = 1) -> tuple[torch.Tensor, int]:
-    """``sweeps`` passes of sign flips over the columns (w: None for Dw = I, or the full rows x
-    rows Dw): -> (new signs, flips made)."""
+    """``sweeps`` passes of sign flips over the columns (w as in envelopes.py: None or a vector
+    for independent rows, a full rows x rows matrix for coupled ones): -> (new signs, flips
+    made)."""
+    w = w if w is not None and w.dim() == 2 else None                # diagonal weights cancel per row
     S = S.clone()
     X = S * V
-    XC = X @ C if w is None else w @ (X @ C)                          # Dw X C
-    DN = N if w is None else w @ N                                    # Dw N
+    XC = weigh(w, X @ C)                                              # Dw X C
+    DN = weigh(w, N)                                                  # Dw N
     dw = torch.ones_like(X[:, 0]) if w is None else w.diagonal()
     flips = 0
     for _ in range(sweeps):
