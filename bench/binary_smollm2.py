@@ -3,7 +3,8 @@ against uniform 2-bit GPTQ at every group size (all of which store more than 2.0
 asymmetric grid unless --sym), and
 AutoBit mixing DBF and GPTQ modules at 2.0 bpw. `--correction qep` puts QEP in front;
 `--calibration FILE` calibrates on another text, e.g. a replicate on the second half of the
-corpus: `tail -n +6256 data/enwiki_calib.txt > calib_b.txt` (from the article 'Andorra' on).
+corpus: `tail -n +6256 data/enwiki_calib.txt > calib_b.txt` (from the article 'Andorra' on), or on
+its last quarter: `tail -n +9701 data/enwiki_calib.txt > calib_c.txt` (from 'Abacus' on).
 Same protocol as layerwise_smollm2.py (32 x 512 calibration tokens, enwiki_eval). Prints one
 JSON line per run, then one JSON object with all of them."""
 from __future__ import annotations
