@@ -39,16 +39,17 @@ def sweep(S: torch.Tensor, V: torch.Tensor, C: torch.Tensor, N: torch.Tensor, w:
             d = -2 * X[:, j]
             g = 2 * (XC[:, j] - DN[:, j])                                  # gradient of f in column j
             single = d * g + d * d * dw * C[j, j]                          # change of f per single flip
-            idx = _accepted(single < -1e-12 * (single.abs().max() + 1e-30), single, d, g, C[j, j], w)
-            if idx is None:
+            got = _accepted(single < -1e-12 * (single.abs().max() + 1e-30), single, d, g, C[j, j], w)
+            if got is None:
                 continue
+            idx, wdx = got
             dx = d[idx]
             X[idx, j] += dx
             S[idx, j] = -S[idx, j]
             if w is None:                                                  # only the flipped rows of X C move
                 XC[idx] += dx[:, None] * C[j][None, :]
             else:                                                          # Dw X C moves by (Dw dx) C_j
-                XC += (dx @ w[idx])[:, None] * C[j][None, :]
+                XC += wdx[:, None] * C[j][None, :]
             made += idx.numel()
         flips += made
         if made == 0:
@@ -57,15 +58,17 @@ def sweep(S: torch.Tensor, V: torch.Tensor, C: torch.Tensor, N: torch.Tensor, w:
 
 
 def _accepted(flip, single, d, g, cjj, w, tries: int = 6):
-    """The rows of one column whose flips lower f together: -> their indices or None."""
+    """The rows of one column whose flips lower f together: -> (their indices, Dw dx over all
+    rows; None for independent rows) or None."""
     for _ in range(tries):
         idx = flip.nonzero().squeeze(1)
         if idx.numel() == 0:
             return None
         if w is None:                                                   # independent rows: exact
-            return idx
+            return idx, None
         dx = d[idx]
-        if float(dx @ g[idx] + cjj * (dx @ (dx @ w[idx][:, idx]))) < 0:  # the step's exact change of f
-            return idx
+        wdx = dx @ w[idx]                                               # Dw dx, reused for the X C update
+        if float(dx @ g[idx] + cjj * (wdx[idx] @ dx)) < 0:               # the step's exact change of f
+            return idx, wdx
         flip = flip & (single <= single[flip].median())                  # keep the better half
     return None
