@@ -54,7 +54,7 @@ def main():
     ap.add_argument("--rho", type=float, default=0.02)
     ap.add_argument("--rho-end", type=float, default=4.0)
     ap.add_argument("--damp", type=float, default=0.01)
-    ap.add_argument("--polish", type=int, default=8, help="rounds of sign flips and envelope updates after the ADMM")
+    ap.add_argument("--polish", type=int, default=16, help="rounds of sign flips and envelope updates after the ADMM")
     ap.add_argument("--bpw", default="1.0,1.5,2.0")
     ap.add_argument("--modules", choices=("five", "all"), default="five",
                     help="five: q, k, o, gate, down; all: also v_proj and up_proj")

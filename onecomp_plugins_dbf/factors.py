@@ -123,7 +123,7 @@ def weighted_error(W, L, R, d) -> float:
 
 
 def fit(W: torch.Tensor, k: int, l: int, d: torch.Tensor | None = None, *, iters: int = 40, rho: float = 0.02,
-        rho_end: float = 4.0, polish: int = 8, seed: int = 0, damp: float = 0.01, trace: list | None = None):
+        rho_end: float = 4.0, polish: int = 16, seed: int = 0, damp: float = 0.01, trace: list | None = None):
     """-> (S_a, A, P, S_b, B, G). ``d`` weights the inputs: None (plain Frobenius), the (in,)
     diagonal of the input Gram H, or the full (in, in) H (damped by ``damp``); either way it is
     scaled to mean diagonal 1. The ADMM penalty grows geometrically from ``rho`` to ``rho_end``

@@ -18,7 +18,7 @@ class BinaryFactorOptions:
     iters: int = attrs.field(default=40, validator=in_range(0, 10_000))
     rho: float = attrs.field(default=0.02, validator=in_range(1e-6, 1e6))
     rho_end: float = attrs.field(default=4.0, validator=in_range(1e-6, 1e6))
-    polish: int = attrs.field(default=8, validator=in_range(0, 1000))
+    polish: int = attrs.field(default=16, validator=in_range(0, 1000))
     activation: str = attrs.field(default="full", validator=one_of("full", "diag", "none"))
     damp: float = attrs.field(default=0.01, validator=in_range(0.0, 1.0))
     sinkhorn: str = attrs.field(default="none", validator=one_of("none", "l1", "l2"))
