@@ -19,6 +19,12 @@ def smallest_budget(costs: list[list[float]]) -> float:
     return sum(min(c) for c in costs)
 
 
+def within_budget(bits: float, budget: float) -> bool:
+    """The budget test every solver applies: costs are in bits, and a relative slack of 1e-12
+    absorbs float rounding of a budget computed as a sum or a fraction."""
+    return bits <= budget * (1 + 1e-12)
+
+
 def solve(errors: list[list[float]], costs: list[list[float]], budget: float, time_limit_s: float = 60.0):
     """-> (choice index per unit, solver name, seconds). Raises when the budget is infeasible."""
     floor = smallest_budget(costs)
@@ -46,7 +52,7 @@ def _scip(errors, costs, budget, scale, time_limit_s):
     x = [[s.BoolVar(f"x{l}_{c}") for c in range(len(errors[l]))] for l in range(len(errors))]
     for row in x:
         s.Add(sum(row) == 1)
-    # costs are in bits; a tiny slack absorbs float rounding of the sum
+    # the same slack as within_budget
     s.Add(sum(costs[l][c] * x[l][c] for l in range(len(x)) for c in range(len(x[l]))) <= budget * (1 + 1e-12))
     s.Minimize(sum(errors[l][c] / scale * x[l][c] for l in range(len(x)) for c in range(len(x[l]))))
     status = s.Solve()
@@ -76,7 +82,7 @@ def brute_force(errors, costs, budget):
     """Exhaustive optimum for tiny instances (tests): -> (choice, objective) or (None, inf)."""
     best, best_obj = None, float("inf")
     for choice in itertools.product(*[range(len(e)) for e in errors]):
-        if sum(costs[l][c] for l, c in enumerate(choice)) <= budget:
+        if within_budget(sum(costs[l][c] for l, c in enumerate(choice)), budget):
             obj = sum(errors[l][c] for l, c in enumerate(choice))
             if obj < best_obj:
                 best, best_obj = list(choice), obj
