@@ -10,6 +10,7 @@ scaled errors when SCIP is not available).
 from __future__ import annotations
 
 import itertools
+import math
 import time
 
 from onecomp_core.errors import OnecompError
@@ -68,7 +69,10 @@ def _cpsat(errors, costs, budget, scale, time_limit_s):
     x = [[m.NewBoolVar(f"x{l}_{c}") for c in range(len(errors[l]))] for l in range(len(errors))]
     for row in x:
         m.AddExactlyOne(row)
-    m.Add(sum(int(costs[l][c]) * x[l][c] for l in range(len(x)) for c in range(len(x[l]))) <= int(budget))
+    # CP-SAT takes integers: costs round up and the budget (with within_budget's slack) down, so
+    # whatever it picks is within budget; exact for whole-bit costs, the usual case
+    cap = math.floor(budget * (1 + 1e-12))
+    m.Add(sum(math.ceil(costs[l][c]) * x[l][c] for l in range(len(x)) for c in range(len(x[l]))) <= cap)
     m.Minimize(sum(int(round(errors[l][c] / scale * 1e9)) * x[l][c] for l in range(len(x)) for c in range(len(x[l]))))
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = time_limit_s

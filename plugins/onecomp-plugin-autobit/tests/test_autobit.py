@@ -11,7 +11,7 @@ from onecomp_core.plugins import load_plugins
 from onecomp_plugin_autobit.budget import fit_memory_budget_bits, inference_overhead_bytes, parse_size
 from onecomp_plugin_autobit.errors import candidate_error, conditional_variances
 from onecomp_plugin_autobit.heatmap import allocation_png
-from onecomp_plugin_autobit.ilp import brute_force, smallest_budget, solve
+from onecomp_plugin_autobit.ilp import _cpsat, brute_force, smallest_budget, solve
 
 
 @settings(max_examples=40, deadline=None)
@@ -26,6 +26,28 @@ def test_ilp_matches_brute_force(seed, units, cands, slack):
     _, best = brute_force(E, M, budget)
     assert sum(M[i][c] for i, c in enumerate(choice)) <= budget + 1e-9
     assert sum(E[i][c] for i, c in enumerate(choice)) == pytest.approx(best, rel=1e-6, abs=1e-9)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), units=st.integers(1, 5), cands=st.integers(1, 4), slack=st.floats(0, 1))
+def test_cpsat_fallback_matches_brute_force(seed, units, cands, slack):
+    # the solver used where SCIP is missing: whole-bit costs, a fractional budget
+    rng = random.Random(seed)
+    E = [[rng.uniform(0, 10) for _ in range(cands)] for _ in range(units)]
+    M = [[float(rng.randint(1, 20)) for _ in range(cands)] for _ in range(units)]
+    lo, hi = smallest_budget(M), sum(max(m) for m in M)
+    budget = lo + slack * (hi - lo)
+    choice, name = _cpsat(E, M, budget, max(max(e) for e in E), 10.0)
+    _, best = brute_force(E, M, budget)
+    assert name == "CP-SAT"
+    assert sum(M[i][c] for i, c in enumerate(choice)) <= budget + 1e-9
+    assert sum(E[i][c] for i, c in enumerate(choice)) == pytest.approx(best, rel=1e-6, abs=1e-6)
+
+
+def test_cpsat_fallback_never_exceeds_a_budget_with_fractional_costs():
+    # truncating 2.6 to 2 would let both 2.6-bit candidates into a 5-bit budget (5.2 bits)
+    choice, _ = _cpsat([[0.0, 9.0], [0.0, 9.0]], [[2.6, 1.0], [2.6, 1.0]], 5.0, 9.0, 10.0)
+    assert sorted(choice) == [0, 1]
 
 
 def test_infeasible_budget_states_the_smallest():
