@@ -4,8 +4,10 @@ relative weighted error ||(W - L R^T) H^1/2||^2 / ||W H^1/2||^2 that DBF (l = 1)
 32 x 512 calibration tokens, and the seconds per fit. A quick way to compare ADMM settings
 (--iters, --rho, --rho-end, --damp) before spending a model run on them. With --heldout the same
 factors are also scored under the Gram of 32 x 512 tokens of enwiki_eval (text the fit never
-saw): how much of a fit's advantage carries to other inputs. Prints one JSON line per fit,
-then one JSON object with all of them."""
+saw): how much of a fit's advantage carries to other inputs. With --same-k DBF is also fitted
+at MDBF's (smaller) k: the split of MDBF's gap into what the second envelope rank buys at equal k
+and what the sign columns it pays for would have bought. Prints one JSON line per fit, then one
+JSON object with all of them."""
 from __future__ import annotations
 
 import argparse
@@ -59,6 +61,7 @@ def main():
     ap.add_argument("--modules", choices=("five", "all"), default="five",
                     help="five: q, k, o, gate, down; all: also v_proj and up_proj")
     ap.add_argument("--heldout", action="store_true", help="also score each fit under the enwiki_eval Gram")
+    ap.add_argument("--same-k", action="store_true", help="also fit DBF (l = 1) at the k of MDBF (l = 2)")
     ap.add_argument("--samples", type=int, default=32, help="calibration sequences of 512 tokens the fit's Gram sees")
     a = ap.parse_args()
     layers, modules = [int(x) for x in a.layers.split(",")], MODULES if a.modules == "five" else ALL
@@ -72,22 +75,24 @@ def main():
             scores["heldout_error"] = Metric.of(held[0][key][1], cols, W.device)
         totals = {name: m.error(W, torch.zeros(out, 1), torch.zeros(cols, 1)) for name, m in scores.items()}
         for bpw in (float(x) for x in a.bpw.split(",")):
-            for l in (1, 2):
-                k = rank_for_bpw(out, cols, bpw, l)
+            fits = [(l, rank_for_bpw(out, cols, bpw, l), f"l={l}") for l in (1, 2)]
+            if a.same_k:                      # DBF with only the sign columns MDBF can afford
+                fits.append((1, fits[1][1], "l=1 at k of l=2"))
+            for l, k, label in fits:
                 t = time.perf_counter()
                 Sa, A, P, Sb, B, G = fit(W, k, l, H, iters=a.iters, rho=a.rho, rho_end=a.rho_end, damp=a.damp, polish=a.polish)
-                r = {"module": key, "bpw": bpw, "l": l, "k": k, "seconds": round(time.perf_counter() - t, 2)}
+                r = {"module": key, "bpw": bpw, "l": l, "k": k, "fit": label, "seconds": round(time.perf_counter() - t, 2)}
                 L, R = compose(Sa, A, P), compose(Sb, B, G)
                 r.update({name: round(m.error(W, L, R) / totals[name], 4) for name, m in scores.items()})
                 rows.append(r)
                 print(json.dumps(r), flush=True)
     sums = {}
-    for r in rows:     # per (bpw, l): the errors summed over modules, for a one-line comparison
-        s = sums.setdefault(f"{r['bpw']} l={r['l']}", {n: 0.0 for n in r if n.endswith("error")})
+    for r in rows:     # per (bpw, fit): the errors summed over modules, for a one-line comparison
+        s = sums.setdefault(f"{r['bpw']} {r['fit']}", {n: 0.0 for n in r if n.endswith("error")})
         for n in s:
             s[n] = round(s[n] + r[n], 4)
     print(json.dumps({"bench": "binary_layers_smollm2", "iters": a.iters, "rho": a.rho, "rho_end": a.rho_end,
-                      "damp": a.damp, "polish": a.polish, "samples": a.samples, "layers": a.layers, "modules": a.modules, "sums": sums, "results": rows}))
+                      "damp": a.damp, "polish": a.polish, "samples": a.samples, "same_k": a.same_k, "layers": a.layers, "modules": a.modules, "sums": sums, "results": rows}))
 
 
 if __name__ == "__main__":
