@@ -123,6 +123,9 @@ class DBFFormat(Format):
     def stored_bits_per_weight(self, spec, shape, qt) -> float:
         return bits_per_weight(*shape, qt.k, qt.l)
 
+    def structure(self, t: BinaryFactorTensor) -> dict[str, int]:
+        return {"k": t.k, "l": t.l}
+
     def to_tensors(self, prefix, t: BinaryFactorTensor, dtype):
         out, cols = t.shape
         return {f"{prefix}.sign_a": pack_signs(t.Sa), f"{prefix}.sign_b": pack_signs(t.Sb),

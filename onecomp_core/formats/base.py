@@ -18,6 +18,8 @@ class Format:
     - ``stored_bits_per_weight(spec, shape, qt)``: the same for a tensor the projector produced
       (defaults to ``bits_per_weight``; formats whose projector may pick a smaller structure
       per module, like ``mdbf``'s envelope rank, count what ``qt`` holds)
+    - ``structure(qt)``: facts about what ``qt`` holds that the report records per module,
+      e.g. a binary factorisation's rank k and envelope rank l (defaults to none)
     - ``to_tensors(prefix, qt, dtype)`` / ``from_tensors(prefix, tensors, meta)``: disk layout
     - ``module(qt, bias)``: an ``nn.Module`` that runs the quantized layer (inference)
     - ``checkpoint_config(entries)``: what ``config.json`` says about the quantization (or None)
@@ -39,6 +41,9 @@ class Format:
 
     def stored_bits_per_weight(self, spec: LayerSpec, shape: tuple[int, int], qt) -> float:
         return self.bits_per_weight(spec, shape)
+
+    def structure(self, qt) -> dict[str, int | float | str]:
+        return {}
 
     def to_tensors(self, prefix: str, qt, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         raise NotImplementedError

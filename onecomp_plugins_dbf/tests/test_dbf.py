@@ -242,6 +242,10 @@ def test_end_to_end(tiny_llama, tmp_path, fmt, corr):
     held = {n: bits_per_weight(m.out_features, m.in_features, m.sign_a.shape[1], m.A.shape[1])
             for n, m in model.named_modules() if isinstance(m, BinaryFactorLinear)}
     assert held and held == {n: rep["layers"][n]["bpw"] for n in held}
+    # ... and records the (k, l) each module stores
+    shapes = {n: (m.sign_a.shape[1], m.A.shape[1]) for n, m in model.named_modules()
+              if isinstance(m, BinaryFactorLinear)}
+    assert shapes == {n: (rep["layers"][n]["k"], rep["layers"][n]["l"]) for n in shapes}
 
 
 def test_format_and_projector_share_their_option_table():
