@@ -14,14 +14,20 @@ from onecomp_plugin_autobit.heatmap import allocation_png
 from onecomp_plugin_autobit.ilp import _cpsat, brute_force, smallest_budget, solve
 
 
-@settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 10_000), units=st.integers(1, 5), cands=st.integers(1, 4), slack=st.floats(0, 1))
-def test_ilp_matches_brute_force(seed, units, cands, slack):
+def random_instance(seed, units, cands, slack):
+    """Errors, whole-bit costs and a budget a fraction ``slack`` of the way from the smallest
+    feasible to the largest useful one."""
     rng = random.Random(seed)
     E = [[rng.uniform(0, 10) for _ in range(cands)] for _ in range(units)]
     M = [[float(rng.randint(1, 20)) for _ in range(cands)] for _ in range(units)]
     lo, hi = smallest_budget(M), sum(max(m) for m in M)
-    budget = lo + slack * (hi - lo)
+    return E, M, lo + slack * (hi - lo)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), units=st.integers(1, 5), cands=st.integers(1, 4), slack=st.floats(0, 1))
+def test_ilp_matches_brute_force(seed, units, cands, slack):
+    E, M, budget = random_instance(seed, units, cands, slack)
     choice, solver, _ = solve(E, M, budget)
     _, best = brute_force(E, M, budget)
     assert sum(M[i][c] for i, c in enumerate(choice)) <= budget + 1e-9
@@ -32,11 +38,7 @@ def test_ilp_matches_brute_force(seed, units, cands, slack):
 @given(seed=st.integers(0, 10_000), units=st.integers(1, 5), cands=st.integers(1, 4), slack=st.floats(0, 1))
 def test_cpsat_fallback_matches_brute_force(seed, units, cands, slack):
     # the solver used where SCIP is missing: whole-bit costs, a fractional budget
-    rng = random.Random(seed)
-    E = [[rng.uniform(0, 10) for _ in range(cands)] for _ in range(units)]
-    M = [[float(rng.randint(1, 20)) for _ in range(cands)] for _ in range(units)]
-    lo, hi = smallest_budget(M), sum(max(m) for m in M)
-    budget = lo + slack * (hi - lo)
+    E, M, budget = random_instance(seed, units, cands, slack)
     choice, name = _cpsat(E, M, budget, max(max(e) for e in E), 10.0)
     _, best = brute_force(E, M, budget)
     assert name == "CP-SAT"
