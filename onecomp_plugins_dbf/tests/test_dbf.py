@@ -239,13 +239,12 @@ def test_end_to_end(tiny_llama, tmp_path, fmt, corr):
     with torch.no_grad():
         assert torch.isfinite(model(torch.randint(3, 300, (1, 12))).logits).all()
     # the report counts what each loaded module holds (mdbf may store l = 1 in some modules)
-    held = {n: bits_per_weight(m.out_features, m.in_features, m.sign_a.shape[1], m.A.shape[1])
-            for n, m in model.named_modules() if isinstance(m, BinaryFactorLinear)}
-    assert held and held == {n: rep["layers"][n]["bpw"] for n in held}
-    # ... and records the (k, l) each module stores
-    shapes = {n: (m.sign_a.shape[1], m.A.shape[1]) for n, m in model.named_modules()
-              if isinstance(m, BinaryFactorLinear)}
-    assert shapes == {n: (rep["layers"][n]["k"], rep["layers"][n]["l"]) for n in shapes}
+    # and records the (k, l) it stores
+    mods = {n: m for n, m in model.named_modules() if isinstance(m, BinaryFactorLinear)}
+    kl = {n: (m.sign_a.shape[1], m.A.shape[1]) for n, m in mods.items()}
+    assert mods and {n: bits_per_weight(m.out_features, m.in_features, *kl[n]) for n, m in mods.items()} == {
+        n: rep["layers"][n]["bpw"] for n in mods}
+    assert kl == {n: (rep["layers"][n]["k"], rep["layers"][n]["l"]) for n in mods}
 
 
 def test_format_and_projector_share_their_option_table():

@@ -20,10 +20,14 @@ def smallest_budget(costs: list[list[float]]) -> float:
     return sum(min(c) for c in costs)
 
 
+def budget_cap(budget: float) -> float:
+    """The most bits every solver lets a plan store: costs are in bits, and a relative slack of
+    1e-12 absorbs float rounding of a budget computed as a sum or a fraction."""
+    return budget * (1 + 1e-12)
+
+
 def within_budget(bits: float, budget: float) -> bool:
-    """The budget test every solver applies: costs are in bits, and a relative slack of 1e-12
-    absorbs float rounding of a budget computed as a sum or a fraction."""
-    return bits <= budget * (1 + 1e-12)
+    return bits <= budget_cap(budget)
 
 
 def solve(errors: list[list[float]], costs: list[list[float]], budget: float, time_limit_s: float = 60.0):
@@ -53,8 +57,7 @@ def _scip(errors, costs, budget, scale, time_limit_s):
     x = [[s.BoolVar(f"x{l}_{c}") for c in range(len(errors[l]))] for l in range(len(errors))]
     for row in x:
         s.Add(sum(row) == 1)
-    # the same slack as within_budget
-    s.Add(sum(costs[l][c] * x[l][c] for l in range(len(x)) for c in range(len(x[l]))) <= budget * (1 + 1e-12))
+    s.Add(sum(costs[l][c] * x[l][c] for l in range(len(x)) for c in range(len(x[l]))) <= budget_cap(budget))
     s.Minimize(sum(errors[l][c] / scale * x[l][c] for l in range(len(x)) for c in range(len(x[l]))))
     status = s.Solve()
     if status not in (pywraplp.Solver.OPTIMAL, pywraplp.Solver.FEASIBLE):
@@ -69,9 +72,9 @@ def _cpsat(errors, costs, budget, scale, time_limit_s):
     x = [[m.NewBoolVar(f"x{l}_{c}") for c in range(len(errors[l]))] for l in range(len(errors))]
     for row in x:
         m.AddExactlyOne(row)
-    # CP-SAT takes integers: costs round up and the budget (with within_budget's slack) down, so
-    # whatever it picks is within budget; exact for whole-bit costs, the usual case
-    cap = math.floor(budget * (1 + 1e-12))
+    # CP-SAT takes integers: costs round up and the cap down, so whatever it picks is within
+    # budget; exact for whole-bit costs, the usual case
+    cap = math.floor(budget_cap(budget))
     m.Add(sum(math.ceil(costs[l][c]) * x[l][c] for l in range(len(x)) for c in range(len(x[l]))) <= cap)
     m.Minimize(sum(int(round(errors[l][c] / scale * 1e9)) * x[l][c] for l in range(len(x)) for c in range(len(x[l]))))
     solver = cp_model.CpSolver()
