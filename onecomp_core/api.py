@@ -175,6 +175,7 @@ class Runner:
             if spec.format not in res.formats:
                 res.formats[spec.format] = res._make("format", spec.format, res.plugins.registry)
             res.formats[spec.format].check(spec, shapes[spec.name])
+            res.projectors[spec.projector].check(spec, res.formats[spec.format])
         needs_h = any(p.needs_hessian for p in res.projectors.values()) or bool(res.corrections)
         few = few_tokens_warning(int(ids.numel()), max(s[1] for s in shapes.values())) if needs_h else None
         if few:

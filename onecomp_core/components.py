@@ -7,6 +7,7 @@ from typing import ClassVar
 import attrs
 import torch
 
+from .errors import OnecompError
 from .spec import LayerSpec, Plan
 
 
@@ -27,6 +28,16 @@ class Projector(Component):
     ``W`` is the float32 target (out x in); ``H`` the input Gram matrix X X^T / N (in x in,
     float32) of the layer's calibration inputs, or None when ``needs_hessian`` is False."""
     needs_hessian: ClassVar[bool] = True
+    writes: ClassVar[tuple[type, ...]] = ()     # the format classes it can write (subclasses too); () = any
+
+    def check(self, spec: LayerSpec, fmt) -> None:
+        """Called for every module of the plan after planning, before any block is quantized
+        (and again by ``project``): raise :class:`OnecompError` with what to change when this
+        projector cannot write ``spec`` in ``fmt``. The default checks ``writes``."""
+        if self.writes and not isinstance(fmt, self.writes):
+            names = " or ".join(repr(c.name) for c in self.writes)
+            raise OnecompError(f"projector {self.name!r} writes format {names}, not {spec.format!r}: pass "
+                               f"--format {self.writes[0].name} or pick a projector for {spec.format!r}")
 
     def project(self, W: torch.Tensor, H: torch.Tensor | None, spec: LayerSpec, fmt):
         raise NotImplementedError

@@ -5,6 +5,7 @@ import attrs
 
 from .components import Projector
 from .formats import grid
+from .formats.uniform import UniformFormat
 from .validators import in_range
 
 
@@ -25,10 +26,10 @@ class RTN(Projector):
     name = "rtn"
     needs_hessian = False
     Options = GridOptions
+    writes = (UniformFormat,)
 
     def project(self, W, H, spec, fmt):
-        if spec.format != "uniform":
-            raise ValueError(f"projector 'rtn' writes the uniform format, not {spec.format!r}")
+        self.check(spec, fmt)
         codes, scale, zero = grid.rtn(W.float(), spec.bits, spec.group_size, spec.symmetric,
                                       **self.options.fit_kwargs(spec))
         return fmt.make(codes, scale, zero, spec)

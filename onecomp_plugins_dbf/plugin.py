@@ -52,10 +52,10 @@ class DBF(Projector):
     """Double binary factorisation: SVID start, alternating ADMM on the two factors."""
     name = "dbf"
     Options = BinaryFactorOptions
+    writes = (DBFFormat,)
 
     def project(self, W, H, spec, fmt):
-        if not isinstance(fmt, DBFFormat):
-            raise ValueError(f"projector {self.name!r} writes binary-factor formats, not {spec.format!r}")
+        self.check(spec, fmt)
         return project_binary_factors(self.options, fmt, W, H, spec)
 
 

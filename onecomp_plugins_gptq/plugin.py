@@ -5,7 +5,9 @@ import attrs
 import torch
 
 from onecomp_core.components import Projector, Refiner
+from onecomp_core.errors import OnecompError
 from onecomp_core.formats import grid
+from onecomp_core.formats.uniform import UniformFormat
 from onecomp_core.hookspecs import hookimpl
 from onecomp_core.planners import excluded
 from onecomp_core.projectors import GridOptions
@@ -25,27 +27,32 @@ class GPTQOptions(GridOptions):
     static_groups: bool = attrs.field(default=True, validator=boolean)
 
 
-def _uniform_only(name, spec):
-    if spec.format != "uniform":
-        raise ValueError(f"projector {name!r} writes the uniform format, not {spec.format!r}")
+class UniformProjector(Projector):
+    """A GPTQ-family projector: writes the uniform format; act-order with grouped columns needs
+    static groups (dynamic ones would be fitted out of order)."""
+    writes = (UniformFormat,)
+
+    def check(self, spec, fmt):
+        super().check(spec, fmt)
+        o = self.options
+        if o.act_order and not o.static_groups and spec.group_size != -1:
+            raise OnecompError(f"{self.name}: act_order needs static_groups=true with group size {spec.group_size}; "
+                               f"set {self.name}.static_groups=true or {self.name}.act_order=false")
 
 
 def run_gptq(o: GPTQOptions, W, H, spec):
-    if o.act_order and not o.static_groups and spec.group_size != -1:
-        raise ValueError("gptq: act_order needs static_groups=true (dynamic groups would be fitted "
-                         "out of order); set gptq.static_groups=true or gptq.act_order=false")
     return gptq(W, H, spec.bits, spec.group_size, spec.symmetric, damp=o.damp, block_size=o.block_size,
                 act_order=o.act_order, static_groups=o.static_groups, fit_kwargs=o.fit_kwargs(spec))
 
 
-class GPTQ(Projector):
+class GPTQ(UniformProjector):
     """Second-order layer-wise quantization (Frantar et al.): damping, lazy block updates,
     act-order with static groups, optional MSE clipping grid."""
     name = "gptq"
     Options = GPTQOptions
 
     def project(self, W, H, spec, fmt):
-        _uniform_only(self.name, spec)
+        self.check(spec, fmt)
         return fmt.make(*run_gptq(self.options, W, H, spec), spec)
 
 
@@ -56,14 +63,14 @@ class JointQOptions(GPTQOptions):
     start: str = attrs.field(default="gptq", validator=one_of("gptq", "rtn"))
 
 
-class JointQ(Projector):
+class JointQ(UniformProjector):
     """Joint local search over codes and group scales from a GPTQ (or RTN) start; writes the
     same uniform format and never ends worse than its start on its own objective."""
     name = "jointq"
     Options = JointQOptions
 
     def project(self, W, H, spec, fmt):
-        _uniform_only(self.name, spec)
+        self.check(spec, fmt)
         o = self.options
         if o.start == "gptq":
             codes, scale, zero = run_gptq(o, W, H, spec)

@@ -81,6 +81,27 @@ def test_unknown_plugin_names(tiny_llama, out, capsys):
     check(code, err, out, "unknown format 'nf4'")
 
 
+@pytest.mark.parametrize("projector, fmt, says", [
+    ("gptq", "dbf", r"projector 'gptq' writes format 'uniform', not 'dbf': pass --format uniform"),
+    ("rtn", "mdbf", r"projector 'rtn' writes format 'uniform', not 'mdbf'"),
+    ("mdbf", "uniform", r"projector 'mdbf' writes format 'mdbf' or 'dbf', not 'uniform': pass --format mdbf"),
+])
+def test_projector_that_cannot_write_the_format(tiny_llama, out, capsys, projector, fmt, says):
+    # caught when the plan is checked, before any block is quantized (it used to be a traceback
+    # from inside the layer-wise pass)
+    budget = ["--target-bpw", "2"] if fmt != "uniform" else []     # binary factors take a bpw target
+    code, err = run(["quantize", str(tiny_llama), "--projector", projector, "--format", fmt, *budget,
+                     "--out", str(out)], capsys)
+    check(code, err, out, says)
+
+
+def test_act_order_without_static_groups(tiny_llama, out, capsys):
+    code, err = run(["quantize", str(tiny_llama), "--projector", "jointq", "--option", "jointq.static_groups=false",
+                     "--group-size", "32", "--out", str(out)], capsys)
+    check(code, err, out, r"jointq: act_order needs static_groups=true with group size 32; "
+                          r"set jointq.static_groups=true or jointq.act_order=false")
+
+
 def test_console_script_exit_code(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "onecomp_core.cli", "quantize", str(tmp_path / "nope"),
                            "--out", str(tmp_path / "o")], capture_output=True, text=True)

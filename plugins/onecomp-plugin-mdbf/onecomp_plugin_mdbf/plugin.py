@@ -38,10 +38,10 @@ class MDBFOptions(BinaryFactorOptions):
 class MDBF(DBF):
     name = "mdbf"
     Options = MDBFOptions
+    writes = (MDBFFormat, DBFFormat)
 
     def project(self, W, H, spec, fmt):
-        if not isinstance(fmt, DBFFormat):
-            raise ValueError(f"projector {self.name!r} writes binary-factor formats, not {spec.format!r}")
+        self.check(spec, fmt)
         top = int(spec.options.get("l", self.options.l))
         ranks = range(1, top + 1) if self.options.envelope == "best" else [top]
         metric = Metric.of(input_weighting(self.options, H), W.shape[1], W.device, self.options.damp)
