@@ -149,6 +149,8 @@ class Runner:
         start = store.finished
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        # read the evaluation text now: a wrong path should stop the run before the long work
+        eval_ids = text_tokens(tokenizer, run.eval_text, run.eval_tokens) if run.eval_text else None
         cal = run.calibration
         ids = self.stage("calibration", lambda: calibration_samples(
             cal.source, tokenizer, cal.num_samples, cal.seq_len, cal.strategy, cal.seed,
@@ -199,8 +201,8 @@ class Runner:
         layers = store.layer_info()
         self.peak_quantize = peak_rss_mb()
         evaluation = None
-        if run.eval_text:
-            evaluation = self.stage("evaluate", lambda: self._evaluate(final, folder, tokenizer))
+        if eval_ids is not None:
+            evaluation = self.stage("evaluate", lambda: self._evaluate(final, folder, eval_ids))
         report = self._report(plan, res, layers, timing, evaluation, start, time.time() - t_start, folder, shapes)
         atomic_json(final / "report.json", report)
         atomic_write_bytes(final / "report.md", markdown(report).encode())
@@ -209,10 +211,9 @@ class Runner:
         self.hook.onecomp_run_finish(report=report)
         return report
 
-    def _evaluate(self, final, folder, tokenizer):
+    def _evaluate(self, final, folder, ids):
         from .evaluate import load_reference
         run = self.run_cfg
-        ids = text_tokens(tokenizer, run.eval_text, run.eval_tokens)
         qmodel = load_quantized(final, run.device, run.dtype, self.res.plugins)
         ref, _ = load_reference(str(folder), run.device, run.dtype)
         return evaluate(qmodel, ids, ref=ref, seq_len=run.eval_seq_len)

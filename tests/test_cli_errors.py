@@ -72,6 +72,17 @@ def test_calibration_shorter_than_one_sample(tiny_llama, tmp_path, out, capsys):
     check(code, err, out, "shorter than one sample")
 
 
+@pytest.mark.parametrize("text, says", [(None, "does not exist"), ("", "is empty")])
+def test_bad_evaluation_text(tiny_llama, tmp_path, out, capsys, text, says):
+    # found before calibration, not after the whole quantization
+    path = tmp_path / "eval.txt"
+    if text is not None:
+        path.write_text(text)
+    code, err = run(["quantize", str(tiny_llama), "--projector", "rtn", "--eval-text", str(path), "--out", str(out)],
+                    capsys)
+    check(code, err, out, f"evaluation text {path} {says}")
+
+
 def test_unknown_plugin_names(tiny_llama, out, capsys):
     code, err = run(["quantize", str(tiny_llama), "--projector", "gptqq", "--out", str(out)], capsys)
     check(code, err, out, r"unknown projector 'gptqq'; known: (\w+, )*gptq, jointq, (\w+, )*rtn\b")
