@@ -5,8 +5,11 @@ AutoBit mixing DBF and GPTQ modules at 2.0 bpw. `--correction qep` puts QEP in f
 `--calibration FILE` calibrates on another text, e.g. a replicate on the second half of the
 corpus: `tail -n +6256 data/enwiki_calib.txt > calib_b.txt` (from the article 'Andorra' on), or on
 its last quarter: `tail -n +9701 data/enwiki_calib.txt > calib_c.txt` (from 'Abacus' on).
-Same protocol as layerwise_smollm2.py (32 x 512 calibration tokens, enwiki_eval). Prints one
-JSON line per run, then one JSON object with all of them."""
+Same protocol as layerwise_smollm2.py (32 x 512 calibration tokens, enwiki_eval). `--model`
+runs the same protocol on another local model (e.g. a wider one, where MDBF's second envelope
+rank costs a smaller share of the sign columns). Prints one JSON line per run, then one JSON
+object with all of them and `checks`: issue 5's two criteria judged on these runs (null where a
+run they need was skipped or failed)."""
 from __future__ import annotations
 
 import argparse
@@ -40,8 +43,28 @@ def runs(iters: int, sym: bool, options: list[str]):
     return out
 
 
+def checks(rows: list[dict]) -> dict:
+    """Issue 5's criteria on the measured rows: MDBF below DBF in perplexity at each budget, and
+    at 2.0 bpw DBF or MDBF below the best 2-bit GPTQ row while storing no more bits per weight."""
+    ppl = {r["label"]: r for r in rows if "ppl" in r}
+    out = {}
+    for bpw in ("1.0", "1.5", "2.0"):
+        d, m = ppl.get(f"dbf@{bpw}"), ppl.get(f"mdbf@{bpw}")
+        out[f"mdbf_below_dbf@{bpw}"] = None if d is None or m is None else m["ppl"] < d["ppl"]
+    gptq = [r for label, r in ppl.items() if label.startswith("gptq 2b")]
+    binary = [ppl[x] for x in ("dbf@2.0", "mdbf@2.0") if x in ppl]
+    if gptq and binary:
+        best = min(gptq, key=lambda r: r["ppl"])
+        out["binary_beats_best_gptq_2b@2.0"] = any(b["ppl"] < best["ppl"] and b["bpw"] <= best["bpw"] for b in binary)
+        out["best_gptq_2b"] = {"run": best["label"], "ppl": best["ppl"], "bpw": best["bpw"]}
+    else:
+        out["binary_beats_best_gptq_2b@2.0"] = None
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m", help="the model to quantize (a local folder; default: SmolLM2-135M)")
     ap.add_argument("--iters", type=int, default=40, help="ADMM iterations of dbf/mdbf")
     ap.add_argument("--only", default="", help="comma list of run labels to keep")
     ap.add_argument("--sym", action="store_true", help="uniform GPTQ rows on the symmetric grid (the first table)")
@@ -63,14 +86,14 @@ def main():
                 + (f"+{a.correction}" if a.correction else "") + (f" {a.samples}x512" if a.samples else "")
                 + (" (other calibration)" if a.calibration else ""))
         keep = Path(a.reports) / (re.sub(r"[^A-Za-z0-9@.+=-]+", "_", name) + ".json") if a.reports else None
-        r = quantize_and_measure("smollm2-135m", [*flags, *extra], 16384, a.calibration or CALIB, keep)
-        r["run"] = name
+        r = quantize_and_measure(a.model, [*flags, *extra], 16384, a.calibration or CALIB, keep)
+        r["run"], r["label"] = name, label
         rows.append(r)
         print(json.dumps(r), flush=True)
-    print(json.dumps({"bench": "binary_smollm2", "eval_tokens": 16384, "admm_iters": a.iters,
+    print(json.dumps({"bench": "binary_smollm2", "model": a.model, "eval_tokens": 16384, "admm_iters": a.iters,
                       "correction": a.correction or None, "calibration": a.calibration or None,
                       "samples": a.samples or 32,
-                      "options": a.option, "results": rows}))
+                      "options": a.option, "results": rows, "checks": checks(rows)}))
 
 
 if __name__ == "__main__":
