@@ -46,13 +46,13 @@ def runs(iters: int, sym: bool, options: list[str]):
 def checks(rows: list[dict]) -> dict:
     """Issue 5's criteria on the measured rows: MDBF below DBF in perplexity at each budget, and
     at 2.0 bpw DBF or MDBF below the best 2-bit GPTQ row while storing no more bits per weight."""
-    ppl = {r["label"]: r for r in rows if "ppl" in r}
+    measured = {r["label"]: r for r in rows if "ppl" in r}       # failed runs carry no ppl
     out = {}
     for bpw in ("1.0", "1.5", "2.0"):
-        d, m = ppl.get(f"dbf@{bpw}"), ppl.get(f"mdbf@{bpw}")
+        d, m = measured.get(f"dbf@{bpw}"), measured.get(f"mdbf@{bpw}")
         out[f"mdbf_below_dbf@{bpw}"] = None if d is None or m is None else m["ppl"] < d["ppl"]
-    gptq = [r for label, r in ppl.items() if label.startswith("gptq 2b")]
-    binary = [ppl[x] for x in ("dbf@2.0", "mdbf@2.0") if x in ppl]
+    gptq = [r for label, r in measured.items() if label.startswith("gptq 2b")]
+    binary = [measured[x] for x in ("dbf@2.0", "mdbf@2.0") if x in measured]
     if gptq and binary:
         best = min(gptq, key=lambda r: r["ppl"])
         out["binary_beats_best_gptq_2b@2.0"] = any(b["ppl"] < best["ppl"] and b["bpw"] <= best["bpw"] for b in binary)
