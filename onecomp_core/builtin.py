@@ -1,8 +1,9 @@
-"""The core's own plugin: RTN, the uniform format, the uniform planner, the decoder adapter and
-progress bars (an observation-hook plugin like any other)."""
+"""The core's own plugin: RTN, the uniform format, the uniform planner, the decoder adapter, the
+``compressed-tensors`` exporter and progress bars (an observation-hook plugin like any other)."""
 from __future__ import annotations
 
 from .adapters.decoder import DecoderAdapter
+from .export import CompressedTensorsExporter
 from .formats.uniform import UniformFormat
 from .hookspecs import hookimpl
 from .planners import UniformPlanner
@@ -28,6 +29,11 @@ def onecomp_register_planners(registry):
 @hookimpl
 def onecomp_register_model_adapters(registry):
     registry.add_model_adapter(DecoderAdapter)
+
+
+@hookimpl
+def onecomp_register_exporters(registry):
+    registry.add_exporter(CompressedTensorsExporter)
 
 
 progress = Progress()

@@ -17,8 +17,12 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="symmetric", action="store_const", const=True)
     sym.add_argument("--asym", dest="symmetric", action="store_const", const=False)
-    p.add_argument("--projector", help="projector name (rtn, gptq, ...)")
-    p.add_argument("--correction", action="append", dest="corrections", help="layer-wise correction (repeatable)")
+    p.add_argument("--projector", help="projector name (rtn, gptq, ...; default gptq where installed, else rtn)")
+    p.add_argument("--preprocessor", action="append", dest="preprocessors", metavar="NAME",
+                   help="function-preserving transform before quantization (repeatable, applied in order)")
+    p.add_argument("--refiner", "--correction", action="append", dest="refiners", metavar="NAME",
+                   help="refiner (repeatable, in order): corrections such as qep, lpcd; block refiners such as "
+                        "blockcomp; model refiners")
     p.add_argument("--planner", help="planner name (uniform, autobit, ...)")
     p.add_argument("--target-bpw", type=float, help="budget: average bits per weight of the quantized linears")
     p.add_argument("--budget-bytes", help="budget: size of the quantized linears, e.g. 60MB")
@@ -26,11 +30,14 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=int, help="context length for --fit-memory (default 4096)")
     p.add_argument("--batch", type=int, help="batch size for --fit-memory (default 1)")
     p.add_argument("--format", help="format name (uniform, ...)")
+    p.add_argument("--export", action="append", dest="exports", metavar="NAME",
+                   help="an extra exporter writing beside the compressed-tensors checkpoint (repeatable)")
     p.add_argument("--calibration", help="calibration text: .txt/.jsonl/.parquet, dataset folder or hub id")
     p.add_argument("--num-samples", type=int)
     p.add_argument("--seq-len", type=int)
     p.add_argument("--strategy", help="concat_chunk, drop_head or drop_rand")
     p.add_argument("--seed", type=int)
+    p.add_argument("--batch-size", type=int, help="calibration samples per block forward (default 8)")
     p.add_argument("--exclude", action="append", help="module name pattern to keep in full precision")
     p.add_argument("--option", action="append", default=[], metavar="COMPONENT.KEY=VALUE",
                    help="a component option, e.g. gptq.damp=0.02 (value parsed as JSON when it can be)")
@@ -56,26 +63,21 @@ def _options(items) -> dict:
 
 
 def _run_config(a):
-    from .api import make_config
-    from .config import read_file
-    base = read_file(a.config) if a.config else {}
-    if a.option:
-        merged = dict(base.get("options", {}))
-        for comp, kv in _options(a.option).items():
-            merged[comp] = {**merged.get(comp, {}), **kv}
-        base["options"] = merged
-    return make_config(a.model, base, out=a.out, bits=a.bits, group_size=a.group_size, symmetric=a.symmetric,
-                       projector=a.projector, corrections=a.corrections, planner=a.planner,
+    from .config import make_config
+    return make_config(a.model, a.config, options=_options(a.option), out=a.out, bits=a.bits,
+                       group_size=a.group_size, symmetric=a.symmetric, projector=a.projector,
+                       preprocessors=a.preprocessors, refiners=a.refiners, planner=a.planner,
                        target_bpw=a.target_bpw, budget_bytes=a.budget_bytes, fit_memory=a.fit_memory,
-                       context=a.context, batch=a.batch, format=a.format, calibration=a.calibration,
-                       num_samples=a.num_samples, seq_len=a.seq_len, strategy=a.strategy, seed=a.seed,
-                       exclude=a.exclude, device=a.device, dtype=a.dtype, eval_text=a.eval_text,
-                       overwrite=a.overwrite)
+                       context=a.context, batch=a.batch, format=a.format, exports=a.exports,
+                       calibration=a.calibration, num_samples=a.num_samples, seq_len=a.seq_len,
+                       strategy=a.strategy, seed=a.seed, batch_size=a.batch_size, exclude=a.exclude,
+                       device=a.device, dtype=a.dtype, eval_text=a.eval_text, overwrite=a.overwrite)
 
 
 def cmd_quantize(a) -> int:
-    from .api import Resolved, Runner
     from .plugins import load_plugins
+    from .resolve import Resolved
+    from .runner import Runner
     run = _run_config(a)
     if not run.out:
         raise OnecompError("no output folder: pass --out DIR")
@@ -112,8 +114,11 @@ def cmd_plugins(a) -> int:
     for p in ps.plugins:
         regs = ", ".join(f"{k} {n}" for k, n in p.registers) or "-"
         state = f"FAILED: {p.error}" if p.error else regs
+        if p.warnings:
+            state += "; WARNING: " + "; ".join(p.warnings)
         rows.append({"name": p.name, "distribution": p.distribution, "version": p.version,
-                     "module": p.module, "registers": [list(r) for r in p.registers], "error": p.error})
+                     "module": p.module, "registers": [list(r) for r in p.registers], "error": p.error,
+                     "warnings": p.warnings})
         if not a.json:
             print(f"{p.name:<12} {p.distribution or '-':<28} {p.version or '-':<10} {state}")
     if a.json:
@@ -122,8 +127,8 @@ def cmd_plugins(a) -> int:
 
 
 def cmd_config(a) -> int:
-    from .api import Resolved
     from .plugins import load_plugins
+    from .resolve import Resolved
     run = _run_config(a)
     desc = Resolved(run, load_plugins()).describe()
     if a.json:

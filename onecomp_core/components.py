@@ -1,5 +1,10 @@
-"""Base classes of the component kinds that plugins register (formats and adapters live in
-their own modules). Each has a ``name`` and a nested attrs ``Options`` class."""
+"""Base classes of the component kinds that plugins register (formats and model adapters live in
+their own modules). Each has a ``name`` and a nested frozen attrs ``Options`` class.
+
+A run is an ordered list of stages over one model: preprocess -> plan -> layer-wise pass (the
+pivot) -> refiners -> export -> evaluate. The kinds below are what those stages call; the
+contexts they receive are in :mod:`onecomp_core.contexts`.
+"""
 from __future__ import annotations
 
 from typing import ClassVar
@@ -22,6 +27,48 @@ class Component:
         self.options = options if options is not None else self.Options()
 
 
+# --- plan ---------------------------------------------------------------------------------------
+class Planner(Component):
+    """A :class:`~onecomp_core.contexts.PlanContext` -> a :class:`Plan` of per-module specs."""
+
+    def plan(self, ctx) -> Plan:
+        raise NotImplementedError
+
+
+# --- preprocess ---------------------------------------------------------------------------------
+class Transform:
+    """A fitted function-preserving transform, applied to the model as it streams by: each
+    decoder block right after it is loaded (``apply_block``) and the outer modules once
+    (``apply_outer``). Must be deterministic: a resumed run applies it again to the blocks it
+    has not finished."""
+
+    def apply_block(self, index: int, block: torch.nn.Module) -> None:
+        """Rewrite block ``index`` in place (its weights are full precision, compute dtype)."""
+
+    def apply_outer(self, embeddings: torch.nn.Module, head: torch.nn.Module | None) -> None:
+        """Rewrite the input embedding and the output head in place (``head`` is None when the
+        model has none; when the config ties them, keep them equal or untie them through
+        ``checkpoint_config``)."""
+
+    def checkpoint_config(self) -> dict:
+        """Keys merged into the output's ``config.json`` (e.g. what a loader must apply online)."""
+        return {}
+
+    def describe(self) -> dict:
+        """What the run report records about this transform."""
+        return {}
+
+
+class Preprocessor(Component):
+    """A function-preserving transform of the whole model before quantization: ``fit`` once
+    (it may run the FP model on the calibration stream), then the returned :class:`Transform`
+    is applied block by block."""
+
+    def fit(self, ctx) -> Transform:
+        raise NotImplementedError
+
+
+# --- layer-wise pass ----------------------------------------------------------------------------
 class Projector(Component):
     """(W, statistics, spec) -> a quantized tensor of ``spec.format``.
 
@@ -43,102 +90,70 @@ class Projector(Component):
         raise NotImplementedError
 
 
-@attrs.define
-class LayerContext:
-    """What a layer-scope refiner sees while one linear is quantized."""
-    name: str
-    spec: LayerSpec
-    weight: torch.Tensor            # the layer's full-precision weight (float32)
-    target: torch.Tensor            # what the projector will aim at (starts as ``weight``)
-    H: torch.Tensor | None          # input Gram of the quantized stream
-    stats: dict                     # extra per-layer statistics a refiner asked for
-    module: torch.nn.Module         # the live linear inside the block
-    block: torch.nn.Module
-    fmt: object
-
-
-@attrs.define
-class GroupContext:
-    """What a layer-scope refiner sees before a group of linears is quantized."""
-    block: torch.nn.Module
-    prefix: str
-    group: list                     # relative names of the linears about to be quantized
-    quantized: set                  # relative names already quantized in this block
-    q_inputs: torch.Tensor          # quantized stream entering the block (N, L, d)
-    fp_outputs: torch.Tensor        # FP block's output on the FP stream: the block's target
-    kwargs: dict
-    pass_index: int = 0             # 0: first visit; > 0: a later pass (every other linear quantized,
-                                    # this group's FP weights restored)
-    residual_writers: frozenset = frozenset()   # linears of the block that write into the residual stream
-
-
+# --- refiners, by scope -------------------------------------------------------------------------
 class Refiner(Component):
-    """Improves a quantized model. ``scope = "layer"`` refiners (corrections) run inside the
-    layer-wise pass: ``adjust_target`` before a linear is projected and ``after_projection``
-    after; the others run on the finished pivot checkpoint (``refine``)."""
-    scope: ClassVar[str] = "layer"
-    wants_fp_inputs: ClassVar[bool] = False   # True: observe() gets paired FP / quantized inputs
+    """Improves the quantized model. Subclass one (or several) of the scopes below; the config
+    names refiners in one ordered list (``refiners``) and the scheduler calls each at its scope,
+    in that order."""
 
-    @property
-    def block_passes(self) -> int:
-        """How many times the layer-wise pass visits each block's groups (coordinate descent:
-        in later passes every group is re-relaxed from its FP weights with all the others
-        quantized, then projected again). The pass makes max over the corrections."""
-        return 1
+    @classmethod
+    def scopes(cls) -> tuple[str, ...]:
+        return tuple(s for s, base in (("layer", Correction), ("block", BlockRefiner), ("model", ModelRefiner))
+                     if issubclass(cls, base))
 
-    def begin_group(self, names: list[str]) -> None:
-        """A group of linears (full names) sharing one input is about to be observed."""
 
-    def observe(self, name: str, x_fp: torch.Tensor, x_q: torch.Tensor) -> None:
-        """One calibration sample's input to linear ``name``: from the FP model on the FP stream
-        and from the partly quantized model on the quantized stream (same tokens)."""
+class Correction(Refiner):
+    """Layer scope: changes what a projector aims at while one linear is quantized (QEP, LPCD's
+    closed-form step) or post-processes its result. ``statistics`` names what it reads from
+    ``ctx.stats`` (see :data:`onecomp_core.gather.STATISTICS`); the pass gathers only what some
+    component asked for."""
+    statistics: frozenset = frozenset({"gram"})
 
-    def observe_residual(self, name: str, r_fp: torch.Tensor, r_q: torch.Tensor) -> None:
-        """For a linear that writes into the residual stream (its output is added to it
-        unnormalised, as the adapter's ``residual_taps`` declares): the residual stream at that
-        add in the FP and the quantized model, for the same sample."""
-
-    def prepare_group(self, gctx: "GroupContext") -> None:
-        """Before a group's statistics are collected and its linears projected (block-wise
-        compensation adjusts the block's still-FP linears here)."""
-
-    def adjust_target(self, ctx: LayerContext) -> torch.Tensor:
+    def adjust_target(self, ctx) -> torch.Tensor:
+        """-> the weight the projector should aim at (start from ``ctx.target``)."""
         return ctx.target
 
-    def after_projection(self, ctx: LayerContext, qt):
+    def after_projection(self, ctx, qt):
+        """-> the quantized tensor to keep (same format), e.g. an improved ``qt``."""
         return qt
 
-    def refine(self, model, data):
-        raise NotImplementedError(f"refiner {self.name!r} has no pivot stage")
+
+class BlockRefiner(Refiner):
+    """Block scope: acts on one decoder block inside the layer-wise pass, through a
+    :class:`~onecomp_core.contexts.BlockContext` (which can restore FP weights, re-quantize a
+    group, snapshot and roll back, and measure the block's output error)."""
+    needs_fp_weights: ClassVar[bool] = False     # True: keep a copy of the block's FP linears
+
+    def before_group(self, bctx, group: list[str]) -> None:
+        """Before the first quantization of ``group`` (relative names) in this block."""
+
+    def refine_block(self, bctx) -> None:
+        """After every linear of the block is quantized, before the block is committed."""
 
 
-@attrs.define
-class PlanContext:
-    """What a planner may use. ``weight`` and the statistics are computed on demand."""
-    shapes: dict                      # module name -> (out, in), execution order
-    groups: list                      # lists of module names sharing one input (q/k/v, gate/up, ...)
-    run: object                       # the RunConfig
-    formats: dict                     # format name -> format object
-    registry: object
-    checkpoint_dtype: torch.dtype
-    weight: object                    # name -> float32 FP weight (read lazily from the checkpoint)
-    input_diag: object                # () -> {name: diag(X X^T) / N}, one FP pass over the blocks
-    input_grams: object = None        # (fn) -> {name: fn(H)}, H = X X^T / N, one FP pass, one block's Grams held
-    model_folder: object = None
-    calibration_ids: object = None    # (N, L) token ids
-    device: object = None
-    make: object = None               # (kind, name) -> that component, built with the run's options
+class ModelRefiner(Refiner):
+    """Model scope: runs on the finished pivot checkpoint through a
+    :class:`~onecomp_core.contexts.ModelContext`; returns new quantized tensors (same format and
+    spec) for the modules it changed, or None. The scheduler keeps the result only if the
+    held-out calibration metric does not get worse."""
 
-
-class Planner(Component):
-    """A :class:`PlanContext` -> a :class:`Plan` of per-module specs."""
-
-    def plan(self, ctx: PlanContext) -> Plan:
+    def refine(self, mctx) -> dict | None:
         raise NotImplementedError
 
 
-class Preprocessor(Component):
-    """A function-preserving transform of the whole model before quantization."""
+# --- export -------------------------------------------------------------------------------------
+class Exporter(Component):
+    """Writes the whole checkpoint (or an extra artefact beside it) from the committed blocks."""
+    suffix: ClassVar[str] = ""        # what it adds to the output folder, for messages
 
-    def apply(self, model):
+    def check(self, spec: LayerSpec, fmt) -> None:
+        """Before quantization starts, for every planned module: raise :class:`OnecompError` when
+        this exporter cannot carry ``fmt`` (default: the format lists it in ``exporters``)."""
+        if self.name not in getattr(fmt, "exporters", ()):
+            carried = ", ".join(getattr(fmt, "exporters", ())) or "none"
+            raise OnecompError(f"exporter {self.name!r} cannot carry format {fmt.name!r} ({spec.name}); "
+                               f"exporters of {fmt.name!r}: {carried}. Drop --export {self.name} or pick a format it carries")
+
+    def export(self, ectx) -> list[str]:
+        """Write into ``ectx.folder``; -> the files written (relative names)."""
         raise NotImplementedError

@@ -70,6 +70,8 @@ class CalibrationConfig:
     text_field: str = attrs.field(default="text", validator=_type(str, "a string"))
     split: str = attrs.field(default="train", validator=_type(str, "a string"))
     cache: bool = attrs.field(default=True, validator=_type(bool, "true or false"))
+    batch_size: int = attrs.field(default=8, validator=_int_in(1, 4096))    # samples per block forward
+    heldout: int = attrs.field(default=4, validator=_int_in(1, 4096))       # extra samples judging model refiners
 
 
 def _names(inst, attr, value):
@@ -95,6 +97,20 @@ def _size(inst, attr, value):
 
 
 @attrs.define(frozen=True)
+class BudgetConfig:
+    """At most one of target_bpw, budget_bytes, fit_memory (a planner says which it takes);
+    context and batch size the inference that fit_memory leaves room for."""
+    target_bpw: float | None = attrs.field(default=None, validator=_bpw)
+    budget_bytes: str | int | None = attrs.field(default=None, validator=_size)
+    fit_memory: str | int | None = attrs.field(default=None, validator=_size)
+    context: int = attrs.field(default=4096, validator=_int_in(1))
+    batch: int = attrs.field(default=1, validator=_int_in(1))
+
+    def given(self) -> list[str]:
+        return [k for k in ("target_bpw", "budget_bytes", "fit_memory") if getattr(self, k) is not None]
+
+
+@attrs.define(frozen=True)
 class RunConfig:
     model: str = attrs.field(validator=_type(str, "a model folder, .gguf file or hub id"))
     out: str | None = attrs.field(default=None, validator=_opt_str)
@@ -102,14 +118,12 @@ class RunConfig:
     group_size: int = attrs.field(default=128, converter=group_size_value)
     symmetric: bool = attrs.field(default=False, validator=_type(bool, "true or false"))
     format: str = attrs.field(default="uniform", validator=_type(str, "a format name"))
-    projector: str = attrs.field(default="gptq", validator=_type(str, "a projector name"))
-    corrections: tuple = attrs.field(default=(), converter=tuple, validator=_names)
+    projector: str | None = attrs.field(default=None, validator=_opt_str)     # None: gptq where installed, else rtn
+    preprocessors: tuple = attrs.field(default=(), converter=tuple, validator=_names)
+    refiners: tuple = attrs.field(default=(), converter=tuple, validator=_names)
     planner: str = attrs.field(default="uniform", validator=_type(str, "a planner name"))
-    target_bpw: float | None = attrs.field(default=None, validator=_bpw)
-    budget_bytes: str | int | None = attrs.field(default=None, validator=_size)
-    fit_memory: str | int | None = attrs.field(default=None, validator=_size)
-    context: int = attrs.field(default=4096, validator=_int_in(1))
-    batch: int = attrs.field(default=1, validator=_int_in(1))
+    budget: BudgetConfig = attrs.field(factory=BudgetConfig)
+    exports: tuple = attrs.field(default=(), converter=tuple, validator=_names)
     exclude: tuple = attrs.field(default=("lm_head",), converter=tuple, validator=_names)
     options: dict = attrs.field(factory=dict, validator=_options_map)
     calibration: CalibrationConfig = attrs.field(factory=CalibrationConfig)
@@ -122,38 +136,95 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         d = attrs.asdict(self, recurse=True)
-        d["corrections"] = list(self.corrections)
-        d["exclude"] = list(self.exclude)
+        for k in ("preprocessors", "refiners", "exports", "exclude"):
+            d[k] = list(getattr(self, k))
         return d
 
     def component_options(self, name: str) -> dict:
         return dict(self.options.get(name, {}))
 
 
+LISTS = ("preprocessors", "refiners", "exports", "exclude")
+ALIASES = {"corrections": "refiners"}          # older name of a config field
+SECTIONS = {"calibration": CalibrationConfig, "budget": BudgetConfig}
+
+
+def _section(d: dict, key: str, cls) -> None:
+    """Turn ``d[key]`` into ``cls``; its fields may also be given flat at the top level."""
+    sec = d.get(key, {})
+    if key == "calibration" and isinstance(sec, str):
+        sec = {"source": sec}
+    if not isinstance(sec, dict):
+        raise OnecompError(f"config field {key!r}: must be a table, got {sec!r}")
+    sec = dict(sec)
+    known = {a.name for a in attrs.fields(cls)}
+    for f in known:
+        if f in d and f not in {a.name for a in attrs.fields(RunConfig)}:
+            if f in sec:
+                raise OnecompError(f"config field {f!r} is given twice, at the top level and under {key!r}; keep one")
+            sec[f] = d.pop(f)
+    bad = sorted(set(sec) - known)
+    if bad:
+        raise OnecompError(f"unknown {key} field(s) {', '.join(map(repr, bad))}; known: {', '.join(sorted(known))}")
+    d[key] = cls(**sec)
+
+
 def from_dict(d: dict) -> RunConfig:
     if not isinstance(d, dict):
         raise OnecompError(f"a config must be a table of fields, got {type(d).__name__}")
     d = dict(d)
+    for old, new in ALIASES.items():
+        if old in d:
+            if new in d:
+                raise OnecompError(f"config fields {old!r} and {new!r} name the same list; keep {new!r}")
+            d[new] = d.pop(old)
+    if "model" not in d:
+        raise OnecompError("config field 'model' is required (a model folder, .gguf file or hub id)")
+    for key, cls in SECTIONS.items():
+        _section(d, key, cls)
     known = {a.name for a in attrs.fields(RunConfig)}
     unknown = sorted(set(d) - known)
     if unknown:
         raise OnecompError(f"unknown config field(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))}")
-    if "model" not in d:
-        raise OnecompError("config field 'model' is required (a model folder, .gguf file or hub id)")
-    cal = d.get("calibration", {})
-    if isinstance(cal, str):
-        cal = {"source": cal}
-    if not isinstance(cal, dict):
-        raise OnecompError(f"config field 'calibration': must be a table or a path, got {cal!r}")
-    cknown = {a.name for a in attrs.fields(CalibrationConfig)}
-    bad = sorted(set(cal) - cknown)
-    if bad:
-        raise OnecompError(f"unknown calibration field(s) {', '.join(map(repr, bad))}; known: {', '.join(sorted(cknown))}")
-    d["calibration"] = CalibrationConfig(**cal)
-    for k in ("corrections", "exclude"):
+    for k in LISTS:
         if isinstance(d.get(k), str):
             d[k] = [d[k]]
     return RunConfig(**d)
+
+
+def make_config(model=None, config=None, options=None, **fields) -> RunConfig:
+    """The one place a run's configuration is put together: a config file (read here) or table,
+    then ``options`` (component option tables merged over the file's), then keyword fields, which
+    win over the file (None ignored). Calibration and budget fields may be given flat
+    (``num_samples=16``, ``target_bpw=2.5``); ``calibration=FILE`` names the calibration source."""
+    base = read_file(config) if isinstance(config, (str, Path)) else dict(config or {})
+    if model is not None:
+        base["model"] = str(model)
+    if options:
+        merged = dict(base.get("options", {}))
+        for comp, kv in options.items():
+            merged[comp] = {**merged.get(comp, {}), **kv}
+        base["options"] = merged
+    for old, new in ALIASES.items():        # a keyword list replaces the file's, whichever name either uses
+        if fields.get(old) is not None:
+            fields[new] = fields[old]
+        fields.pop(old, None)
+        if fields.get(new) is not None:
+            base.pop(old, None)
+    for key in ("calibration", "calibration_source"):      # the calibration text, by its path or id
+        v = fields.pop(key, None)
+        if v is not None:
+            fields["source"] = str(v)
+    for key, cls in SECTIONS.items():
+        names = {a.name for a in attrs.fields(cls)}
+        given = {f: fields.pop(f) for f in list(fields) if f in names}
+        given = {f: v for f, v in given.items() if v is not None}
+        if given:
+            sec = base.get(key, {})
+            sec = {"source": sec} if isinstance(sec, str) else dict(sec)
+            base[key] = {**sec, **given}
+    base.update({k: v for k, v in fields.items() if v is not None})
+    return from_dict(base)
 
 
 def read_file(path: str | Path) -> dict:

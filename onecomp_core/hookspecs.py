@@ -17,12 +17,13 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 @hookspec
 def onecomp_register_planners(registry):
     """Add planner classes: ``registry.add_planner(cls)``. A planner turns the model's linear
-    modules and a budget into a :class:`~onecomp_core.plan.Plan`."""
+    modules and a budget into a :class:`~onecomp_core.spec.Plan`."""
 
 
 @hookspec
 def onecomp_register_preprocessors(registry):
-    """Add preprocessor classes (function-preserving transforms run before quantization)."""
+    """Add preprocessor classes: function-preserving transforms fitted once before quantization
+    and applied to each block as it is loaded (``fit(ctx) -> Transform``)."""
 
 
 @hookspec
@@ -32,8 +33,9 @@ def onecomp_register_projectors(registry):
 
 @hookspec
 def onecomp_register_refiners(registry):
-    """Add refiner classes. ``scope = "layer"`` refiners (corrections) act inside the
-    layer-wise pass, before and after each projection; other scopes act on the pivot."""
+    """Add refiner classes, each a subclass of one or more scopes: ``Correction`` (layer: the
+    target of each projection and its result), ``BlockRefiner`` (block: before each group and
+    after the block's linears are quantized, before commit), ``ModelRefiner`` (the pivot)."""
 
 
 @hookspec
@@ -46,10 +48,17 @@ def onecomp_register_model_adapters(registry):
     """Add model adapter classes that know an architecture's blocks and linear modules."""
 
 
+@hookspec
+def onecomp_register_exporters(registry):
+    """Add exporter classes: write the checkpoint (or an artefact beside it) from the committed
+    blocks. ``compressed-tensors`` (the core's) is the main one; ``--export NAME`` adds others."""
+
+
 # --- observation hooks ----------------------------------------------------------------------
 @hookspec
 def onecomp_stage_start(stage: str, info: dict):
-    """A stage begins (``calibration``, ``layerwise``, ``export``, ``evaluate``...).
+    """A stage begins (``open_model``, ``calibration``, ``capture``, ``preprocess``, ``plan``,
+    ``layerwise``, ``refine``, ``export``, ``evaluate``).
     ``info`` may hold ``total`` (work units) for progress displays."""
 
 

@@ -9,6 +9,10 @@ from safetensors import safe_open
 
 from .errors import OnecompError
 
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
 
 class LazyWeights:
     def __init__(self, folder: Path):
@@ -53,6 +57,11 @@ class LazyWeights:
         for d in shape:
             n *= int(d)
         return n
+
+    def dtype_of(self, key: str) -> torch.dtype:
+        """The stored dtype of one tensor, from the header alone."""
+        name = self._handles[self._where[key]].get_slice(key).get_dtype()
+        return _SAFETENSORS_DTYPES.get(name, torch.float32)
 
     def dtype(self) -> torch.dtype:
         """The dtype of the checkpoint's floating-point weights (config's, else the first tensor's)."""

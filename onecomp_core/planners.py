@@ -26,13 +26,14 @@ class UniformPlanner(Planner):
         run, shapes, formats = ctx.run, ctx.shapes, ctx.formats
         fmt = formats[run.format]
         per_module_bpw = getattr(fmt, "takes_bpw", False)   # binary factors: the bpw is the format's knob
-        given = [k for k in ("target_bpw", "budget_bytes", "fit_memory") if getattr(run, k) is not None]
+        given = run.budget.given()
         if per_module_bpw and given == ["target_bpw"]:
             given = []
         if given:
             raise OnecompError(f"planner 'uniform' takes no budget ({', '.join(given)}); drop it or use a budget "
                                "planner such as --planner autobit (onecomp-plugin-autobit)")
-        options = {"bpw": run.target_bpw} if per_module_bpw and run.target_bpw is not None else {}
+        bpw = run.budget.target_bpw
+        options = {"bpw": bpw} if per_module_bpw and bpw is not None else {}
         specs = {}
         for name, shape in shapes.items():
             if excluded(name, run.exclude):

@@ -1,5 +1,11 @@
 """Plugin discovery: entry-point group ``onecomp``, guarded loading, the component registry.
 
+Every registration goes through pluggy's hook callers (so ``pm.trace`` and call monitoring see
+it), one plugin at a time, so that what a plugin registers is attributed to it. A plugin that
+fails to import, implements a hook that does not exist (a misspelt name), implements one with
+wrong arguments or raises while registering is reported in one line naming it, and contributes
+nothing; the others load as usual.
+
 Environment switches:
   ONECOMP_DISABLE_PLUGIN_AUTOLOAD=1   load only the core's built-ins (and plugins passed in code)
   ONECOMP_PLUGINS=a,b                 load only the named entry points (plus the core)
@@ -31,6 +37,7 @@ class PluginInfo:
     distribution: str = ""
     version: str = ""
     error: str = ""
+    warnings: list = field(default_factory=list)
     registers: list = field(default_factory=list)
 
 
@@ -54,10 +61,49 @@ def _entry_points():
     return list(eps.select(group=GROUP)) if hasattr(eps, "select") else list(eps.get(GROUP, []))
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
+def _warn(info: PluginInfo, what: str) -> None:
+    print(f"onecomp: warning: plugin {info.name!r} {what}", file=sys.stderr)
+
+
+def _unknown_hooks(pm: pluggy.PluginManager, plugin) -> list[str]:
+    """Hook implementations of ``plugin`` that match no hook specification (pluggy's
+    ``check_pending``, attributed to one plugin)."""
+    bad = []
+    for name in pm.hook.__dict__:
+        if name.startswith("_"):
+            continue
+        hc = getattr(pm.hook, name)
+        if not hc.has_spec() and any(i.plugin is plugin and not i.optionalhook for i in hc.get_hookimpls()):
+            bad.append(name)
+    return bad
+
+
+def _register(pm: pluggy.PluginManager, obj, info: PluginInfo) -> bool:
+    """Add one plugin object to the manager; False (and ``info.error``) when it does not validate."""
+    try:
+        pm.register(obj, name=info.name)
+    except Exception as exc:               # pluggy.PluginValidationError: hook with wrong arguments
+        if pm.get_plugin(info.name) is not None:
+            pm.unregister(name=info.name)
+        info.error = _first_line(exc)
+        return False
+    bad = _unknown_hooks(pm, obj)
+    if bad:
+        pm.unregister(name=info.name)
+        info.error = (f"implements {', '.join(map(repr, bad))}, which is not an onecomp hook "
+                      f"(misspelt? see onecomp_core.hookspecs)")
+        return False
+    return True
+
+
 def load_plugins(extra: list | tuple = (), autoload: bool | None = None) -> PluginSet:
-    """Load the core and every ``onecomp`` entry point; a plugin that fails to import is
-    recorded with its error and the others still load. ``extra`` are plugin objects (modules
-    or instances with hookimpls) registered in code, e.g. by tests."""
+    """Load the core and every ``onecomp`` entry point, then collect their components. ``extra``
+    are plugin objects (modules or instances with hookimpls) registered in code, e.g. by tests."""
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     infos: list[PluginInfo] = []
@@ -66,40 +112,64 @@ def load_plugins(extra: list | tuple = (), autoload: bool | None = None) -> Plug
     only = {n.strip() for n in os.environ.get("ONECOMP_PLUGINS", "").split(",") if n.strip()}
 
     from . import builtin
-    pm.register(builtin, name=CORE)
-    infos.append(PluginInfo(CORE, builtin.__name__, "onecomp-core", _version("onecomp-core")))
+    core = PluginInfo(CORE, builtin.__name__, "onecomp-core", _version("onecomp-core"))
+    infos.append(core)
+    _register(pm, builtin, core)
 
     if autoload:
         for ep in sorted(_entry_points(), key=lambda e: e.name):
             if ep.name == CORE or (only and ep.name not in only):
                 continue
             dist = getattr(ep, "dist", None)
-            info = PluginInfo(ep.name, ep.value, getattr(dist, "name", "") or "",
-                              getattr(dist, "version", "") or "")
+            info = PluginInfo(ep.name, ep.value, getattr(dist, "name", "") or "", getattr(dist, "version", "") or "")
             infos.append(info)
             if pm.has_plugin(ep.name):
                 info.error = "another plugin with this entry-point name is already loaded"
-                continue
-            try:
-                pm.register(ep.load(), name=ep.name)
-            except Exception as exc:  # a broken plugin must not stop the others
-                info.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
-                print(f"onecomp: warning: plugin {ep.name!r} failed to load: {info.error}", file=sys.stderr)
+            else:
+                try:
+                    obj = ep.load()
+                except Exception as exc:  # a broken plugin must not stop the others
+                    info.error = _first_line(exc)
+                else:
+                    _register(pm, obj, info)
+            if info.error:
+                _warn(info, f"failed to load: {info.error}")
     for i, obj in enumerate(extra):
         name = getattr(obj, "__name__", None) or f"{type(obj).__name__}-{i}"
-        pm.register(obj, name=name)
-        infos.append(PluginInfo(name, getattr(obj, "__module__", "") or str(name)))
+        info = PluginInfo(name, getattr(obj, "__module__", "") or str(name))
+        infos.append(info)
+        if not _register(pm, obj, info):
+            _warn(info, f"failed to load: {info.error}")
 
+    registry = _collect(pm, infos)
+    return PluginSet(pm, registry, infos)
+
+
+def _collect(pm: pluggy.PluginManager, infos: list[PluginInfo]) -> Registry:
+    """Call every registration hook through pluggy, one plugin at a time (in name order, the
+    core first), each plugin's registrations taken or dropped as a unit."""
     registry = Registry()
-    for kind in KINDS:
-        hook = getattr(pm.hook, f"onecomp_register_{kind}s")
-        for impl in sorted(hook.get_hookimpls(), key=lambda i: i.plugin_name):
-            registry.current_plugin = impl.plugin_name
-            impl.function(registry=registry)
-    registry.current_plugin = "<direct>"
+    loaded = [i for i in infos if not i.error]
+    plugins = {i.name: pm.get_plugin(i.name) for i in loaded}
+    for info in loaded:
+        others = [p for n, p in plugins.items() if n != info.name]
+        registry.begin(info.name)
+        try:
+            for kind in KINDS:
+                caller = pm.subset_hook_caller(f"onecomp_register_{kind}s", remove_plugins=others)
+                caller(registry=registry)
+        except Exception as exc:
+            registry.rollback()
+            pm.unregister(name=info.name)            # its observation hooks go too
+            info.error = f"raised while registering: {_first_line(exc)}"
+            _warn(info, f"failed to load: {info.error}")
+            continue
+        for line in registry.commit():
+            info.warnings.append(line)
+            print(f"onecomp: warning: {line}", file=sys.stderr)
     for info in infos:
         info.registers = registry.by_plugin.get(info.name, [])
-    return PluginSet(pm, registry, infos)
+    return registry
 
 
 def _version(dist: str) -> str:

@@ -67,6 +67,8 @@ class Skeleton:
             self.blocks[i] = self.adapter.prepare_block(self.blocks[i])
         emb = self.model.get_input_embeddings().weight
         self.embed_key = next(n for n, p in self.model.named_parameters() if p is emb)
+        self.transforms: list = []      # fitted preprocessors' transforms, applied as parts are loaded
+        self._cached_block: tuple | None = None
 
     def block_prefix(self, i: int) -> str:
         return f"{self.adapter.blocks_path()}.{i}"
@@ -105,7 +107,24 @@ class Skeleton:
         return self.weights.get(key)   # raises the "missing tensor" error
 
     def block(self, i: int) -> nn.Module:
-        return self.fill(self.blocks[i], self.block_prefix(i))
+        """Block ``i`` loaded from the checkpoint, with the transforms applied in order."""
+        block = self.fill(self.blocks[i], self.block_prefix(i))
+        for t in self.transforms:
+            t.apply_block(i, block)
+        return block
+
+    def linear_weight(self, name: str) -> torch.Tensor:
+        """A quantizable linear's FP weight as the layer-wise pass will see it: straight from the
+        checkpoint, or, under transforms, from its transformed block (the last one kept)."""
+        if not self.transforms:
+            return self.weights.get(name + ".weight")
+        i = next(i for i in range(len(self.blocks)) if name.startswith(self.block_prefix(i) + "."))
+        if self._cached_block is None or self._cached_block[0] != i:
+            block = self.block(i)
+            self._cached_block = (i, {n: m.weight.detach().clone() for n, m in block.named_modules()
+                                      if isinstance(m, nn.Linear)})
+            self.release_block(i)
+        return self._cached_block[1][name[len(self.block_prefix(i)) + 1:]]
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """Every quantizable linear (adapter's groups, execution order) and its (out, in)."""
@@ -133,8 +152,30 @@ class Skeleton:
         return out
 
     def fill_outer(self) -> None:
+        """Load the parts outside the blocks, with the transforms applied."""
         for name, mod in self.outer_modules():
             self.fill(mod, name)
+        for t in self.transforms:
+            t.apply_outer(self.model.get_input_embeddings(), self.model.get_output_embeddings())
+
+    def release_outer(self) -> None:
+        for _, mod in self.outer_modules():
+            mod.to("meta")
+
+    def outer_tensors(self, tied: bool) -> dict[str, torch.Tensor]:
+        """The tensors outside the blocks as they are saved (transforms applied; without the head
+        when ``tied`` to the embedding)."""
+        self.fill_outer()
+        out = {}
+        for mod_name, mod in self.outer_modules():
+            for pname, t in mod.state_dict().items():
+                key = f"{mod_name}.{pname}"
+                if key.endswith("lm_head.weight") and tied:
+                    continue
+                stored = self.weights.dtype_of(key) if key in self.weights else self.checkpoint_dtype
+                out[key] = t.detach().to(stored if t.is_floating_point() else t.dtype).clone()
+        self.release_outer()
+        return out
 
     def config_dict(self) -> dict:
         return json.loads((self.folder / "config.json").read_text())

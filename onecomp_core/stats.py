@@ -1,33 +1,80 @@
-"""Per-linear calibration statistics, accumulated online from forward hooks."""
+"""Calibration statistics as mergeable sums over tokens.
+
+Every statistic here is a sum over calibration tokens plus the token count, so partial sums from
+disjoint parts of the calibration set (batches, or data-parallel ranks) combine exactly by
+adding: ``a.merge(b)`` equals one pass over both parts, up to float summation order.
+
+- :class:`Gram`      H = X X^T / N            (a linear's input Gram; GPTQ's Hessian up to 2)
+- :class:`Cross`     C = (X - X^) X^^T / N    (FP input vs quantized-stream input: QEP)
+- :class:`Residual`  R = (h - h^) X^^T / N    (residual-stream error at a writer's add vs its input)
+- :class:`Diag`      diag(X X^T) / N          (activation-aware planning without the full Gram)
+
+The scheduler gathers them (:mod:`onecomp_core.gather`) in batches of calibration samples for
+what the components declare they need; components only read them.
+"""
 from __future__ import annotations
 
 import torch
 
+from .errors import OnecompError
 
-class OuterSum:
-    """A B^T / N accumulated over tokens (A: rows x N, B: cols x N), kept in float32. Token
-    batches arrive as (..., features) tensors."""
 
-    def __init__(self, rows: int, cols: int, device):
-        self.sum = torch.zeros(rows, cols, dtype=torch.float32, device=device)
-        self.n = 0
+class Statistic:
+    """A sum over tokens and the number of tokens it holds."""
 
-    def add_outer(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        a = a.reshape(-1, a.shape[-1]).float()
-        b = b.reshape(-1, b.shape[-1]).float()
-        self.sum.addmm_(a.t(), b)
-        self.n += b.shape[0]
+    kind = "statistic"
+
+    def __init__(self, total: torch.Tensor, n: int = 0):
+        self.sum = total
+        self.n = int(n)
+
+    @classmethod
+    def zeros(cls, *shape: int, device="cpu", dtype=torch.float32) -> "Statistic":
+        return cls(torch.zeros(*shape, dtype=dtype, device=device))
 
     @property
     def mean(self) -> torch.Tensor:
         return self.sum / max(self.n, 1)
 
+    def merge(self, other: "Statistic") -> "Statistic":
+        """Add another part's sum into this one (in place); returns self."""
+        if type(other) is not type(self) or other.sum.shape != self.sum.shape:
+            raise OnecompError(f"cannot merge {type(other).__name__}{tuple(other.sum.shape)} into "
+                               f"{type(self).__name__}{tuple(self.sum.shape)}")
+        self.sum += other.sum.to(self.sum)
+        self.n += other.n
+        return self
 
-class GramAccumulator(OuterSum):
-    """H = X X^T / N over the inputs a linear sees (X: in x N)."""
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "sum": self.sum, "n": self.n}
 
-    def __init__(self, in_features: int, device):
-        super().__init__(in_features, in_features, device)
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "Statistic":
+        if state.get("kind") != cls.kind:
+            raise OnecompError(f"state of a {state.get('kind')!r} statistic, not {cls.kind!r}")
+        return cls(state["sum"].clone(), state["n"])
+
+
+class OuterSum(Statistic):
+    """sum over tokens of a b^T (A: rows x N, B: cols x N); tokens arrive as (..., features)."""
+
+    kind = "outer"
+
+    def add_outer(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        a = a.reshape(-1, a.shape[-1]).to(self.sum.dtype)
+        b = b.reshape(-1, b.shape[-1]).to(self.sum.dtype)
+        self.sum.addmm_(a.t(), b)
+        self.n += b.shape[0]
+
+
+class Gram(OuterSum):
+    """H = X X^T / N over the inputs a linear sees."""
+
+    kind = "gram"
+
+    @classmethod
+    def of(cls, in_features: int, device="cpu", dtype=torch.float32) -> "Gram":
+        return cls.zeros(in_features, in_features, device=device, dtype=dtype)
 
     def add(self, x: torch.Tensor) -> None:
         self.add_outer(x, x)
@@ -37,90 +84,63 @@ class GramAccumulator(OuterSum):
         return self.mean
 
 
-class DiagAccumulator:
-    """diag(X X^T) / N over the inputs a linear sees, without forming the outer product."""
+class Cross(OuterSum):
+    """C = (X - X^) X^^T / N from paired FP / quantized-stream inputs of one linear."""
 
-    def __init__(self, in_features: int, device):
-        self.sum = torch.zeros(in_features, dtype=torch.float32, device=device)
-        self.n = 0
+    kind = "cross"
+
+    @classmethod
+    def of(cls, in_features: int, device="cpu", dtype=torch.float32) -> "Cross":
+        return cls.zeros(in_features, in_features, device=device, dtype=dtype)
+
+    def add(self, x_fp: torch.Tensor, x_q: torch.Tensor) -> None:
+        self.add_outer(x_fp.to(self.sum.dtype) - x_q.to(self.sum.dtype), x_q)
+
+    @property
+    def C(self) -> torch.Tensor:
+        return self.mean
+
+
+class Residual(OuterSum):
+    """R = (h - h^) X^^T / N: the residual-stream error at a writer's add (out x N) against the
+    writer's quantized-stream input (in x N)."""
+
+    kind = "residual"
+
+    @classmethod
+    def of(cls, out_features: int, in_features: int, device="cpu", dtype=torch.float32) -> "Residual":
+        return cls.zeros(out_features, in_features, device=device, dtype=dtype)
+
+    def add(self, r_fp: torch.Tensor, r_q: torch.Tensor, x_q: torch.Tensor) -> None:
+        self.add_outer(r_fp.to(self.sum.dtype) - r_q.to(self.sum.dtype), x_q)
+
+    @property
+    def R(self) -> torch.Tensor:
+        return self.mean
+
+
+class Diag(Statistic):
+    """diag(X X^T) / N, without forming the outer product."""
+
+    kind = "diag"
+
+    @classmethod
+    def of(cls, in_features: int, device="cpu", dtype=torch.float32) -> "Diag":
+        return cls.zeros(in_features, device=device, dtype=dtype)
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
+        x = x.reshape(-1, x.shape[-1]).to(self.sum.dtype)
         self.sum += (x * x).sum(0)
         self.n += x.shape[0]
 
-    @property
-    def mean(self) -> torch.Tensor:
-        return self.sum / max(self.n, 1)
+
+KINDS = {c.kind: c for c in (Gram, Cross, Residual, Diag)}
 
 
-class StopForward(Exception):
-    """Raised from a hook once every linear of interest has seen its input."""
-
-
-class InputCollector:
-    """Forward hooks on some linears of a block: feed each input to ``sink(name, x)``; stop the
-    block's forward as soon as all of them have run for the current sample (early exit)."""
-
-    def __init__(self, modules: dict[str, torch.nn.Module], sink, stop_early: bool = True):
-        self.modules, self.sink, self.stop_early = modules, sink, stop_early
-        self.seen: set[str] = set()
-        self.handles = []
-
-    def __enter__(self):
-        for name, mod in self.modules.items():
-            self.handles.append(mod.register_forward_pre_hook(self._hook(name)))
-        return self
-
-    def _hook(self, name):
-        def hook(mod, args):
-            self.sink(name, args[0].detach())
-            self.seen.add(name)
-            if self.stop_early and len(self.seen) == len(self.modules):
-                raise StopForward
-        return hook
-
-    def run(self, fn) -> None:
-        self.seen = set()
-        try:
-            fn()
-        except StopForward:
-            pass
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-
-
-def input_diagonals(sk, inputs: torch.Tensor, kwargs: list[dict]) -> dict[str, torch.Tensor]:
-    """diag(X X^T) / N of every quantizable linear's input, from one pass of the FP model over
-    the calibration stream, block by block (activation-aware planning)."""
-    return input_statistics(sk, inputs, kwargs)
-
-
-def input_statistics(sk, inputs: torch.Tensor, kwargs: list[dict], reduce=None) -> dict:
-    """One pass of the FP model over the calibration stream, block by block. For every
-    quantizable linear: diag(X X^T) / N when ``reduce`` is None, else ``reduce(H)`` of its full
-    input Gram H = X X^T / N. H is built once per input group (q/k/v, gate/up share it) and
-    dropped after ``reduce``, so only one block's Grams are ever held."""
-    from .streams import run_block
-    out = {}
-    h = inputs
-    for i in range(len(sk.blocks)):
-        block = sk.block(i)
-        prefix = sk.block_prefix(i)
-        groups = sk.adapter.linear_groups(block)
-        heads = {g[0]: g for g in groups}            # one hook per shared input
-        kind = GramAccumulator if reduce else DiagAccumulator
-        acc = {n: kind(block.get_submodule(n).in_features, h.device) for n in heads}
-        with InputCollector({n: block.get_submodule(n) for n in heads}, lambda n, x: acc[n].add(x), stop_early=False):
-            h = run_block(block, h, kwargs[i])
-        for n, g in heads.items():
-            stat = reduce(acc[n].mean) if reduce else acc[n].mean
-            stat = stat.cpu() if isinstance(stat, torch.Tensor) else stat
-            for m in g:
-                out[f"{prefix}.{m}"] = stat
-        del acc
-        sk.release_block(i)
-    return out
+def from_state_dict(state: dict) -> Statistic:
+    """Any statistic back from its ``state_dict()``."""
+    try:
+        cls = KINDS[state["kind"]]
+    except KeyError:
+        raise OnecompError(f"unknown statistic kind {state.get('kind')!r}; known: {', '.join(KINDS)}") from None
+    return cls.from_state_dict(state)

@@ -72,21 +72,60 @@ class RunStore:
     def block_file(self, i: int) -> Path:
         return self.work / "blocks" / f"block-{i:05d}.safetensors"
 
+    def _write_state(self, **fields) -> None:
+        """Rewrite the state file with ``fields`` changed (the state of another config is dropped)."""
+        state = self.read_state() or {}
+        if state.get("fingerprint") != self.fingerprint:
+            state = {}
+        state.update(fields, fingerprint=self.fingerprint)
+        atomic_json(self.work / STATE, state)
+
     def commit_block(self, i: int, tensors: dict, streams: dict, info: dict) -> None:
         (self.work / "blocks").mkdir(parents=True, exist_ok=True)    # first write creates the folder
         atomic_save_tensors(self.block_file(i), tensors)
         atomic_torch_save(self.work / "streams.pt", {k: v.cpu() for k, v in streams.items()})
-        state = self.read_state() or {}
-        layers = state.get("layers", {}) if state.get("fingerprint") == self.fingerprint else {}
+        layers = self.layer_info()
         layers.update(info)
-        atomic_json(self.work / STATE, {"fingerprint": self.fingerprint, "finished_blocks": i + 1,
-                                        "layers": layers})
+        self._write_state(finished_blocks=i + 1, layers=layers)
+
+    # -- model refiners: their kept results replace block files, two-phase -----------------------
+    def refined(self) -> list[dict]:
+        """Records of the model refiners already run (their results kept or not)."""
+        self._finish_pending()
+        state = self.read_state() or {}
+        return list(state.get("refined", [])) if state.get("fingerprint") == self.fingerprint else []
+
+    def record_refined(self, record: dict, blocks: dict[int, dict] | None = None) -> None:
+        """Record one model refiner's outcome; ``blocks`` (index -> all tensors of the block)
+        replace the committed block files. The new files are written beside the old ones first,
+        the state names them, then they are renamed into place: a crash at any point leaves
+        either the old blocks with no record or the new ones with it (``refined`` finishes the
+        renames)."""
+        pending = []
+        for i, tensors in (blocks or {}).items():
+            nxt = self.block_file(i).with_name(self.block_file(i).name + ".next")
+            atomic_save_tensors(nxt, tensors)
+            pending.append(i)
+        self._write_state(refined=self.refined() + [record], pending_blocks=pending)
+        self._finish_pending()
+
+    def _finish_pending(self) -> None:
+        state = self.read_state() or {}
+        pending = state.get("pending_blocks") if state.get("fingerprint") == self.fingerprint else None
+        if not pending:
+            return
+        for i in pending:
+            nxt = self.block_file(i).with_name(self.block_file(i).name + ".next")
+            if nxt.exists():
+                os.replace(nxt, self.block_file(i))
+        self._write_state(pending_blocks=[])
 
     def streams(self) -> dict:
         return torch.load(self.work / "streams.pt")
 
     def layer_info(self) -> dict:
-        return (self.read_state() or {}).get("layers", {})
+        state = self.read_state() or {}
+        return dict(state.get("layers", {})) if state.get("fingerprint") == self.fingerprint else {}
 
     def publish(self, final: Path) -> None:
         """Move the assembled folder to ``out`` (replacing an old one only now), drop the work."""

@@ -46,24 +46,32 @@ def capture(sk, ids: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
     return torch.cat(sink["inputs"], 0), kwargs
 
 
-def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The block applied to each sample of ``hidden`` (N, L, d)."""
+def _output(y):
+    return y[0] if isinstance(y, tuple) else y
+
+
+def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, out: torch.Tensor | None = None,
+              batch: int = 1) -> torch.Tensor:
+    """The block applied to ``hidden`` (N, L, d), ``batch`` samples per forward."""
+    from .gather import batches
     out = torch.empty_like(hidden) if out is None else out
     with torch.no_grad():
-        for i in range(hidden.shape[0]):
-            y = block(hidden[i:i + 1], **kwargs)
-            out[i:i + 1] = y[0] if isinstance(y, tuple) else y
+        for sl in batches(hidden.shape[0], batch):
+            out[sl] = _output(block(hidden[sl], **kwargs))
     return out
 
 
-def block_error(block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, kwargs: dict, rows=None) -> float:
+def block_error(block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, kwargs: dict, rows=None,
+                batch: int = 1) -> float:
     """Mean squared difference between the block on ``inputs`` and ``targets`` over the
-    samples ``rows`` (all when None): the block-output objective of block-level corrections."""
-    rows = range(inputs.shape[0]) if rows is None else rows
+    samples ``rows`` (all when None): the block-output objective of block-level refiners.
+    Summed sample by sample, so the batch size does not change the result."""
+    rows = list(range(inputs.shape[0]) if rows is None else rows)
+    tot = 0.0
     with torch.no_grad():
-        tot = 0.0
-        for s in rows:
-            y = block(inputs[s:s + 1], **kwargs)
-            y = y[0] if isinstance(y, tuple) else y
-            tot += float(((y.float() - targets[s:s + 1].float()) ** 2).mean())
-        return tot / max(len(rows), 1)
+        for b in range(0, len(rows), max(1, batch)):
+            idx = rows[b:b + max(1, batch)]
+            y = _output(block(inputs[idx], **kwargs)).float()
+            for j, s in enumerate(idx):
+                tot += float(((y[j:j + 1] - targets[s:s + 1].float()) ** 2).mean())
+    return tot / max(len(rows), 1)

@@ -12,7 +12,7 @@ import attrs
 import torch
 import torch.nn.functional as F
 
-from onecomp_core.formats.base import Format
+from onecomp_core.sdk import Format
 
 from .factors import bits_per_weight, compose, rank_for_bpw
 from .signs import pack_signs, unpack_signs

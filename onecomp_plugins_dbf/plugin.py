@@ -4,9 +4,7 @@ from __future__ import annotations
 import attrs
 import torch
 
-from onecomp_core.components import Projector
-from onecomp_core.hookspecs import hookimpl
-from onecomp_core.validators import in_range, one_of
+from onecomp_core.sdk import Projector, hookimpl, in_range, one_of
 
 from .factors import fit
 from .fmt import DBFFormat

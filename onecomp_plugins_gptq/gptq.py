@@ -1,15 +1,14 @@
 """GPTQ: minimise ||W X - W^ X||^2 one column at a time, spreading each column's rounding error
 over the columns not yet quantized through the inverse Hessian (H = X X^T / N).
 
-Pure tensor math; see DESIGN.md section 2. Notation: W (out x in), H (in x in), U the upper
+Pure tensor math; see docs/algorithms.md. Notation: W (out x in), H (in x in), U the upper
 Cholesky factor of H^-1.
 """
 from __future__ import annotations
 
 import torch
 
-from onecomp_core.formats import grid
-from onecomp_core.hessian import damp_hessian, inverse_cholesky_upper
+from onecomp_core.sdk import damp_hessian, grid, inverse_cholesky_upper
 
 
 def prepare_hessian(H: torch.Tensor, W: torch.Tensor, damp: float):

@@ -6,8 +6,8 @@ from transformers import AutoModelForCausalLM, GPT2Config
 
 import onecomp_core
 from onecomp_core.errors import OnecompError
-from tiny import ARCHS
-from conftest import quick
+from onecomp_core.testing import ARCHS
+from onecomp_core.testing import quick
 
 
 def simulated(fp_folder, q_folder):
@@ -62,3 +62,37 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path):
                                            r"ModelAdapter plugin"):
         onecomp_core.quantize(tmp_path / "gpt2", tmp_path / "q", **quick())
     assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_norm_inputs_name_every_reader_of_each_norm(arch, tiny_models):
+    """The norms before attention and MLP and the modules reading them, as function-preserving
+    transforms fold into them; Gemma's (1 + w) norms have offset 1."""
+    from onecomp_core.plugins import load_plugins
+    from onecomp_core.skeleton import Skeleton, pick_device
+    sk = Skeleton(tiny_models(arch), load_plugins().registry, pick_device("cpu"))
+    block = sk.blocks[0]
+    norms = sk.adapter.norm_inputs(block)
+    mlp_norm = "pre_feedforward_layernorm" if arch.startswith("gemma") else "post_attention_layernorm"
+    assert set(norms) == {"input_layernorm", mlp_norm}
+    attn = {g for g in sk.adapter.linear_groups(block)[0]}
+    assert set(norms["input_layernorm"]) == attn
+    readers = set(norms[mlp_norm])
+    if arch == "mixtral":
+        assert "mlp.gate" in readers and "mlp.experts.3.up_proj" in readers and len(readers) == 1 + 2 * 4
+    else:
+        assert readers == set(sk.adapter.linear_groups(block)[2])
+    for norm, rs in norms.items():
+        assert all(block.get_submodule(r).weight.shape[1] == block.get_submodule(norm).weight.shape[0] for r in rs)
+        assert sk.adapter.norm_offset(block, norm) == (1.0 if arch.startswith("gemma") else 0.0)
+
+
+def test_lpcd_residual_taps_where_the_adapter_declares_them(tiny_models):
+    from onecomp_core.plugins import load_plugins
+    from onecomp_core.skeleton import Skeleton, pick_device
+    reg = load_plugins().registry
+    sk = Skeleton(tiny_models("llama"), reg, pick_device("cpu"))
+    assert sk.adapter.residual_taps(sk.blocks[0]) == {"self_attn.o_proj": "input_layernorm",
+                                                      "mlp.down_proj": "post_attention_layernorm"}
+    gemma = Skeleton(tiny_models("gemma2"), reg, pick_device("cpu"))
+    assert gemma.adapter.residual_taps(gemma.blocks[0]) == {}     # outputs are normed before the add

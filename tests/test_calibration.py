@@ -9,7 +9,7 @@ from onecomp_core.errors import OnecompError
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    from tiny import tokenizer
+    from onecomp_core.testing import tokenizer
     return tokenizer(tmp_path_factory.mktemp("tok"))
 
 
@@ -67,7 +67,7 @@ def test_samples_are_cached(tmp_path, tok, monkeypatch):
 
 
 def test_too_few_calibration_tokens_for_a_hessian_are_flagged():
-    from onecomp_core.api import few_tokens_warning
+    from onecomp_core.runner import few_tokens_warning
     assert few_tokens_warning(16384, 1536) is None
     msg = few_tokens_warning(4096, 1536)
     assert "4096 tokens" in msg and "1536" in msg and "--num-samples" in msg

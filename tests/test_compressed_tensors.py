@@ -4,7 +4,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import onecomp_core
-from conftest import quick
+from onecomp_core.testing import quick
 
 
 @pytest.mark.parametrize("bits,group", [(4, 32), (3, 48), (8, -1), (2, 64)])

@@ -59,7 +59,7 @@ def test_config_files(tmp_path, suffix, text):
     p = tmp_path / f"c{suffix}"
     p.write_text(text)
     run = from_dict(read_file(p))
-    assert (run.bits, run.group_size, run.corrections, run.calibration.num_samples) == (3, -1, ("rescale",), 8)
+    assert (run.bits, run.group_size, run.refiners, run.calibration.num_samples) == (3, -1, ("rescale",), 8)
 
 
 def test_flags_override_file_and_config_show(tmp_path, capsys):
@@ -78,3 +78,37 @@ def test_config_show_errors_are_one_line(tmp_path, capsys):
     assert main(["config", "m", "--bits", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "bits" in err
+
+
+def test_budget_fields_are_grouped_and_may_be_given_flat():
+    grouped = from_dict({"model": "m", "budget": {"target_bpw": 2.5, "context": 128}})
+    flat = from_dict({"model": "m", "target_bpw": 2.5, "context": 128})
+    assert grouped.budget == flat.budget and grouped.budget.given() == ["target_bpw"]
+    assert make_config("m", {"budget": {"target_bpw": 3}}, target_bpw=2.0).budget.target_bpw == 2.0   # a flag wins
+    with pytest.raises(OnecompError, match="'target_bpw' is given twice"):
+        from_dict({"model": "m", "target_bpw": 2.5, "budget": {"target_bpw": 3}})
+    with pytest.raises(OnecompError, match="unknown budget field.*'bpw'"):
+        from_dict({"model": "m", "budget": {"bpw": 3}})
+
+
+def test_refiners_is_one_ordered_list_and_corrections_its_older_name():
+    assert from_dict({"model": "m", "corrections": ["qep", "blockcomp"]}).refiners == ("qep", "blockcomp")
+    with pytest.raises(OnecompError, match="'corrections' and 'refiners' name the same list"):
+        from_dict({"model": "m", "corrections": ["qep"], "refiners": ["lpcd"]})
+    # a keyword list replaces the file's, whichever name either uses
+    assert make_config("m", {"corrections": ["qep"]}, refiners=["lpcd"]).refiners == ("lpcd",)
+    with pytest.raises(OnecompError, match="refiner 'qep' is listed twice"):
+        Resolved(make_config("m", refiners=["qep", "qep"]))
+
+
+def test_projector_defaults_to_gptq_where_installed_else_rtn():
+    assert Resolved(make_config("m")).run.projector == "gptq"
+    from onecomp_core.plugins import load_plugins
+    core_only = load_plugins(autoload=False)
+    assert Resolved(make_config("m"), core_only).run.projector == "rtn"
+
+
+def test_calibration_batch_size_is_validated():
+    assert from_dict({"model": "m", "calibration": {"batch_size": 4}}).calibration.batch_size == 4
+    with pytest.raises(OnecompError, match="'batch_size': must be between 1 and 4096"):
+        from_dict({"model": "m", "calibration": {"batch_size": 0}})

@@ -28,13 +28,91 @@ def test_unknown_name_lists_known_ones():
         reg.get("projector", "nope")
 
 
-def test_duplicate_name_is_an_error_naming_both_plugins():
+def test_a_name_registered_twice_is_used_by_neither_and_the_rest_still_loads(capsys):
     class Dup:
         @hookimpl
         def onecomp_register_projectors(self, registry):
             registry.add_projector(type("Other", (RTN,), {"name": "rtn"}))
-    with pytest.raises(OnecompError, match="duplicate projector name 'rtn'.*'core'"):
-        load_plugins(extra=[Dup()])
+            registry.add_projector(type("Mine", (RTN,), {"name": "mine"}))
+    ps = load_plugins(extra=[Dup()])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if "'rtn'" in ln]
+    assert len(lines) == 1 and "'core'" in lines[0] and "'Dup-0'" in lines[0]
+    with pytest.raises(UnknownNameError, match="projector 'rtn' is registered by plugins 'core' and 'Dup-0'; uninstall one"):
+        ps.registry.get("projector", "rtn")
+    assert ps.registry.get("projector", "mine").name == "mine"           # its other components still work
+    assert "gptq" in ps.registry.names("projector") and "uniform" in ps.registry.names("format")
+
+
+def test_a_misspelt_hook_is_one_line_naming_the_plugin(capsys):
+    class Typo:
+        @hookimpl
+        def onecomp_register_projector(self, registry):      # no such hook: the spec is ..._projectors
+            registry.add_projector(type("T", (RTN,), {"name": "typo"}))
+
+        @hookimpl
+        def onecomp_register_formats(self, registry):
+            raise AssertionError("a plugin that failed validation must not be called")
+    ps = load_plugins(extra=[Typo()])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "Typo" in ln]
+    assert len(err) == 1 and "'onecomp_register_projector', which is not an onecomp hook" in err[0]
+    assert [p.name for p in ps.failed] == ["Typo-0"]
+    assert "typo" not in ps.registry.names("projector") and "gptq" in ps.registry.names("projector")
+
+
+def test_a_hook_with_wrong_arguments_is_refused():
+    class Wrong:
+        @hookimpl
+        def onecomp_register_projectors(self, reg):           # the argument is called registry
+            pass
+    ps = load_plugins(extra=[Wrong()])
+    assert ps.failed and "reg" in ps.failed[0].error
+    assert "rtn" in ps.registry.names("projector")
+
+
+def test_a_plugin_that_raises_while_registering_contributes_nothing(capsys):
+    class Half:
+        @hookimpl
+        def onecomp_register_projectors(self, registry):
+            registry.add_projector(type("H", (RTN,), {"name": "half"}))
+            raise RuntimeError("needs a GPU library")
+
+        @hookimpl
+        def onecomp_stage_start(self, stage, info):
+            raise AssertionError("a plugin that failed to register must not observe the run")
+    ps = load_plugins(extra=[Half()])
+    assert "raised while registering: RuntimeError: needs a GPU library" in ps.failed[0].error
+    assert "half" not in ps.registry.names("projector")
+    ps.hook.onecomp_stage_start(stage="x", info={})                  # its observation hook is gone too
+
+
+def test_registration_goes_through_pluggy_hook_callers():
+    """pluggy's call monitoring sees every registration hook call (one per plugin and kind)."""
+    import pluggy
+    from onecomp_core import plugins as mod
+    calls = []
+    real = pluggy.PluginManager.subset_hook_caller
+
+    def spy(self, name, remove_plugins):
+        caller = real(self, name, remove_plugins)
+        calls.append((name, [i.plugin_name for i in caller.get_hookimpls()]))
+        return caller
+    pluggy.PluginManager.subset_hook_caller = spy
+    try:
+        mod.load_plugins()
+    finally:
+        pluggy.PluginManager.subset_hook_caller = real
+    assert ("onecomp_register_projectors", ["gptq"]) in calls
+    assert all(len(impls) <= 1 for _, impls in calls)                  # one plugin at a time
+
+
+def test_unknown_name_of_a_shipped_algorithm_names_its_distribution():
+    reg = load_plugins(autoload=False).registry                       # only the core
+    with pytest.raises(UnknownNameError, match="unknown projector 'gptq'; known: rtn; it is provided by "
+                                               "onecomp-plugins-gptq: pip install onecomp-plugins-gptq"):
+        reg.get("projector", "gptq")
+    with pytest.raises(UnknownNameError, match="pip install onecomp-plugin-lpcd"):
+        reg.get("refiner", "lpcd")
 
 
 def test_component_without_name_is_refused():
@@ -110,7 +188,7 @@ class Recorder:
 
 def test_observation_hooks_see_the_run(tiny_llama, tmp_path):
     import onecomp_core
-    from conftest import quick
+    from onecomp_core.testing import quick
     rec = Recorder()
     onecomp_core.quantize(tiny_llama, tmp_path / "q", plugins=[rec], **quick())
     kinds = [e[0] for e in rec.events]

@@ -27,7 +27,7 @@ KILLER = textwrap.dedent("""
 
 
 def test_kill_then_resume_matches_uninterrupted_run(tiny_models, tmp_path):
-    from tiny import make_model
+    from onecomp_core.testing import make_model
     model = tiny_models("llama")
     out = tmp_path / "killed"
     script = KILLER.format(tests=os.path.dirname(__file__), after=0, model=str(model), out=str(out))
@@ -53,7 +53,7 @@ def test_kill_then_resume_matches_uninterrupted_run(tiny_models, tmp_path):
 
 def test_existing_output_needs_overwrite(tiny_llama, tmp_path):
     import pytest
-    from conftest import quick
+    from onecomp_core.testing import quick
     from onecomp_core.errors import OnecompError
     out = tmp_path / "q"
     onecomp_core.quantize(tiny_llama, out, **quick())
@@ -66,7 +66,7 @@ def test_existing_output_needs_overwrite(tiny_llama, tmp_path):
 
 def test_changed_config_does_not_resume_silently(tiny_llama, tmp_path):
     import pytest
-    from conftest import quick
+    from onecomp_core.testing import quick
     from onecomp_core.errors import OnecompError
     from onecomp_core.store import RunStore
     out = tmp_path / "q"

@@ -9,7 +9,7 @@ import torch
 
 import onecomp_core
 from onecomp_core.evaluate import evaluate, load_reference, text_tokens
-from tiny import TEXT
+from onecomp_core.testing import TEXT
 
 pytestmark = pytest.mark.slow
 ROOT = TEXT.parents[2]

@@ -3,7 +3,7 @@ import torch
 
 from onecomp_core.plugins import load_plugins
 from onecomp_core.skeleton import Skeleton, pick_device
-from onecomp_core.stats import input_diagonals, input_statistics
+from onecomp_core.gather import input_diagonals, input_statistics
 from onecomp_core.streams import capture
 
 
@@ -26,3 +26,81 @@ def test_input_statistics_reduce_full_grams_once_per_shared_input(arch, tiny_mod
     assert len(calls) == groups < len(full) == len(diag)
     for n in diag:
         assert torch.allclose(full[n], diag[n], rtol=1e-4, atol=1e-6), n
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from onecomp_core.stats import Cross, Diag, Gram, Residual, from_state_dict  # noqa: E402
+
+
+def _stat(kind, d, out=3):
+    return {"gram": lambda: Gram.of(d, dtype=torch.float64), "cross": lambda: Cross.of(d, dtype=torch.float64),
+            "residual": lambda: Residual.of(out, d, dtype=torch.float64),
+            "diag": lambda: Diag.of(d, dtype=torch.float64)}[kind]()
+
+
+def _feed(stat, kind, xs, xq, rs):
+    for x, y, r in zip(xs, xq, rs):
+        if kind in ("gram", "diag"):
+            stat.add(x)
+        elif kind == "cross":
+            stat.add(x, y)
+        else:
+            stat.add(r, r * 0.5, y)
+
+
+@settings(max_examples=40, deadline=None)
+@given(kind=st.sampled_from(["gram", "cross", "residual", "diag"]), d=st.integers(1, 12),
+       samples=st.lists(st.integers(1, 9), min_size=2, max_size=8), cut=st.integers(0, 100), seed=st.integers(0, 999))
+def test_merging_two_halves_equals_one_pass(kind, d, samples, cut, seed):
+    """What a distributed run will all-reduce: statistics of two disjoint parts of the
+    calibration set, merged, equal one pass over the whole (sum and token count)."""
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(n, d, generator=g, dtype=torch.float64) for n in samples]
+    xq = [x + 0.1 * torch.randn(x.shape, generator=g, dtype=torch.float64) for x in xs]
+    rs = [torch.randn(x.shape[0], 3, generator=g, dtype=torch.float64) for x in xs]
+    k = cut % (len(xs) + 1)
+    whole, a, b = _stat(kind, d), _stat(kind, d), _stat(kind, d)
+    _feed(whole, kind, xs, xq, rs)
+    _feed(a, kind, xs[:k], xq[:k], rs[:k])
+    _feed(b, kind, xs[k:], xq[k:], rs[k:])
+    merged = a.merge(b)
+    assert merged.n == whole.n == sum(samples)
+    assert torch.allclose(merged.sum, whole.sum, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(merged.mean, whole.mean, rtol=1e-12, atol=1e-12)
+    back = from_state_dict(merged.state_dict())                 # what travels between ranks or to disk
+    assert type(back) is type(merged) and back.n == merged.n and torch.equal(back.sum, merged.sum)
+
+
+def test_merge_refuses_another_kind_or_shape():
+    from onecomp_core.errors import OnecompError
+    with pytest.raises(OnecompError, match="cannot merge Cross"):
+        Gram.of(4).merge(Cross.of(4))
+    with pytest.raises(OnecompError, match=r"cannot merge Gram\(3, 3\)"):
+        Gram.of(4).merge(Gram.of(3))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_gathered_statistics_do_not_depend_on_the_batch_size(arch, tiny_models):
+    """Blocks run on batches of samples, sums are still added per sample in order: every
+    statistic comes out bit-identical whatever the batch size (dense blocks)."""
+    import copy
+    from onecomp_core.gather import gather_group
+    sk = Skeleton(tiny_models(arch), load_plugins().registry, pick_device("cpu"))
+    ids = torch.randint(3, 300, (5, 16), generator=torch.Generator().manual_seed(0))
+    inputs, kwargs = capture(sk, ids)
+    block = sk.block(0)
+    fp_block = copy.deepcopy(block)
+    with torch.no_grad():                                       # a "quantized" block and stream
+        block.self_attn.q_proj.weight.mul_(1.01)
+    q = inputs + 0.01 * torch.randn(inputs.shape, generator=torch.Generator().manual_seed(1))
+    group = sk.adapter.linear_groups(block)[1]                  # o_proj: a residual writer where declared
+    mods = {n: block.get_submodule(n) for n in group}
+    taps = sk.adapter.residual_taps(block)
+    runs = [gather_group(block, mods, q, kwargs[0], {"gram", "cross", "residual"}, b, fp_block=fp_block,
+                         fp=inputs, taps=taps) for b in (1, 2, 5)]
+    for n in mods:
+        assert set(runs[0][n]) == ({"gram", "cross", "residual"} if n in taps else {"gram", "cross"})
+        for other in runs[1:]:
+            for kind, st_ in runs[0][n].items():
+                assert other[n][kind].n == st_.n == 5 * 16 and torch.equal(other[n][kind].sum, st_.sum), (n, kind)

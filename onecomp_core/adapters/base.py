@@ -58,6 +58,17 @@ class ModelAdapter:
         input is that residual stream value (for the residual-aware corrections)."""
         return {}
 
+    def norm_inputs(self, block: torch.nn.Module) -> dict[str, list[str]]:
+        """Norms whose output feeds linear maps directly -> the modules reading it (each has a
+        ``weight`` whose columns index the norm's output channels: linears, MoE routers). What
+        function-preserving transforms fold into: a per-channel scale on the norm's output is
+        undone exactly by scaling those columns."""
+        return {}
+
+    def norm_offset(self, block: torch.nn.Module, norm: str) -> float:
+        """c in the norm's output x_hat * (c + w): 0 for Llama-style RMSNorm, 1 for Gemma's."""
+        return 0.0
+
     def checkpoint_keys(self, key: str) -> list[str]:
         """Checkpoint keys to try, in order, for a parameter named ``key`` in the model."""
         return [key]

@@ -90,6 +90,18 @@ class DecoderAdapter(ModelAdapter):
             taps["mlp.down_proj"] = "post_attention_layernorm"    # its input is h + attention
         return taps
 
+    def norm_inputs(self, block):
+        names = self._linears(block)
+        pick = lambda *leaf: [n for n in names if n.rsplit(".", 1)[-1] in leaf]
+        mlp_norm = "pre_feedforward_layernorm" if hasattr(block, "pre_feedforward_layernorm") \
+            else "post_attention_layernorm"                 # Gemma norms the attention output before the add
+        router = ["mlp.gate"] if isinstance(getattr(getattr(block, "mlp", None), "experts", None), SplitExperts) else []
+        out = {"input_layernorm": pick(*ATTN_IN), mlp_norm: router + pick(*MLP_IN)}
+        return {k: v for k, v in out.items() if v and hasattr(block, k)}
+
+    def norm_offset(self, block, norm):
+        return 1.0 if self.config.model_type in ("gemma2", "gemma3_text") else 0.0
+
     # transformers writes Mixtral checkpoints with the original expert names
     _MIXTRAL = [(r"\.mlp\.experts\.(\d+)\.gate_proj\.", r".block_sparse_moe.experts.\1.w1."),
                 (r"\.mlp\.experts\.(\d+)\.down_proj\.", r".block_sparse_moe.experts.\1.w2."),

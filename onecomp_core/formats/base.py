@@ -23,8 +23,11 @@ class Format:
     - ``to_tensors(prefix, qt, dtype)`` / ``from_tensors(prefix, tensors, meta)``: disk layout
     - ``module(qt, bias)``: an ``nn.Module`` that runs the quantized layer (inference)
     - ``checkpoint_config(entries)``: what ``config.json`` says about the quantization (or None)
+    - ``exporters``: the exporters that can carry the format (an exporter may accept more
+      through its own ``check``); a run asking for another stops before quantization
     """
     name: ClassVar[str]
+    exporters: ClassVar[tuple[str, ...]] = ("compressed-tensors",)
 
     @attrs.define(frozen=True)
     class Options:

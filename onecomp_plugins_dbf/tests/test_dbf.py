@@ -4,8 +4,8 @@ from hypothesis import assume, given, settings, strategies as st
 from safetensors.torch import load_file
 
 import onecomp_core
-from onecomp_core.errors import OnecompError
-from onecomp_core.spec import LayerSpec
+from onecomp_core.sdk import LayerSpec, OnecompError
+from onecomp_core.testing import requires
 from onecomp_plugins_dbf.factors import Metric, bits_per_weight, compose, fit, rank_for_bpw, weighted_error
 from onecomp_plugins_dbf.envelopes import objective, update_rows, update_shared
 from onecomp_plugins_dbf.fmt import BinaryFactorLinear, DBFFormat
@@ -229,11 +229,15 @@ def test_dbf_needs_a_bpw_target(tiny_llama, tmp_path):
         onecomp_core.quantize(tiny_llama, tmp_path / "q", format="dbf", projector="dbf", num_samples=2, seq_len=32)
 
 
-@pytest.mark.parametrize("fmt,corr", [("dbf", []), ("mdbf", []), ("dbf", ["qep"]), ("mdbf", ["lpcd"])])
+@pytest.mark.parametrize("fmt,corr", [
+    ("dbf", []),
+    pytest.param("mdbf", [], marks=requires("format", "mdbf")),
+    pytest.param("dbf", ["qep"], marks=requires("refiner", "qep")),
+    pytest.param("mdbf", ["lpcd"], marks=[requires("format", "mdbf"), requires("refiner", "lpcd")])])
 def test_end_to_end(tiny_llama, tmp_path, fmt, corr):
     bpw = 1.5 if fmt == "dbf" else 2.0        # tiny 32 x 64 layers: l = 2 envelopes need the room
     rep = onecomp_core.quantize(tiny_llama, tmp_path / "q", format=fmt, projector=fmt, target_bpw=bpw,
-                                corrections=corr, num_samples=2, seq_len=32)
+                                refiners=corr, num_samples=2, seq_len=32)
     assert rep["summary"]["bpw"] <= bpw
     model = onecomp_core.load_quantized(tmp_path / "q")
     with torch.no_grad():
@@ -248,12 +252,12 @@ def test_end_to_end(tiny_llama, tmp_path, fmt, corr):
 
 
 def test_format_and_projector_share_their_option_table():
-    from onecomp_core.api import Resolved, make_config
     base = {"format": "dbf", "projector": "dbf", "target_bpw": 1.5}
-    r = Resolved(make_config("m", {**base, "options": {"dbf": {"iters": 3, "sinkhorn": "l2"}}}))
-    assert r.projectors["dbf"].options.iters == 3
+    d = onecomp_core.describe_config("m", {**base, "options": {"dbf": {"iters": 3, "sinkhorn": "l2"}}})
+    assert d["resolved_options"]["projector:dbf"]["iters"] == 3
+    assert d["resolved_options"]["projector:dbf"]["sinkhorn"] == "l2"
     with pytest.raises(OnecompError, match=r"projector 'dbf' has no option\(s\) 'itters'; options: .*iters"):
-        Resolved(make_config("m", {**base, "options": {"dbf": {"itters": 3}}}))
+        onecomp_core.describe_config("m", {**base, "options": {"dbf": {"itters": 3}}})
 
 
 def test_rho_schedule_grows_geometrically_between_its_ends():

@@ -1,2 +1,2 @@
 """onecomp-plugin-autobit: per-module bit widths and group sizes chosen by an integer program."""
-__version__ = "0.1.0"
+__version__ = "0.2.0"

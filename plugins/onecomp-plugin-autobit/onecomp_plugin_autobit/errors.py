@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from onecomp_core.formats import grid
-from onecomp_core.hessian import damp_hessian, inverse_cholesky_upper
+from onecomp_core.sdk import damp_hessian, grid, inverse_cholesky_upper
 
 
 def rtn_weight(W: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> torch.Tensor:

@@ -13,7 +13,7 @@ import itertools
 import math
 import time
 
-from onecomp_core.errors import OnecompError
+from onecomp_core.sdk import OnecompError
 
 
 def smallest_budget(costs: list[list[float]]) -> float:

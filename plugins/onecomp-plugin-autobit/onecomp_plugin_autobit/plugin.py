@@ -10,13 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import attrs
 import torch
 
-from onecomp_core.components import Planner
-from onecomp_core.errors import OnecompError
-from onecomp_core.hookspecs import hookimpl
-from onecomp_core.model_source import cache_root
-from onecomp_core.planners import excluded, scale_dtype_for
-from onecomp_core.spec import LayerSpec, Plan
-from onecomp_core.validators import boolean, in_range, one_of
+from onecomp_core.sdk import (LayerSpec, OnecompError, Plan, Planner, boolean, cache_root, excluded, hookimpl,
+                              in_range, one_of, scale_dtype_for)
 
 from .budget import fit_memory_budget_bits, parse_size
 from .errors import conditional_variances, output_curvature, row_errors, rtn_weight, total_error
@@ -283,22 +278,17 @@ class AutoBit(Planner):
         return proj
 
     def _budget(self, ctx, total):
-        run = ctx.run
-        given = [k for k in ("target_bpw", "budget_bytes", "fit_memory") if getattr(run, k) is not None]
+        b = ctx.run.budget
+        given = b.given()
         if len(given) != 1:
             raise OnecompError("planner 'autobit' needs exactly one budget: --target-bpw X, --budget-bytes SIZE "
                                f"or --fit-memory SIZE (given: {', '.join(given) or 'none'})")
-        if run.target_bpw is not None:
-            return run.target_bpw * total, {"budget_from": "target_bpw"}
-        if run.budget_bytes is not None:
-            return parse_size(run.budget_bytes) * 8.0, {"budget_from": "budget_bytes"}
-        from onecomp_core.skeleton import load_config
-        config = load_config(ctx.model_folder)
-        from onecomp_core.lazy_weights import LazyWeights
-        lw = LazyWeights(ctx.model_folder)
-        all_params = sum(lw.numel(k) for k in lw.keys())
-        bits, over = fit_memory_budget_bits(parse_size(run.fit_memory), config, all_params - total,
-                                            run.context, run.batch)
+        if b.target_bpw is not None:
+            return b.target_bpw * total, {"budget_from": "target_bpw"}
+        if b.budget_bytes is not None:
+            return parse_size(b.budget_bytes) * 8.0, {"budget_from": "budget_bytes"}
+        bits, over = fit_memory_budget_bits(parse_size(b.fit_memory), ctx.model_config, ctx.param_count - total,
+                                            b.context, b.batch)
         return bits, {"budget_from": "fit_memory", "overhead_bytes": over}
 
     def _heatmap(self, ctx, specs):

@@ -6,8 +6,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import onecomp_core
-from onecomp_core.errors import OnecompError
-from onecomp_core.plugins import load_plugins
+from onecomp_core.sdk import OnecompError, load_plugins
 from onecomp_plugin_autobit.budget import fit_memory_budget_bits, inference_overhead_bytes, parse_size
 from onecomp_plugin_autobit.errors import candidate_error, conditional_variances
 from onecomp_plugin_autobit.heatmap import allocation_png

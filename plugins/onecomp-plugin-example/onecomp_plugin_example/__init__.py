@@ -1,2 +1,2 @@
 """onecomp-plugin-example: the template a researcher copies to add an algorithm to onecomp."""
-__version__ = "0.1.0"
+__version__ = "0.2.0"

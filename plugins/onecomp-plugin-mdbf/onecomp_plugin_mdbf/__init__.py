@@ -1,2 +1,2 @@
 """onecomp-plugin-mdbf: multi-envelope double binary factorisation (MDBF)."""
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import attrs
 
-from onecomp_core.hookspecs import hookimpl
-from onecomp_core.validators import in_range, one_of
-from onecomp_plugins_dbf.factors import Metric
-from onecomp_plugins_dbf.fmt import DBFFormat
-from onecomp_plugins_dbf.plugin import DBF, BinaryFactorOptions, input_weighting, project_binary_factors
+from onecomp_core.sdk import hookimpl, in_range, one_of
+from onecomp_plugins_dbf import DBF, BinaryFactorOptions, DBFFormat, Metric, input_weighting, project_binary_factors
 
 
 @attrs.define(frozen=True)

@@ -1,10 +1,8 @@
 import torch
 
-from onecomp_core.plugins import load_plugins
-from onecomp_core.spec import LayerSpec
+from onecomp_core.sdk import LayerSpec, load_plugins
 from onecomp_plugin_mdbf.plugin import MDBF, MDBFFormat
-from onecomp_plugins_dbf.fmt import DBFFormat
-from onecomp_plugins_dbf.plugin import DBF
+from onecomp_plugins_dbf import DBF, DBFFormat
 
 
 def test_found_by_name():
@@ -60,7 +58,7 @@ def test_best_envelope_rank_keeps_the_least_weighted_error_and_counts_its_bits()
 
 def test_no_room_for_any_envelope_rank_is_a_clear_error():
     import pytest
-    from onecomp_core.errors import OnecompError
+    from onecomp_core.sdk import OnecompError
     spec = LayerSpec(name="m", format="mdbf", options={"bpw": 0.3})
     with pytest.raises(OnecompError, match="no room for envelope rank 2"):
         MDBF(MDBF.Options(envelope="best")).project(torch.randn(8, 8), None, spec, MDBFFormat())

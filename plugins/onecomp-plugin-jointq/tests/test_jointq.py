@@ -1,9 +1,9 @@
 import torch
 from hypothesis import given, settings, strategies as st
 
-from onecomp_core.formats import grid
-from onecomp_plugins_gptq.gptq import gptq
-from onecomp_plugins_gptq.jointq import jointq, objective, regularised
+from onecomp_core.sdk import grid
+from onecomp_plugins_gptq import gptq
+from onecomp_plugin_jointq.jointq import jointq, objective, regularised
 
 
 def inputs(cols, n, seed):
@@ -44,3 +44,19 @@ def test_jointq_improves_on_gptq():
     f0 = objective(W, dense(c0, s0, z0, 32), H).sum()
     f1 = objective(W, dense(c1, s1, z1, 32), H).sum()
     assert f1 < 0.99 * f0
+
+
+def test_registered_by_name_and_runs_end_to_end(tiny_llama, tmp_path):
+    import onecomp_core
+    from onecomp_core.sdk import load_plugins
+    from onecomp_plugin_jointq.plugin import JointQ
+    reg = load_plugins().registry
+    assert reg.get("projector", "jointq") is JointQ and reg.source("projector", "jointq") == "jointq"
+    gp = onecomp_core.quantize(tiny_llama, tmp_path / "g", bits=3, group_size=32, projector="gptq",
+                               num_samples=4, seq_len=32)
+    jq = onecomp_core.quantize(tiny_llama, tmp_path / "j", bits=3, group_size=32, projector="jointq",
+                               num_samples=4, seq_len=32)
+    # same statistics for the first group of block 0, so JointQ ends no worse than its GPTQ start there
+    for n in ("q_proj", "k_proj", "v_proj"):
+        name = f"model.layers.0.self_attn.{n}"
+        assert jq["layers"][name]["rel_error"] <= gp["layers"][name]["rel_error"] + 1e-9, n

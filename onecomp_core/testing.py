@@ -1,15 +1,24 @@
-"""Tiny random models of every supported architecture, saved as Hugging Face folders with a
-small BPE tokenizer trained on the bundled text, for fast tests."""
+"""Test helpers for onecomp and its plugins (public, like the SDK): tiny random models of every
+supported architecture, saved as Hugging Face folders with a small BPE tokenizer trained on the
+bundled text, and pytest fixtures that build them once per session.
+
+In a plugin's ``tests/conftest.py``::
+
+    from onecomp_core.testing import tiny_llama, tiny_models  # noqa: F401  (pytest fixtures)
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
-TEXT = Path(__file__).resolve().parents[1] / "onecomp_core" / "data" / "enwiki_excerpt.txt"
+TEXT = Path(__file__).resolve().parent / "data" / "enwiki_excerpt.txt"
 
 COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, vocab_size=384, max_position_embeddings=256)
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "mixtral"]
 
 
 def configs():
@@ -27,18 +36,14 @@ def configs():
     }
 
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "mixtral"]
-
-
 def tokenizer(folder: Path):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(vocab_size=COMMON["vocab_size"], special_tokens=["<unk>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator([TEXT.read_text(encoding="utf-8")[:60000]], trainer)
-    from tokenizers import decoders
     tok.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     fast.save_pretrained(folder)
@@ -46,11 +51,11 @@ def tokenizer(folder: Path):
 
 
 def make_model(arch: str, folder: Path, dtype=torch.float32, seed: int = 0) -> Path:
+    """A tiny random model of ``arch`` (one of ``ARCHS``) saved into ``folder``."""
     from transformers import AutoModelForCausalLM
     folder = Path(folder)
     torch.manual_seed(seed)
-    cfg = configs()[arch]
-    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model = AutoModelForCausalLM.from_config(configs()[arch], dtype=dtype)
     with torch.no_grad():   # a little structure so that quantization errors are not all alike
         for name, p in model.named_parameters():
             if p.dim() == 2 and "embed" not in name:
@@ -58,3 +63,46 @@ def make_model(arch: str, folder: Path, dtype=torch.float32, seed: int = 0) -> P
     model.save_pretrained(folder)
     tokenizer(folder)
     return folder
+
+
+def quick(**kw) -> dict:
+    """Keyword arguments for a fast ``onecomp_core.quantize`` call on a tiny model."""
+    base = dict(bits=4, group_size=32, projector="rtn", num_samples=2, seq_len=32)
+    base.update(kw)
+    return base
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """arch -> folder of a tiny random model (built once per session, on first use)."""
+    root = tmp_path_factory.mktemp("tiny")
+    cache = {}
+
+    def get(arch: str) -> Path:
+        if arch not in cache:
+            cache[arch] = make_model(arch, root / arch)
+        return cache[arch]
+    return get
+
+
+@pytest.fixture
+def tiny_llama(tiny_models):
+    return tiny_models("llama")
+
+
+def installed(kind: str, name: str) -> bool:
+    """Whether an installed plugin registers component ``name`` of ``kind``."""
+    from .plugins import load_plugins
+    global _REGISTRY
+    if _REGISTRY is None:
+        _REGISTRY = load_plugins().registry
+    return name in _REGISTRY.names(kind)
+
+
+_REGISTRY = None
+
+
+def requires(kind: str, name: str):
+    """A pytest mark skipping a test when component ``name`` is not installed (a plugin's tests
+    that also exercise another plugin it does not depend on)."""
+    return pytest.mark.skipif(not installed(kind, name), reason=f"{kind} {name!r} is not installed")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from onecomp_core.streams import block_error
+from onecomp_core.sdk import block_error
 
 
 def compensate(block, params: list[torch.nn.Parameter], inputs, targets, kwargs, *, steps: int, lr: float,

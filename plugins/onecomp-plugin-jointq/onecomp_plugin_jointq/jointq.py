@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from onecomp_core.formats import grid
+from onecomp_core.sdk import grid
 
 
 def objective(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,187 @@
+"""The layer-wise pass: block by block, two hidden-state streams (full precision and quantized),
+statistics, corrections, projection in dependency order, block refiners, commit.
+
+For each block: the FP block runs on the FP stream (the block's target); each group of linears
+that share an input (q/k/v -> o -> gate/up -> down) is quantized in turn on the quantized stream
+(:meth:`BlockContext.quantize_group`), block refiners may act before each group and after the
+last; then the quantized block runs on the quantized stream and the block is committed.
+The pass itself knows nothing about repeated passes or roll-backs: block refiners do those
+through the :class:`BlockContext`.
+"""
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+
+from .contexts import LayerContext
+from .gather import gather_group
+from .streams import block_error, run_block
+
+
+def relative_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor | None) -> float:
+    """||(W - W^) X||^2 / ||W X||^2 = tr(dW H dW^T) / tr(W H W^T) (Frobenius when H is None)."""
+    d = W - Wq
+    if H is None:
+        return float((d * d).sum() / (W * W).sum().clamp_min(1e-30))
+    return float(((d @ H) * d).sum() / ((W @ H) * W).sum().clamp_min(1e-30))
+
+
+class BlockContext:
+    """One decoder block during the layer-wise pass: what block refiners see and can do.
+
+    ``groups``: the block's linears to quantize (relative names), grouped by shared input, in
+    execution order. ``qts``/``info``: the quantized tensor and report entry of each linear
+    quantized so far (full names). ``q_inputs``: the quantized stream entering the block;
+    ``fp_outputs``: the FP block's output on the FP stream, the block's target."""
+
+    def __init__(self, lw: "LayerwisePass", index: int, block, fp_inputs, q_inputs, fp_outputs, kwargs):
+        sk = lw.sk
+        self._lw = lw
+        self.index = index
+        self.prefix = sk.block_prefix(index)
+        self.block = block
+        groups = [[n for n in g if f"{self.prefix}.{n}" in lw.plan] for g in sk.adapter.linear_groups(block)]
+        self.groups: list[list[str]] = [g for g in groups if g]
+        self.fp_inputs, self.q_inputs, self.fp_outputs, self.kwargs = fp_inputs, q_inputs, fp_outputs, kwargs
+        self.residual_writers = frozenset(sk.adapter.residual_taps(block))
+        self.submodules = sk.adapter.submodules(block)
+        self.quantized: set[str] = set()
+        self.qts: dict = {}
+        self.info: dict = {}
+        self.batch = lw.batch
+        # FP copy of the block: paired FP-stream inputs for cross/residual statistics, FP weights to restore
+        self._fp_block = copy.deepcopy(block) if lw.paired or lw.keep_fp else None
+
+    @property
+    def linears(self) -> list[str]:
+        return [n for g in self.groups for n in g]
+
+    def full(self, rel: str) -> str:
+        return f"{self.prefix}.{rel}"
+
+    def module(self, rel: str) -> torch.nn.Module:
+        return self.block.get_submodule(rel)
+
+    def fp_weight(self, rel: str) -> torch.Tensor:
+        """The linear's weight before anything in this pass changed it."""
+        if self._fp_block is None:
+            raise RuntimeError("FP weights were not kept: set needs_fp_weights = True on the block refiner")
+        return self._fp_block.get_submodule(rel).weight.detach()
+
+    def error(self, rows=None) -> float:
+        """Mean squared difference of the block (as it is now) on the quantized stream from the FP
+        block's output, over the calibration samples ``rows`` (all when None)."""
+        return block_error(self.block, self.q_inputs, self.fp_outputs, self.kwargs, rows, batch=self.batch)
+
+    def restore_fp(self, names) -> None:
+        """Put the FP weights of ``names`` (relative) back into the live block."""
+        with torch.no_grad():
+            for n in names:
+                self.module(n).weight.copy_(self.fp_weight(n))
+
+    def snapshot(self, names) -> dict:
+        """The live weights, quantized tensors and report entries of ``names``, to ``restore``."""
+        return {n: (self.module(n).weight.detach().clone(), self.qts.get(self.full(n)),
+                    dict(self.info.get(self.full(n), {}))) for n in names}
+
+    def restore(self, snap: dict, rejected: bool = True) -> None:
+        """Go back to a snapshot; ``rejected`` marks the layers' report entries (``pass_rejected``)."""
+        with torch.no_grad():
+            for n, (w, qt, inf) in snap.items():
+                self.module(n).weight.copy_(w)
+                self.qts[self.full(n)] = qt
+                self.info[self.full(n)] = {**inf, "pass_rejected": True} if rejected else inf
+
+    def quantize_group(self, group: list[str], pass_index: int = 0) -> None:
+        """Quantize the linears ``group`` (relative names) from their live weights: gather the
+        statistics the run needs on the quantized stream (the block as it is now), let the
+        corrections set each target, project, let them post-process, write the dequantized
+        weights into the block."""
+        lw = self._lw
+        mods = {n: self.module(n) for n in group}
+        taps = lw.sk.adapter.residual_taps(self.block)
+        stats = gather_group(self.block, mods, self.q_inputs, self.kwargs, lw.needs, lw.batch,
+                             fp_block=self._fp_block, fp=self.fp_inputs, taps=taps)
+        for rel, lin in mods.items():
+            name = self.full(rel)
+            self.qts[name], self.info[name] = lw.quantize_linear(name, lin, self.block, stats[rel], pass_index)
+            lw.hook.onecomp_layer_done(block=self.index, name=name, info=self.info[name])
+        self.quantized.update(group)
+
+    def release(self) -> None:
+        self._fp_block = None
+
+
+class LayerwisePass:
+    def __init__(self, sk, plan, projectors, formats, corrections, block_refiners, store, hook,
+                 needs: set, batch: int = 1):
+        self.sk, self.plan, self.projectors, self.formats = sk, plan, projectors, formats
+        self.corrections, self.block_refiners, self.store, self.hook = corrections, block_refiners, store, hook
+        self.needs, self.batch = set(needs), batch
+        self.paired = bool({"cross", "residual"} & self.needs)
+        self.keep_fp = any(r.needs_fp_weights for r in block_refiners)
+
+    def run(self, fp: torch.Tensor, q: torch.Tensor, kwargs: list[dict], start: int) -> dict:
+        sk = self.sk
+        total = len(sk.blocks)
+        per_block_s = []
+        for i in range(start, total):
+            t0 = time.time()
+            block = sk.block(i)
+            fp_next = run_block(block, fp, kwargs[i], batch=self.batch)        # FP block on the FP stream
+            bctx = BlockContext(self, i, block, fp, q, fp_next, kwargs[i])
+            self.hook.onecomp_block_start(index=i, total=total, layers=bctx.linears)
+            for group in bctx.groups:
+                for r in self.block_refiners:
+                    r.before_group(bctx, group)
+                bctx.quantize_group(group)
+            for r in self.block_refiners:
+                r.refine_block(bctx)
+            bctx.release()
+            q_next = run_block(block, q, kwargs[i], batch=self.batch)           # quantized block, quantized stream
+            fp, q = fp_next, q_next
+            tensors = self._block_tensors(block, bctx.prefix, bctx.qts)
+            self.store.commit_block(i, tensors, {"fp": fp, "q": q}, bctx.info)
+            sk.release_block(i)
+            per_block_s.append(time.time() - t0)
+            self.hook.onecomp_block_done(index=i, total=total, info={"seconds": per_block_s[-1]})
+        return {"block_seconds": per_block_s}
+
+    def quantize_linear(self, name, lin, block, stats: dict, pass_index: int = 0):
+        spec = self.plan[name]
+        fmt = self.formats[spec.format]
+        W = lin.weight.detach().float().clone()
+        gram = stats.get("gram")
+        H = gram.H if gram is not None else None
+        ctx = LayerContext(name=name, spec=spec, weight=W, target=W, H=H, stats=stats, module=lin,
+                           block=block, fmt=fmt, pass_index=pass_index)
+        t0 = time.time()
+        for c in self.corrections:
+            ctx.target = c.adjust_target(ctx)
+        qt = self.projectors[spec.projector].project(ctx.target, H, spec, fmt)
+        for c in self.corrections:
+            qt = c.after_projection(ctx, qt)
+        Wq = qt.dequantize(torch.float32)
+        with torch.no_grad():
+            lin.weight.copy_(Wq.to(lin.weight.dtype))
+        return qt, {"rel_error": relative_error(W, Wq, H), "seconds": time.time() - t0,
+                    "bits": spec.bits, "group_size": spec.group_size, "projector": spec.projector,
+                    "format": spec.format, "bpw": fmt.stored_bits_per_weight(spec, tuple(W.shape), qt),
+                    "pass": pass_index + 1, **fmt.structure(qt)}
+
+    def _block_tensors(self, block, prefix, qts) -> dict:
+        """The block as saved: quantized linears in their format's layout, the rest as is."""
+        dtype = self.sk.checkpoint_dtype
+        out = {}
+        for name, qt in qts.items():
+            spec = self.plan[name]
+            out.update(self.formats[spec.format].to_tensors(name, qt, dtype))
+        for pname, t in block.state_dict().items():
+            full = f"{prefix}.{pname}"
+            owner = full.rsplit(".", 1)[0]
+            if owner in qts and full.endswith(".weight"):
+                continue
+            out[full] = t.to(dtype) if t.is_floating_point() else t
+        return out

@@ -1,0 +1,257 @@
+"""The scheduler: one run as a short sequence of named stages over one model.
+
+    open_model -> calibration -> capture -> preprocess -> plan -> layerwise (the pivot)
+      -> refine (model refiners) -> export -> evaluate -> report and publish
+
+Each stage is a method; ``stage`` times it and tells the observation hooks. Stages that have
+nothing to do (no preprocessors, no model refiners, no evaluation text, every block already
+committed) are skipped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .calibration import calibration_samples
+from .checkpoint import load_quantized
+from .components import Transform
+from .contexts import ExportContext, PlanContext, PreprocessContext
+from .errors import OnecompError
+from .evaluate import evaluate, load_reference, text_tokens
+from .gather import input_diagonals, input_statistics
+from .block_pass import LayerwisePass
+from .model_source import resolve_model
+from .refine_stage import run_model_refiners
+from .report import markdown, peak_gpu_mb, peak_rss_mb
+from .resolve import Resolved
+from .skeleton import Skeleton, pick_device
+from .store import RunStore, atomic_json, atomic_write_bytes
+from .streams import capture
+
+# config fields that do not change what the layer-wise pass computes: a re-run that differs
+# only in them resumes
+NOT_FINGERPRINTED = ("out", "overwrite", "eval_text", "eval_tokens", "eval_seq_len", "device", "exports")
+
+
+def fingerprint(res: Resolved, folder: Path) -> str:
+    files = sorted((p.name, p.stat().st_size) for p in folder.glob("*.safetensors"))
+    d = res.describe()
+    for k in NOT_FINGERPRINTED:
+        d.pop(k, None)
+    d["resolved_options"] = {k: v for k, v in d["resolved_options"].items() if not k.startswith("exporter:")}
+    return hashlib.sha1(json.dumps([d, files, __version__], sort_keys=True, default=str).encode()).hexdigest()
+
+
+def few_tokens_warning(tokens: int, widest_input: int, factor: int = 4) -> str | None:
+    """Hessian-based projectors overfit when H = X X^T / N comes from too few tokens."""
+    if tokens >= factor * widest_input:
+        return None
+    return (f"calibration has {tokens} tokens, fewer than {factor} x the widest layer input ({widest_input}); "
+            f"Hessian-based methods (GPTQ, corrections) may overfit: raise --num-samples or the damping")
+
+
+class Runner:
+    def __init__(self, res: Resolved):
+        self.res, self.run_cfg = res, res.run
+        self.hook = res.plugins.hook
+        self.stages: dict[str, float] = {}
+        self.transforms: list[tuple[str, Transform]] = []
+        self.refined: list[dict] = []
+        self.exported: dict[str, list[str]] = {}
+        self.timing = {"block_seconds": []}
+        self.evaluation = None
+
+    def stage(self, name, fn, **info):
+        self.hook.onecomp_stage_start(stage=name, info=info)
+        t0 = time.time()
+        result = fn()
+        self.stages[name] = time.time() - t0
+        self.hook.onecomp_stage_finish(stage=name, info={"seconds": self.stages[name]})
+        return result
+
+    def run(self) -> dict:
+        t_start = time.time()
+        self.stage("open_model", self.open_model)
+        self.stage("calibration", self.calibrate)
+        self.stage("capture", self.capture)
+        if self.res.preprocessors:
+            self.stage("preprocess", self.preprocess)
+        self.stage("plan", self.plan)
+        if self.start < len(self.sk.blocks):
+            self.stage("layerwise", self.layerwise, total=len(self.sk.blocks))
+        if self.res.refiners_of("model"):
+            self.stage("refine", self.refine)
+        self.stage("export", self.export)
+        if self.eval_ids is not None:
+            self.stage("evaluate", self.evaluate)
+        return self.finish(time.time() - t_start)
+
+    # -- stages ------------------------------------------------------------------------------
+    def open_model(self) -> None:
+        run = self.run_cfg
+        self.folder = resolve_model(run.model)
+        self.device = pick_device(run.device)
+        self.sk = Skeleton(self.folder, self.res.plugins.registry, self.device, run.dtype)
+        self.shapes = self.sk.linear_shapes()
+        self.store = RunStore(Path(run.out), fingerprint(self.res, self.folder), run.overwrite)
+        self.start = self.store.finished
+        from transformers import AutoTokenizer
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder))
+        # read the evaluation text now: a wrong path should stop the run before the long work
+        self.eval_ids = text_tokens(self.tokenizer, run.eval_text, run.eval_tokens) if run.eval_text else None
+
+    def calibrate(self) -> None:
+        cal = self.run_cfg.calibration
+        heldout = cal.heldout if self.res.refiners_of("model") else 0
+        ids = calibration_samples(cal.source, self.tokenizer, cal.num_samples + heldout, cal.seq_len, cal.strategy,
+                                  cal.seed, cal.text_field, cal.split, cal.cache)
+        self.ids, self.heldout_ids = ids[:cal.num_samples], ids[cal.num_samples:]
+
+    def capture(self) -> None:
+        self.inputs, self.kwargs = capture(self.sk, self.ids)
+
+    def preprocess(self) -> None:
+        """Fit each preprocessor in config order on the model transformed by the ones before it;
+        the blocks and the outer modules are transformed as they are loaded from then on."""
+        sk, run = self.sk, self.run_cfg
+        captured = {0: (self.inputs, self.kwargs)}
+        for k, pre in enumerate(self.res.preprocessors):
+            def inputs(k=k):
+                if k not in captured:
+                    captured[k] = capture(sk, self.ids)
+                return captured[k]
+            ctx = PreprocessContext(run=run, adapter=sk.adapter, num_blocks=len(sk.blocks), block=sk.block,
+                                    release=sk.release_block, block_prefix=sk.block_prefix, inputs=inputs,
+                                    calibration_ids=self.ids, device=self.device,
+                                    batch=run.calibration.batch_size, model_config=sk.config)
+            t = pre.fit(ctx)
+            if not isinstance(t, Transform):
+                raise OnecompError(f"preprocessor {pre.name!r}: fit() returned {type(t).__name__}, not a Transform")
+            sk.transforms.append(t)
+            self.transforms.append((pre.name, t))
+        self.inputs, self.kwargs = capture(sk, self.ids)          # block-0 inputs under every transform
+
+    def plan(self) -> None:
+        res, run, sk = self.res, self.run_cfg, self.sk
+        batch = run.calibration.batch_size
+        memo = {}
+
+        def input_diag():
+            if "diag" not in memo:
+                memo["diag"] = input_diagonals(sk, self.inputs, self.kwargs, batch=batch)
+            return memo["diag"]
+
+        groups = [[f"{sk.block_prefix(i)}.{n}" for n in g] for i, blk in enumerate(sk.blocks)
+                  for g in sk.adapter.linear_groups(blk)]
+        ctx = PlanContext(shapes=self.shapes, groups=groups, run=run, formats=res.formats,
+                          registry=res.plugins.registry, checkpoint_dtype=sk.checkpoint_dtype,
+                          weight=lambda n: sk.linear_weight(n).float(), input_diag=input_diag,
+                          input_grams=lambda fn: input_statistics(sk, self.inputs, self.kwargs, fn, batch=batch),
+                          model_folder=self.folder, calibration_ids=self.ids, device=self.device, make=res.component,
+                          model_config=sk.config, param_count=sum(sk.weights.numel(k) for k in sk.weights.keys()))
+        self.plan_ = res.planner.plan(ctx)
+        for spec in self.plan_.specs.values():      # the whole plan is checked before any block is quantized
+            fmt = res.formats.setdefault(spec.format, res.component("format", spec.format))
+            proj = res.projectors.setdefault(spec.projector, res.component("projector", spec.projector))
+            fmt.check(spec, self.shapes[spec.name])
+            proj.check(spec, fmt)
+            for e in res.exporters:
+                e.check(spec, fmt)
+        self.needs = {"gram"} if any(p.needs_hessian for p in res.projectors.values()) else set()
+        for c in res.refiners_of("layer"):
+            self.needs |= set(c.statistics)
+        few = few_tokens_warning(int(self.ids.numel()), max(s[1] for s in self.shapes.values())) \
+            if "gram" in self.needs else None
+        if few:
+            print(f"onecomp: warning: {few}", file=sys.stderr)
+
+    def layerwise(self) -> None:
+        res = self.res
+        if self.start > 0:
+            streams = self.store.streams()
+            fp, q = streams["fp"].to(self.device), streams["q"].to(self.device)
+        else:
+            fp, q = self.inputs, self.inputs.clone()
+        self.inputs = None
+        lw = LayerwisePass(self.sk, self.plan_, res.projectors, res.formats, res.refiners_of("layer"),
+                           res.refiners_of("block"), self.store, self.hook, self.needs,
+                           self.run_cfg.calibration.batch_size)
+        self.timing = lw.run(fp, q, self.kwargs, self.start)
+
+    def refine(self) -> None:
+        self.refined = run_model_refiners(self)
+
+    def export(self) -> None:
+        res = self.res
+        final = self.store.work / "final"
+        if final.exists():
+            shutil.rmtree(final)
+        final.mkdir(parents=True)
+        ectx = self.export_context(final)
+        for e in res.exporters:
+            self.exported[e.name] = e.export(ectx)
+        for fname, data in self.plan_.artifacts.items():
+            atomic_write_bytes(final / fname, data)
+        self.final = final
+
+    def export_context(self, folder: Path) -> ExportContext:
+        """What the exporters write into ``folder``: the committed blocks, the outer tensors and
+        ``config.json`` as the transforms left them."""
+        plan = self.plan_
+        config = self.sk.config_dict()
+        for _, t in self.transforms:
+            config.update(t.checkpoint_config())
+        tied = bool(config.get("tie_word_embeddings", getattr(self.sk.config, "tie_word_embeddings", False)))
+        return ExportContext(
+            folder=folder, plan=plan, formats=self.res.formats, shapes=self.shapes,
+            block_files=[self.store.block_file(i) for i in range(len(self.sk.blocks))],
+            outer_tensors=lambda: self.sk.outer_tensors(tied), config=config,
+            meta={"onecomp_version": __version__, "config": self.res.describe(), "source_model": str(self.folder),
+                  "transforms": [{"name": n, **t.describe()} for n, t in self.transforms]},
+            source_folder=self.folder, checkpoint_dtype=self.sk.checkpoint_dtype,
+            modules={n: {**s.to_dict(), "shape": list(self.shapes[n])} for n, s in plan.specs.items()})
+
+    def evaluate(self) -> None:
+        run = self.run_cfg
+        self.peak_quantize = peak_rss_mb()
+        qmodel = load_quantized(self.final, run.device, run.dtype, self.res.plugins)
+        ref, _ = load_reference(str(self.folder), run.device, run.dtype)
+        self.evaluation = evaluate(qmodel, self.eval_ids, ref=ref, seq_len=run.eval_seq_len)
+
+    def finish(self, wall: float) -> dict:
+        if not hasattr(self, "peak_quantize"):
+            self.peak_quantize = peak_rss_mb()
+        report = self.report(wall)
+        atomic_json(self.final / "report.json", report)
+        atomic_write_bytes(self.final / "report.md", markdown(report).encode())
+        self.store.publish(self.final)
+        report["out"] = str(self.store.out)
+        self.hook.onecomp_run_finish(report=report)
+        return report
+
+    def report(self, wall: float) -> dict:
+        plan, res, run, shapes = self.plan_, self.res, self.run_cfg, self.shapes
+        layers = self.store.layer_info()
+        total_bits = sum(layers[n]["bpw"] * shapes[n][0] * shapes[n][1] for n in plan.specs if n in layers)
+        params = sum(shapes[n][0] * shapes[n][1] for n in plan.specs)
+        bs = self.timing["block_seconds"]
+        summary = {"model": str(run.model), "source_folder": str(self.folder), "format": run.format,
+                   "projector": run.projector, "preprocessors": list(run.preprocessors), "refiners": list(run.refiners),
+                   "planner": run.planner, "bits": run.bits, "group_size": run.group_size, "symmetric": run.symmetric,
+                   "bpw": round(total_bits / max(params, 1), 4), "quantized_params": params,
+                   "wall_seconds": round(wall, 2), "seconds_per_block": round(sum(bs) / len(bs), 3) if bs else None,
+                   "peak_rss_mb": round(self.peak_quantize, 1), "peak_gpu_mb": peak_gpu_mb(),
+                   "peak_rss_mb_with_eval": round(peak_rss_mb(), 1) if self.evaluation else None,
+                   "resumed_from_block": self.start, "device": str(self.device)}
+        return {"summary": summary, "stages": self.stages, "layers": layers, "evaluation": self.evaluation,
+                "preprocessors": [{"name": n, **t.describe()} for n, t in self.transforms],
+                "refine": self.refined, "exports": self.exported,
+                "config": res.describe(), "plan": {n: s.to_dict() for n, s in plan.specs.items()},
+                "plan_info": plan.info}

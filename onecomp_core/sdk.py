@@ -1,0 +1,48 @@
+"""The public plugin API: everything a plugin may import from the core, and nothing else.
+
+A plugin imports from here (and the one-line API, ``onecomp_core.quantize`` /
+``load_quantized``); the core's other modules are internal and may change. Tests of a plugin
+may also use :mod:`onecomp_core.testing`.
+
+    from onecomp_core.sdk import Correction, hookimpl, in_range
+"""
+from __future__ import annotations
+
+from .adapters import ModelAdapter, find_adapter
+from .block_pass import BlockContext
+from .components import (BlockRefiner, Component, Correction, Exporter, ModelRefiner, Planner, Preprocessor,
+                         Projector, Refiner, Transform)
+from .contexts import ExportContext, LayerContext, ModelContext, PlanContext, PreprocessContext
+from .errors import OnecompError, UnknownNameError
+from .formats import grid
+from .formats.base import Format
+from .formats.uniform import QuantLinear, UniformFormat, UniformTensor
+from .gather import STATISTICS
+from .hessian import damp_hessian, inverse_cholesky_upper
+from .hookspecs import hookimpl
+from .model_source import cache_root
+from .planners import excluded, scale_dtype_for
+from .plugins import load_plugins
+from .projectors import GridOptions
+from .spec import LayerSpec, Plan
+from .stats import Cross, Diag, Gram, OuterSum, Residual, Statistic
+from .streams import block_error, run_block
+from .validators import boolean, in_range, one_of, positive
+
+__all__ = [
+    # hooks and component kinds
+    "hookimpl", "Component", "Planner", "Preprocessor", "Transform", "Projector", "Refiner", "Correction",
+    "BlockRefiner", "ModelRefiner", "Exporter", "Format", "ModelAdapter",
+    # what the stages hand them
+    "PlanContext", "PreprocessContext", "LayerContext", "BlockContext", "ModelContext", "ExportContext",
+    "LayerSpec", "Plan", "STATISTICS",
+    # errors and option validators
+    "OnecompError", "UnknownNameError", "in_range", "positive", "one_of", "boolean",
+    # the uniform format and its grid math, shared by grid projectors
+    "grid", "UniformFormat", "UniformTensor", "QuantLinear", "GridOptions",
+    # helpers
+    "find_adapter", "excluded", "scale_dtype_for", "damp_hessian", "inverse_cholesky_upper", "cache_root", "block_error",
+    "run_block", "load_plugins",
+    # mergeable statistics
+    "Statistic", "OuterSum", "Gram", "Cross", "Residual", "Diag",
+]

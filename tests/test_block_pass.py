@@ -1,0 +1,116 @@
+"""Block refiners through the BlockContext: hooks before each group and after the block, FP
+weights restored with every other linear quantized, re-quantization, roll-back."""
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import onecomp_core
+from onecomp_core.sdk import BlockRefiner, Correction, hookimpl
+
+
+def plugin(*classes):
+    class P:
+        @hookimpl
+        def onecomp_register_refiners(self, registry):
+            for c in classes:
+                registry.add_refiner(c)
+    return P()
+
+
+KW = dict(bits=3, group_size=32, projector="rtn", num_samples=2, seq_len=32)
+
+
+class Probe(BlockRefiner):
+    """Records what it is shown, then redoes every group once from FP (a second pass)."""
+    name = "probe"
+    needs_fp_weights = True
+    seen: list = []
+
+    def before_group(self, bctx, group):
+        type(self).seen.append(("before", bctx.prefix, tuple(group), frozenset(bctx.quantized)))
+
+    def refine_block(self, bctx):
+        everything = set(bctx.linears)
+        for group in bctx.groups:
+            bctx.restore_fp(group)
+            w = [bctx.module(n).weight.detach().clone() for n in group]
+            type(self).seen.append(("redo", bctx.prefix, tuple(group), frozenset(bctx.quantized - set(group)),
+                                    bctx.residual_writers, w))
+            assert bctx.quantized >= everything
+            bctx.quantize_group(group, pass_index=1)
+
+
+def test_hooks_see_groups_in_order_and_fp_weights_come_back(tiny_llama, tmp_path):
+    fp = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    Probe.seen = []
+    rep = onecomp_core.quantize(tiny_llama, tmp_path / "q", plugins=[plugin(Probe)], refiners=["probe"], **KW)
+    before = [s for s in Probe.seen if s[0] == "before" and s[1] == "model.layers.0"]
+    groups = [s[2] for s in before]
+    assert groups == [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+                      ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)]
+    done = set()
+    for _, _, group, quantized in before:                     # each group sees exactly the earlier ones quantized
+        assert quantized == done
+        done |= set(group)
+    redo = [s for s in Probe.seen if s[0] == "redo" and s[1] == "model.layers.0"]
+    assert [s[2] for s in redo] == groups
+    for _, prefix, group, others, writers, weights in redo:
+        assert others == done - set(group)                     # every other linear quantized
+        assert writers == {"self_attn.o_proj", "mlp.down_proj"}
+        for n, w in zip(group, weights):                       # restored to full precision
+            assert torch.equal(w, fp.get_submodule(f"{prefix}.{n}").weight)
+    assert all(li["pass"] == 2 for li in rep["layers"].values())
+
+
+class Saboteur(Correction):
+    """In a redo (pass_index > 0) aims every projector at a ruined target."""
+    name = "saboteur"
+
+    def adjust_target(self, ctx):
+        return ctx.target * (10.0 if ctx.pass_index > 0 else 1.0)
+
+
+class Guarded(BlockRefiner):
+    """Redo each group; keep it only if the block's output error does not rise."""
+    name = "guarded"
+    needs_fp_weights = True
+
+    def refine_block(self, bctx):
+        err = bctx.error()
+        for group in bctx.groups:
+            snap = bctx.snapshot(group)
+            bctx.restore_fp(group)
+            bctx.quantize_group(group, pass_index=1)
+            after = bctx.error()
+            if after > err:
+                bctx.restore(snap)
+            else:
+                err = after
+
+
+def test_a_redo_that_raises_the_block_error_is_rolled_back(tiny_llama, tmp_path):
+    plugins = [plugin(Saboteur, Guarded)]
+    ref = onecomp_core.quantize(tiny_llama, tmp_path / "ref", plugins=plugins, refiners=["saboteur"], **KW)
+    bad = onecomp_core.quantize(tiny_llama, tmp_path / "bad", plugins=plugins, refiners=["saboteur", "guarded"], **KW)
+    assert all(li.get("pass_rejected") and li["pass"] == 1 for li in bad["layers"].values())
+    assert {n: li["rel_error"] for n, li in bad["layers"].items()} == {n: li["rel_error"] for n, li in ref["layers"].items()}
+    for b in ("00000", "00001"):
+        x, y = (load_file(str(tmp_path / d / f"model-block-{b}.safetensors")) for d in ("ref", "bad"))
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_block_error_is_zero_before_any_quantization_and_grows_after(tiny_llama, tmp_path):
+    seen = {}
+
+    class Measure(BlockRefiner):
+        name = "measure"
+
+        def before_group(self, bctx, group):
+            if not bctx.quantized:
+                seen.setdefault(bctx.index, []).append(bctx.error())
+
+        def refine_block(self, bctx):
+            seen[bctx.index].append(bctx.error())
+    onecomp_core.quantize(tiny_llama, tmp_path / "q", plugins=[plugin(Measure)], refiners=["measure"], **KW)
+    assert seen[0][0] == 0.0 and seen[0][1] > 0            # block 0: same stream, FP block = its own target
+    assert seen[1][0] > 0                                  # block 1: the quantized stream has drifted

@@ -1,0 +1,210 @@
+"""The run as stages: their order, exporters (the main one and extras, checked against the
+formats before any work), model refiners with keep-if-better, the core alone."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import onecomp_core
+from onecomp_core.cli import main
+from onecomp_core.errors import OnecompError
+from onecomp_core.sdk import Exporter, ModelRefiner, UniformFormat, hookimpl
+from onecomp_core.testing import quick
+
+
+class Stages:
+    def __init__(self):
+        self.names = []
+
+    @hookimpl
+    def onecomp_stage_start(self, stage, info):
+        self.names.append(stage)
+
+
+def test_stages_run_in_order_and_skip_what_has_nothing_to_do(tiny_llama, tmp_path):
+    rec = Stages()
+    rep = onecomp_core.quantize(tiny_llama, tmp_path / "q", plugins=[rec], **quick())
+    assert rec.names == ["open_model", "calibration", "capture", "plan", "layerwise", "export"]
+    assert list(rep["stages"]) == rec.names
+    rec2 = Stages()
+    onecomp_core.quantize(tiny_llama, tmp_path / "p", plugins=[rec2], preprocessors=["colscale"],
+                          eval_text=str(tmp_path / "q" / "report.md"), **quick())
+    assert rec2.names == ["open_model", "calibration", "capture", "preprocess", "plan", "layerwise", "export", "evaluate"]
+
+
+class NpzExporter(Exporter):
+    """Writes every quantized module's dequantized weight beside the checkpoint; carries the
+    uniform format only (by its own check)."""
+    name = "npz-test"
+
+    def check(self, spec, fmt):
+        if not isinstance(fmt, UniformFormat):
+            raise OnecompError(f"exporter {self.name!r} cannot carry format {fmt.name!r}")
+
+    def export(self, ectx):
+        import numpy as np
+        out = {}
+        for f in ectx.block_files:
+            t = load_file(str(f))
+            for name, meta in ectx.modules.items():
+                keys = {k: v for k, v in t.items() if k.startswith(name + ".")}
+                if keys:
+                    qt = ectx.formats[meta["format"]].from_tensors(name, keys, meta)
+                    out[name] = qt.dequantize().numpy()
+        np.savez(ectx.folder / "weights.npz", **out)
+        assert (ectx.folder / "config.json").is_file()         # the main exporter ran first
+        return ["weights.npz"]
+
+
+class ExporterPlugin:
+    @hookimpl
+    def onecomp_register_exporters(self, registry):
+        registry.add_exporter(NpzExporter)
+
+
+def test_an_extra_exporter_writes_beside_the_main_checkpoint(tiny_llama, tmp_path):
+    import numpy as np
+    rep = onecomp_core.quantize(tiny_llama, tmp_path / "q", plugins=[ExporterPlugin()], exports=["npz-test"], **quick())
+    assert rep["exports"]["npz-test"] == ["weights.npz"] and "config.json" in rep["exports"]["compressed-tensors"]
+    w = np.load(tmp_path / "q" / "weights.npz")
+    model = onecomp_core.load_quantized(tmp_path / "q")
+    q = model.model.layers[1].mlp.down_proj
+    assert np.array_equal(w["model.layers.1.mlp.down_proj"], q.weight_dequantized().detach().numpy())
+
+
+def test_an_impossible_format_and_exporter_pair_stops_before_quantization(tiny_llama, tmp_path):
+    rec = Stages()
+    with pytest.raises(OnecompError, match="exporter 'npz-test' cannot carry format 'dbf'"):
+        onecomp_core.quantize(tiny_llama, tmp_path / "q", plugins=[ExporterPlugin(), rec], exports=["npz-test"],
+                              format="dbf", projector="dbf", target_bpw=1.5, num_samples=2, seq_len=32)
+    assert "layerwise" not in rec.names
+    # the default check: an exporter a format does not list
+    class Strict(Exporter):
+        name = "strict-test"
+
+    class P:
+        @hookimpl
+        def onecomp_register_exporters(self, registry):
+            registry.add_exporter(Strict)
+    with pytest.raises(OnecompError, match=r"exporter 'strict-test' cannot carry format 'uniform' .*exporters of "
+                                           r"'uniform': compressed-tensors\. Drop --export strict-test"):
+        onecomp_core.quantize(tiny_llama, tmp_path / "r", plugins=[P()], exports=["strict-test"], **quick())
+
+
+def test_export_flag_and_unknown_exporter(tiny_llama, tmp_path, capsys):
+    code = main(["quantize", str(tiny_llama), "--out", str(tmp_path / "q"), "--export", "gguf-nope",
+                 "--projector", "rtn", "--num-samples", "2", "--seq-len", "32"])
+    assert code == 2
+    assert "unknown exporter 'gguf-nope'; known: compressed-tensors" in capsys.readouterr().err
+
+
+class Ruin(ModelRefiner):
+    """Multiplies every scale of one module by 3: the held-out KL gets worse."""
+    name = "ruin"
+
+    def refine(self, mctx):
+        model = mctx.load()
+        mod = model.model.layers[1].mlp.down_proj
+        qt = mod.to_tensor()
+        qt.scale = qt.scale * 3
+        return {"model.layers.1.mlp.down_proj": qt}
+
+
+class Repair(ModelRefiner):
+    """Puts back the scales of the module the pivot got wrong (the pivot below was built with
+    a correction that halves them): the held-out KL improves."""
+    name = "repair"
+
+    def refine(self, mctx):
+        assert mctx.heldout_ids.shape[0] == 4 and mctx.calibration_ids.shape[0] == 2
+        model = mctx.load()
+        out = {}
+        for name in ("model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj"):
+            qt = model.get_submodule(name).to_tensor()
+            qt.scale = qt.scale * 2
+            out[name] = qt
+        return out
+
+
+class Wrong(ModelRefiner):
+    name = "wrongbits"
+
+    def refine(self, mctx):
+        qt = mctx.load().model.layers[0].mlp.up_proj.to_tensor()
+        qt.bits = 8
+        return {"model.layers.0.mlp.up_proj": qt}
+
+
+class Halve:
+    """A correction that halves the scales of every o_proj (a broken pivot to repair)."""
+    from onecomp_core.sdk import Correction as _C
+
+    class H(_C):
+        name = "halve"
+        statistics = frozenset()
+
+        def after_projection(self, ctx, qt):
+            if ctx.name.endswith("o_proj"):
+                qt.scale = (qt.scale / 2)
+            return qt
+
+
+class RefinerPlugin:
+    @hookimpl
+    def onecomp_register_refiners(self, registry):
+        for c in (Ruin, Repair, Wrong, Halve.H):
+            registry.add_refiner(c)
+
+
+def test_model_refiners_are_kept_only_when_the_heldout_metric_does_not_get_worse(tiny_llama, tmp_path):
+    kw = dict(plugins=[RefinerPlugin()], bits=4, group_size=32, projector="rtn", num_samples=2, seq_len=32)
+    plain = onecomp_core.quantize(tiny_llama, tmp_path / "plain", refiners=["halve"], **kw)
+    rec = Stages()
+    rep = onecomp_core.quantize(tiny_llama, tmp_path / "q", refiners=["halve", "ruin", "repair"],
+                                **{**kw, "plugins": kw["plugins"] + [rec]})
+    assert "refine" in rec.names and rec.names.index("refine") == rec.names.index("layerwise") + 1
+    ruin, repair = rep["refine"]
+    assert ruin["name"] == "ruin" and not ruin["kept"] and ruin["after"] > ruin["before"]
+    assert repair["name"] == "repair" and repair["kept"] and repair["after"] < repair["before"]
+    assert repair["before"] == ruin["before"]                     # the ruin was not kept
+    a = load_file(str(tmp_path / "plain" / "model-block-00001.safetensors"))
+    b = load_file(str(tmp_path / "q" / "model-block-00001.safetensors"))
+    assert torch.equal(a["model.layers.1.mlp.down_proj.weight_scale"], b["model.layers.1.mlp.down_proj.weight_scale"])
+    assert torch.equal(a["model.layers.1.self_attn.o_proj.weight_scale"] * 2, b["model.layers.1.self_attn.o_proj.weight_scale"])
+    assert torch.equal(a["model.layers.1.self_attn.o_proj.weight_packed"], b["model.layers.1.self_attn.o_proj.weight_packed"])
+    assert not (tmp_path / "q" / "pivot").exists()
+    assert plain["refine"] == []
+
+
+def test_a_model_refiner_must_keep_the_format_and_bits(tiny_llama, tmp_path):
+    with pytest.raises(OnecompError, match="model refiner 'wrongbits' changed how model.layers.0.mlp.up_proj is "
+                                           "stored .*keep the module's format and bits"):
+        onecomp_core.quantize(tiny_llama, tmp_path / "q", plugins=[RefinerPlugin()], refiners=["wrongbits"],
+                              **quick())
+
+
+CORE_ONLY = """
+import sys
+import onecomp_core
+from onecomp_core.errors import OnecompError
+rep = onecomp_core.quantize(sys.argv[1], sys.argv[2], bits=4, group_size=32, num_samples=2, seq_len=32)
+assert rep["config"]["projector"] == "rtn", rep["config"]["projector"]
+try:
+    onecomp_core.quantize(sys.argv[1], sys.argv[2] + "-g", projector="gptq", num_samples=2, seq_len=32)
+except OnecompError as e:
+    print(e)
+"""
+
+
+def test_with_only_the_core_rtn_runs_and_a_missing_plugin_names_its_distribution(tiny_llama, tmp_path):
+    env = {**os.environ, "ONECOMP_DISABLE_PLUGIN_AUTOLOAD": "1", "ONECOMP_PROGRESS": "0"}
+    proc = subprocess.run([sys.executable, "-c", CORE_ONLY, str(tiny_llama), str(tmp_path / "q")],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "unknown projector 'gptq'; known: rtn; it is provided by onecomp-plugins-gptq" in proc.stdout
+    assert "projector rtn (install onecomp-plugins-gptq" in proc.stderr
+    assert json.loads((tmp_path / "q" / "report.json").read_text())["summary"]["bpw"] > 4
