@@ -7,6 +7,7 @@ from hypothesis import given, settings, strategies as st
 
 import onecomp_core
 from onecomp_core.sdk import OnecompError, load_plugins
+from onecomp_core.testing import installed, requires
 from onecomp_plugin_autobit.budget import fit_memory_budget_bits, inference_overhead_bytes, parse_size
 from onecomp_plugin_autobit.errors import candidate_error, conditional_variances
 from onecomp_plugin_autobit.heatmap import allocation_png
@@ -208,11 +209,16 @@ def test_error_model_is_reported(tiny_llama, tmp_path):
     assert rep["plan_info"]["error_model"] == "frobenius"
     rep = quantize(tiny_llama, tmp_path / "n", target_bpw=3.0, options={"autobit": {"curvature": False}})
     assert rep["plan_info"]["error_model"] == "activation"
+
+
+@requires("projector", "gptq")
+def test_error_model_follows_a_gptq_projector(tiny_llama, tmp_path):
     rep = quantize(tiny_llama, tmp_path / "c", target_bpw=3.0, projector="gptq")      # auto: GPTQ-aware
     assert rep["plan_info"]["error_model"] == "conditional+curvature"
     assert rep["summary"]["bpw"] <= 3.0 + 1e-9
 
 
+@requires("format", "dbf")
 def test_binary_factor_candidates_mix_with_the_grid(tiny_llama, tmp_path):
     """With autobit.binary the planner may give modules a DBF factorisation; the checkpoint
     mixes formats, stays inside the budget and loads back."""
@@ -268,8 +274,9 @@ def test_true_fisher_curvature_plans_inside_the_budget(tiny_llama, tmp_path):
 
 def test_parallel_candidate_errors_equal_serial(tiny_llama, tmp_path):
     """Candidate errors computed by several threads give the same errors and plan as one thread
-    (grid and binary-factor candidates)."""
-    opts = {"bits": [2, 4], "groups": [32, -1], "binary": [1.5], "binary_iters": 2, "cache": False}
+    (grid and, where onecomp-plugins-dbf is installed, binary-factor candidates)."""
+    binary = [1.5] if installed("format", "dbf") else []
+    opts = {"bits": [2, 4], "groups": [32, -1], "binary": binary, "binary_iters": 2, "cache": False}
     one = quantize(tiny_llama, tmp_path / "a", target_bpw=2.5, options={"autobit": {**opts, "workers": 1}})
     many = quantize(tiny_llama, tmp_path / "b", target_bpw=2.5, options={"autobit": {**opts, "workers": 3}})
     assert many["plan"] == one["plan"]

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Every distribution of this repository on its own, as a user installs it:
+#   1. build a wheel of each (python -m build, isolated builds);
+#   2. a clean environment with only onecomp-core from its wheel: `onecomp plugins` lists the
+#      core alone, RTN quantizes a tiny model, and asking for gptq names the distribution;
+#   3. for each plugin: a clean environment with the core plus that plugin installed from the
+#      wheels with only its declared dependencies; `onecomp plugins --strict` lists it with its
+#      version, and its own tests (copied out of the repository, so nothing imports the source
+#      tree) pass there.
+# The third-party libraries (torch, transformers, ...) are installed once into the core's
+# environment and shared with the plugin environments through a .pth file; onecomp packages are
+# never shared. CHECK_DISTS_DIR keeps the work folder; CHECK_DISTS_ONLY=a,b checks only those
+# plugin folders (e.g. onecomp-plugin-qep). Prints one line per distribution; exits 1 on a failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+PY=${PYTHON:-python3}
+WORK=${CHECK_DISTS_DIR:-$(mktemp -d -t onecomp-dists.XXXXXX)}
+mkdir -p "$WORK"
+WHEELS=$WORK/wheels
+export ONECOMP_PROGRESS=0 TOKENIZERS_PARALLELISM=false
+PLUGINS=(onecomp_plugins_gptq onecomp_plugins_dbf plugins/*/)
+log() { printf '[check_dists] %s\n' "$*"; }
+pipin() { local env=$1; shift; "$env/bin/pip" install -q --disable-pip-version-check "$@" 2>>"$WORK/pip.log"; }
+
+# -- 1. wheels --------------------------------------------------------------------------------
+[ -x "$WORK/build/bin/python" ] || "$PY" -m venv "$WORK/build"
+pipin "$WORK/build" build
+rm -rf "$WHEELS"
+for d in . "${PLUGINS[@]}"; do
+    "$WORK/build/bin/python" -m build --wheel --outdir "$WHEELS" "$d" > "$WORK/build.log" 2>&1 \
+        || { cat "$WORK/build.log"; log "FAILED to build $d"; exit 1; }
+done
+log "built $(ls "$WHEELS" | wc -l) wheels: $(cd "$WHEELS" && ls | sed 's/-py3-none-any.whl//' | tr '\n' ' ')"
+
+# -- 2. the core alone ----------------------------------------------------------------------------
+BASE=$WORK/core
+[ -x "$BASE/bin/python" ] || "$PY" -m venv "$BASE"
+"$BASE/bin/python" -c "import torch" 2>/dev/null || pipin "$BASE" "${TORCH_SPEC:-torch==2.13.0}"
+pipin "$BASE" "$WHEELS"/onecomp_core-*.whl pytest hypothesis
+pipin "$BASE" --force-reinstall --no-deps "$WHEELS"/onecomp_core-*.whl         # this build, on a re-run too
+"$BASE/bin/python" - "$WORK/core-check" 2>"$WORK/core-check.log" <<'PY'
+import json, os, subprocess, sys
+from pathlib import Path
+import onecomp_core
+from onecomp_core.errors import OnecompError
+from onecomp_core.testing import make_model
+work = Path(sys.argv[1])
+rows = json.loads(subprocess.run([sys.executable, "-m", "onecomp_core.cli", "plugins", "--json", "--strict"],
+                                 check=True, capture_output=True, text=True).stdout)
+assert [r["name"] for r in rows] == ["core"], rows
+model = make_model("llama", work / "tiny")
+rep = onecomp_core.quantize(model, work / "q", bits=4, group_size=32, num_samples=2, seq_len=32, overwrite=True)
+assert rep["config"]["projector"] == "rtn" and rep["summary"]["bpw"] > 4
+try:
+    onecomp_core.quantize(model, work / "g", projector="gptq", num_samples=2, seq_len=32)
+    raise SystemExit("gptq ran without its plugin")
+except OnecompError as e:
+    msg = str(e)
+assert "pip install onecomp-plugins-gptq" in msg, msg
+print(f"onecomp-core {onecomp_core.__version__} alone: rtn quantized at {rep['summary']['bpw']} bpw; gptq -> {msg}")
+PY
+log "core alone: ok"
+SITE=$("$BASE/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+
+# -- 3. one plugin at a time ------------------------------------------------------------------------
+failed=()
+for d in "${PLUGINS[@]}"; do
+    d=${d%/}
+    name=$(basename "$d")
+    if [ -n "${CHECK_DISTS_ONLY:-}" ] && [[ ",$CHECK_DISTS_ONLY," != *",$name,"* ]]; then continue; fi
+    dist=$(sed -n 's/^name = "\(.*\)"$/\1/p' "$d/pyproject.toml" | head -1)
+    wheel=$(ls "$WHEELS"/"${dist//-/_}"-*.whl)
+    env=$WORK/env-$name
+    rm -rf "$env" "$WORK/tests-$name"
+    "$PY" -m venv "$env"
+    envsite=$("$env/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+    echo "$SITE" > "$envsite/_onecomp_core_env.pth"          # third-party libraries and the core, shared
+    pipin "$env" --find-links "$WHEELS" "$wheel" > "$WORK/install-$name.log" 2>&1 \
+        || { cat "$WORK/install-$name.log"; failed+=("$dist (install)"); continue; }
+    listed=$("$env/bin/python" -m onecomp_core.cli plugins --strict) || { echo "$listed"; failed+=("$dist (plugins)"); continue; }
+    line=$(echo "$listed" | grep " $dist " || true)
+    [ -n "$line" ] || { echo "$listed"; failed+=("$dist (not listed)"); continue; }
+    cp -r "$d/tests" "$WORK/tests-$name"
+    if (cd "$WORK/tests-$name" && "$env/bin/python" -m pytest -q -p no:cacheprovider --rootdir . . > "$WORK/pytest-$name.log" 2>&1); then
+        log "$(echo "$line" | awk '{print $2, $3}'): $(tail -1 "$WORK/pytest-$name.log")"
+    else
+        tail -40 "$WORK/pytest-$name.log"
+        failed+=("$dist (tests)")
+    fi
+done
+if [ ${#failed[@]} -gt 0 ]; then
+    log "FAILED: ${failed[*]} (logs in $WORK)"
+    exit 1
+fi
+log "every distribution installs from its wheel alone and passes its tests (work folder: $WORK)"
