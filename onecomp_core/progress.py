@@ -11,7 +11,6 @@ class Progress:
     def __init__(self):
         self.blocks = None
         self.layers = None
-        self.layers_scaled = False
 
     @property
     def enabled(self) -> bool:
@@ -33,16 +32,14 @@ class Progress:
             return
         if self.blocks is None:
             self.blocks = tqdm(total=total, initial=index, desc="blocks", unit="block", file=sys.stderr)
-        self.layers = tqdm(total=len(layers), desc=f"block {index} layers", unit="layer", leave=False,
+        self.per_pass = max(len(layers), 1)
+        self.layers = tqdm(total=self.per_pass, desc=f"block {index} layers", unit="layer", leave=False,
                            file=sys.stderr)
-        self.layers_scaled = False
 
     def layer_done(self, block, name, info):
         if self.layers is not None:
-            passes = int(info.get("passes", 1))
-            if passes > 1 and not self.layers_scaled:
-                self.layers.total *= passes          # a correction revisits the block's groups
-                self.layers_scaled = True
+            if self.layers.n >= self.layers.total:      # a block refiner re-quantizes the block: one more pass
+                self.layers.total += self.per_pass
             self.layers.update(1)
             self.layers.set_postfix_str(f"{name.rsplit('.', 1)[-1]} err={info.get('rel_error', 0):.2e}")
 

@@ -19,10 +19,14 @@ def peak_gpu_mb() -> float | None:
 def markdown(report: dict) -> str:
     lines = ["# onecomp run report", ""]
     s = report["summary"]
-    for k in ("model", "format", "projector", "corrections", "planner", "bits", "group_size", "symmetric",
+    for k in ("model", "format", "projector", "preprocessors", "refiners", "planner", "bits", "group_size", "symmetric",
               "bpw", "quantized_params", "wall_seconds", "peak_rss_mb", "peak_gpu_mb", "resumed_from_block"):
         if k in s:
             lines.append(f"- **{k}**: {s[k]}")
+    if report.get("refine"):
+        lines += ["", "## Model refiners", "", "| refiner | modules | held-out KL before | after | kept |", "|---|---|---|---|---|"]
+        lines += [f"| {r['name']} | {r['modules']} | {r['before']:.4g} | {r['after']:.4g} | {r['kept']} |"
+                  for r in report["refine"]]
     if report.get("evaluation"):
         lines += ["", "## Evaluation", ""]
         lines += [f"- **{k}**: {v}" for k, v in report["evaluation"].items()]

@@ -1,4 +1,4 @@
-"""Binary-factor approximation of a weight matrix (DESIGN.md section 2), pure tensor math.
+"""Binary-factor approximation of a weight matrix (docs/algorithms.md), pure tensor math.
 
     W ~ L R^T,   L = S_a o (A P^T)  (out x k),   R = S_b o (B G^T)  (in x k)
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every distribution of this repository on its own, as a user installs it:
-#   1. build a wheel of each (python -m build, isolated builds);
+#   1. build a wheel of each (python -m build: an sdist, then the wheel from it, isolated);
 #   2. a clean environment with only onecomp-core from its wheel: `onecomp plugins` lists the
 #      core alone, RTN quantizes a tiny model, and asking for gptq names the distribution;
 #   3. for each plugin: a clean environment with the core plus that plugin installed from the
@@ -28,10 +28,11 @@ pipin() { local env=$1; shift; "$env/bin/pip" install -q --disable-pip-version-c
 pipin "$WORK/build" build
 rm -rf "$WHEELS"
 for d in . "${PLUGINS[@]}"; do
-    "$WORK/build/bin/python" -m build --wheel --outdir "$WHEELS" "$d" > "$WORK/build.log" 2>&1 \
+    # an sdist first, the wheel built from it: nothing is written into the source tree
+    "$WORK/build/bin/python" -m build --outdir "$WHEELS" "$d" > "$WORK/build.log" 2>&1 \
         || { cat "$WORK/build.log"; log "FAILED to build $d"; exit 1; }
 done
-log "built $(ls "$WHEELS" | wc -l) wheels: $(cd "$WHEELS" && ls | sed 's/-py3-none-any.whl//' | tr '\n' ' ')"
+log "built $(ls "$WHEELS"/*.whl | wc -l) wheels: $(cd "$WHEELS" && ls *.whl | sed 's/-py3-none-any.whl//' | tr '\n' ' ')"
 
 # -- 2. the core alone ----------------------------------------------------------------------------
 BASE=$WORK/core

@@ -1,4 +1,4 @@
-"""The AutoBit integer program (DESIGN.md section 2):
+"""The AutoBit integer program (docs/algorithms.md):
 
     min  sum_{l,c} e_{l,c} x_{l,c}
     s.t. sum_{l,c} m_{l,c} x_{l,c} <= budget,   sum_c x_{l,c} = 1 for every l,   x binary
