@@ -15,14 +15,15 @@ EVAL = ROOT / "data" / "enwiki_eval.txt"
 
 
 def quantize_and_measure(model: str, flags: list[str], eval_tokens: int = 16384, calibration: Path = CALIB,
-                         keep_report: Path | None = None) -> dict:
+                         keep_report: Path | None = None, python: str = sys.executable) -> dict:
     """One `onecomp quantize ... --eval-text` run -> its summary numbers. ``keep_report``: also
-    copy the run's report.json there (per-module errors and times)."""
+    copy the run's report.json there (per-module errors and times); ``python``: the interpreter
+    (of another environment, e.g. an older onecomp) that runs it."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "q"
         cfg = Path(tmp) / "c.json"
         cfg.write_text(json.dumps({"eval_tokens": eval_tokens}))
-        cmd = [sys.executable, "-m", "onecomp_core.cli", "quantize", model, "--out", str(out),
+        cmd = [python, "-m", "onecomp_core.cli", "quantize", model, "--out", str(out),
                "--calibration", str(calibration), "--eval-text", str(EVAL), "--config", str(cfg), *flags]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "ONECOMP_PROGRESS": "0"})
         if proc.returncode != 0:

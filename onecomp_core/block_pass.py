@@ -45,7 +45,8 @@ class BlockContext:
         groups = [[n for n in g if f"{self.prefix}.{n}" in lw.plan] for g in sk.adapter.linear_groups(block)]
         self.groups: list[list[str]] = [g for g in groups if g]
         self.fp_inputs, self.q_inputs, self.fp_outputs, self.kwargs = fp_inputs, q_inputs, fp_outputs, kwargs
-        self.residual_writers = frozenset(sk.adapter.residual_taps(block))
+        self.taps = sk.adapter.residual_taps(block)        # residual writer -> module reading the stream at its add
+        self.residual_writers = frozenset(self.taps)
         self.submodules = sk.adapter.submodules(block)
         self.quantized: set[str] = set()
         self.qts: dict = {}
@@ -101,9 +102,8 @@ class BlockContext:
         weights into the block."""
         lw = self._lw
         mods = {n: self.module(n) for n in group}
-        taps = lw.sk.adapter.residual_taps(self.block)
         stats = gather_group(self.block, mods, self.q_inputs, self.kwargs, lw.needs, lw.batch,
-                             fp_block=self._fp_block, fp=self.fp_inputs, taps=taps)
+                             fp_block=self._fp_block, fp=self.fp_inputs, taps=self.taps)
         for rel, lin in mods.items():
             name = self.full(rel)
             self.qts[name], self.info[name] = lw.quantize_linear(name, lin, self.block, stats[rel], pass_index)

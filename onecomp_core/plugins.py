@@ -13,6 +13,7 @@ Environment switches:
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 
@@ -70,33 +71,20 @@ def _warn(info: PluginInfo, what: str) -> None:
     print(f"onecomp: warning: plugin {info.name!r} {what}", file=sys.stderr)
 
 
-def _unknown_hooks(pm: pluggy.PluginManager, plugin) -> list[str]:
-    """Hook implementations of ``plugin`` that match no hook specification (pluggy's
-    ``check_pending``, attributed to one plugin)."""
-    bad = []
-    for name in pm.hook.__dict__:
-        if name.startswith("_"):
-            continue
-        hc = getattr(pm.hook, name)
-        if not hc.has_spec() and any(i.plugin is plugin and not i.optionalhook for i in hc.get_hookimpls()):
-            bad.append(name)
-    return bad
-
-
 def _register(pm: pluggy.PluginManager, obj, info: PluginInfo) -> bool:
-    """Add one plugin object to the manager; False (and ``info.error``) when it does not validate."""
+    """Add one plugin object to the manager; False (and ``info.error``) when it does not validate:
+    a hook implemented with wrong argument names (refused by ``register``) or a hook that is not
+    a hookspec, e.g. a misspelt name (pluggy's ``check_pending``, run after each plugin so that
+    only this one can be at fault)."""
     try:
         pm.register(obj, name=info.name)
-    except Exception as exc:               # pluggy.PluginValidationError: hook with wrong arguments
+        pm.check_pending()
+    except Exception as exc:               # pluggy.PluginValidationError
         if pm.get_plugin(info.name) is not None:
             pm.unregister(name=info.name)
-        info.error = _first_line(exc)
-        return False
-    bad = _unknown_hooks(pm, obj)
-    if bad:
-        pm.unregister(name=info.name)
-        info.error = (f"implements {', '.join(map(repr, bad))}, which is not an onecomp hook "
-                      f"(misspelt? see onecomp_core.hookspecs)")
+        unknown = re.match(r"unknown hook '(\w+)'", str(exc))
+        info.error = (f"implements {unknown.group(1)!r}, which is not an onecomp hook (misspelt? see "
+                      f"onecomp_core.hookspecs)" if unknown else _first_line(exc))
         return False
     return True
 

@@ -73,3 +73,24 @@ def test_changed_config_does_not_resume_silently(tiny_llama, tmp_path):
     RunStore(out, "fingerprint-of-another-config", False).commit_block(0, {"x": torch.zeros(1)}, {}, {})
     with pytest.raises(OnecompError, match="unfinished run with a different config"):
         onecomp_core.quantize(tiny_llama, out, **quick())
+
+
+def test_a_kept_model_refiner_result_survives_a_crash_between_its_two_phases(tmp_path):
+    """record_refined writes the new block files beside the old ones, then the state naming
+    them, then renames: a crash after the state leaves the renames to the next open."""
+    from onecomp_core.store import RunStore
+    out = tmp_path / "q"
+    st = RunStore(out, "fp", False)
+    st.commit_block(0, {"w": torch.zeros(2)}, {}, {"m": {"bpw": 4}})
+    st.commit_block(1, {"w": torch.zeros(2)}, {}, {})
+    nxt = st.block_file(1).with_name(st.block_file(1).name + ".next")
+    from onecomp_core.store import atomic_save_tensors
+    atomic_save_tensors(nxt, {"w": torch.ones(2)})                   # phase 1 done
+    st._write_state(refined=[{"name": "r", "kept": True}], pending_blocks=[1])   # phase 2 done, then a crash
+    again = RunStore(out, "fp", False)
+    assert again.refined() == [{"name": "r", "kept": True}]          # reading the records finishes the renames
+    assert torch.equal(load_file(again.block_file(1))["w"], torch.ones(2)) and not nxt.exists()
+    assert again.finished == 2 and again.layer_info() == {"m": {"bpw": 4}}
+    again.record_refined({"name": "s", "kept": True}, {0: {"w": torch.full((2,), 2.0)}})
+    assert [r["name"] for r in again.refined()] == ["r", "s"]
+    assert torch.equal(load_file(again.block_file(0))["w"], torch.full((2,), 2.0))
