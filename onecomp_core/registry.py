@@ -81,11 +81,13 @@ class Registry:
                 raise OnecompError(f"{kind} {name!r} is registered twice by plugin {self.current_plugin!r}")
             self._staged.append((kind, name, cls))
             return
-        self.begin("<direct>")
-        self._staged.append((kind, name, cls))
-        warnings = self.commit()
-        if warnings:
-            raise OnecompError(warnings[0])
+        key = (kind, name)                       # outside a plugin (code that fills a registry itself)
+        if name in self._items[kind] or key in self.conflicts:
+            raise OnecompError(f"{kind} {name!r} is already registered (by {self._source.get(key, 'two plugins')!r}); "
+                               f"rename the component")
+        self._items[kind][name] = cls
+        self._source[key] = self.current_plugin
+        self.by_plugin[self.current_plugin].append(key)
 
     # thin helpers so plugins read naturally: registry.add_projector(GPTQ)
     def add_planner(self, cls): self.add("planner", cls)

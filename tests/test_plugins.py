@@ -197,3 +197,11 @@ def test_observation_hooks_see_the_run(tiny_llama, tmp_path):
     layers = [e for e in rec.events if e[0] == "layer"]
     assert len(layers) == 14 and all(0 < e[2] < 1 for e in layers)
     assert kinds[-1] == "run"
+
+
+def test_a_registry_filled_directly_refuses_a_taken_name():
+    reg = Registry()
+    reg.add_projector(RTN)
+    with pytest.raises(OnecompError, match="projector 'rtn' is already registered"):
+        reg.add_projector(type("Other", (RTN,), {"name": "rtn"}))
+    assert reg.get("projector", "rtn") is RTN
