@@ -25,7 +25,9 @@ def quantize_and_measure(model: str, flags: list[str], eval_tokens: int = 16384,
         cfg.write_text(json.dumps({"eval_tokens": eval_tokens}))
         cmd = [python, "-m", "onecomp_core.cli", "quantize", model, "--out", str(out),
                "--calibration", str(calibration), "--eval-text", str(EVAL), "--config", str(cfg), *flags]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "ONECOMP_PROGRESS": "0"})
+        # run in a neutral folder: `python -m` puts the working directory first on sys.path, where a
+        # checkout's onecomp_core would shadow the interpreter's own installation
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, env={**os.environ, "ONECOMP_PROGRESS": "0"})
         if proc.returncode != 0:
             return {"flags": flags, "error": proc.stderr.strip().splitlines()[-1:]}
         rep = json.loads((out / "report.json").read_text())
