@@ -158,8 +158,9 @@ def _section(d: dict, key: str, cls) -> None:
         raise OnecompError(f"config field {key!r}: must be a table, got {sec!r}")
     sec = dict(sec)
     known = {a.name for a in attrs.fields(cls)}
+    top = {a.name for a in attrs.fields(RunConfig)}
     for f in known:
-        if f in d and f not in {a.name for a in attrs.fields(RunConfig)}:
+        if f in d and f not in top:
             if f in sec:
                 raise OnecompError(f"config field {f!r} is given twice, at the top level and under {key!r}; keep one")
             sec[f] = d.pop(f)
@@ -223,6 +224,8 @@ def make_config(model=None, config=None, options=None, **fields) -> RunConfig:
             sec = base.get(key, {})
             sec = {"source": sec} if isinstance(sec, str) else dict(sec)
             base[key] = {**sec, **given}
+            for f in given:                   # the file's flat value of the same field gives way too
+                base.pop(f, None)
     base.update({k: v for k, v in fields.items() if v is not None})
     return from_dict(base)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .stats import Cross, Diag, Gram, Residual
+from .streams import batches, run_block
 
 # what a component may declare in ``statistics`` (per linear, gathered on the quantized stream)
 STATISTICS = {
@@ -58,11 +59,6 @@ class InputCollector:
         for h in self.handles:
             h.remove()
         self.handles = []
-
-
-def batches(n: int, size: int):
-    for b in range(0, n, max(1, size)):
-        yield slice(b, min(b + max(1, size), n))
 
 
 def samples(x: torch.Tensor):
@@ -130,7 +126,6 @@ def input_statistics(sk, inputs: torch.Tensor, kwargs: list[dict], reduce=None, 
     quantizable linear: diag(X X^T) / N when ``reduce`` is None, else ``reduce(H)`` of its full
     input Gram H = X X^T / N. H is built once per input group (q/k/v, gate/up share it) and
     dropped after ``reduce``, so only one block's Grams are ever held."""
-    from .streams import run_block
     out = {}
     h = inputs
     for i in range(len(sk.blocks)):

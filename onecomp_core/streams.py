@@ -50,10 +50,16 @@ def _output(y):
     return y[0] if isinstance(y, tuple) else y
 
 
+def batches(n: int, size: int):
+    """Consecutive slices of at most ``size`` of range(n)."""
+    size = max(1, size)
+    for b in range(0, n, size):
+        yield slice(b, min(b + size, n))
+
+
 def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, out: torch.Tensor | None = None,
               batch: int = 1) -> torch.Tensor:
     """The block applied to ``hidden`` (N, L, d), ``batch`` samples per forward."""
-    from .gather import batches
     out = torch.empty_like(hidden) if out is None else out
     with torch.no_grad():
         for sl in batches(hidden.shape[0], batch):
@@ -69,8 +75,8 @@ def block_error(block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, k
     rows = list(range(inputs.shape[0]) if rows is None else rows)
     tot = 0.0
     with torch.no_grad():
-        for b in range(0, len(rows), max(1, batch)):
-            idx = rows[b:b + max(1, batch)]
+        for sl in batches(len(rows), batch):
+            idx = rows[sl]
             y = _output(block(inputs[idx], **kwargs)).float()
             for j, s in enumerate(idx):
                 tot += float(((y[j:j + 1] - targets[s:s + 1].float()) ** 2).mean())

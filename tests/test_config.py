@@ -85,6 +85,7 @@ def test_budget_fields_are_grouped_and_may_be_given_flat():
     flat = from_dict({"model": "m", "target_bpw": 2.5, "context": 128})
     assert grouped.budget == flat.budget and grouped.budget.given() == ["target_bpw"]
     assert make_config("m", {"budget": {"target_bpw": 3}}, target_bpw=2.0).budget.target_bpw == 2.0   # a flag wins
+    assert make_config("m", {"target_bpw": 3, "num_samples": 4}, target_bpw=2.0, num_samples=8).calibration.num_samples == 8
     with pytest.raises(OnecompError, match="'target_bpw' is given twice"):
         from_dict({"model": "m", "target_bpw": 2.5, "budget": {"target_bpw": 3}})
     with pytest.raises(OnecompError, match="unknown budget field.*'bpw'"):
