@@ -163,18 +163,22 @@ class Skeleton:
             mod.to("meta")
 
     def outer_tensors(self, tied: bool) -> dict[str, torch.Tensor]:
-        """The tensors outside the blocks as they are saved (transforms applied; without the head
-        when ``tied`` to the embedding)."""
+        """The tensors outside the blocks as they are saved, without the head when ``tied`` to the
+        embedding. Without transforms they are read straight from the checkpoint (nothing is
+        materialised twice); with transforms the outer modules are loaded, transformed and their
+        tensors taken as they are."""
+        keys = [f"{m}.{p}" for m, mod in self.outer_modules() for p in mod.state_dict()]
+        keys = [k for k in keys if not (tied and k.endswith("lm_head.weight"))]
+        if not self.transforms:
+            return {k: self._read(k) for k in keys}
         self.fill_outer()
+        live = {f"{m}.{p}": t for m, mod in self.outer_modules() for p, t in mod.state_dict().items()}
         out = {}
-        for mod_name, mod in self.outer_modules():
-            for pname, t in mod.state_dict().items():
-                key = f"{mod_name}.{pname}"
-                if key.endswith("lm_head.weight") and tied:
-                    continue
-                stored = self.weights.dtype_of(key) if key in self.weights else self.checkpoint_dtype
-                out[key] = t.detach().to(stored if t.is_floating_point() else t.dtype).clone()
-        self.release_outer()
+        for k in keys:
+            t = live[k].detach()
+            stored = self.weights.dtype_of(k) if k in self.weights else self.checkpoint_dtype
+            out[k] = t.to(stored) if t.is_floating_point() else t
+        self.release_outer()                     # the modules go back to meta; ``out`` keeps the tensors
         return out
 
     def config_dict(self) -> dict:
