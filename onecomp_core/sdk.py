@@ -16,6 +16,7 @@ from .contexts import ExportContext, LayerContext, ModelContext, PlanContext, Pr
 from .errors import OnecompError, UnknownNameError
 from .formats import grid
 from .formats.base import Format
+from .formats.trainable import TrainableLinear, TrainableView, smooth_round, smooth_sign, ste, stored_float
 from .formats.uniform import QuantLinear, UniformFormat, UniformTensor
 from .gather import STATISTICS
 from .hessian import damp_hessian, inverse_cholesky_upper
@@ -40,6 +41,8 @@ __all__ = [
     "OnecompError", "UnknownNameError", "in_range", "positive", "one_of", "boolean",
     # the uniform format and its grid math, shared by grid projectors
     "grid", "UniformFormat", "UniformTensor", "QuantLinear", "GridOptions",
+    # trainable views of stored tensors and their estimators
+    "TrainableView", "TrainableLinear", "ste", "stored_float", "smooth_round", "smooth_sign",
     # helpers
     "find_adapter", "excluded", "scale_dtype_for", "damp_hessian", "inverse_cholesky_upper", "cache_root", "block_error",
     "run_block", "load_plugins",

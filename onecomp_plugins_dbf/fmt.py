@@ -12,7 +12,7 @@ import attrs
 import torch
 import torch.nn.functional as F
 
-from onecomp_core.sdk import Format
+from onecomp_core.sdk import Format, TrainableView, smooth_sign, stored_float
 
 from .factors import bits_per_weight, compose, rank_for_bpw
 from .signs import pack_signs, unpack_signs
@@ -96,6 +96,37 @@ class BinaryFactorLinear(torch.nn.Module):
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
 
+class BinaryFactorView(TrainableView):
+    """Trainable view of binary factors. ``scales``: the envelopes A, P, B, G (rounded to fp16,
+    as stored, in the forward pass); ``codes``: one latent per sign, its sign taken by the smooth
+    sign estimator (backward: d tanh(u / tau) / du), starting at the stored signs (+-1)."""
+
+    def __init__(self, t: BinaryFactorTensor):
+        super().__init__()
+        self.A, self.P = torch.nn.Parameter(t.A.float().clone()), torch.nn.Parameter(t.P.float().clone())
+        self.B, self.G = torch.nn.Parameter(t.B.float().clone()), torch.nn.Parameter(t.G.float().clone())
+        self.latent_a = torch.nn.Parameter(t.Sa.float().clone())
+        self.latent_b = torch.nn.Parameter(t.Sb.float().clone())
+
+    def param_groups(self):
+        return {"scales": [self.A, self.P, self.B, self.G], "codes": [self.latent_a, self.latent_b]}
+
+    def _envelopes(self):
+        return [stored_float(x, torch.float16) for x in (self.A, self.P, self.B, self.G)]
+
+    def weight(self):
+        A, P, B, G = self._envelopes()
+        L = smooth_sign(self.latent_a, self.tau) * (A @ P.T)
+        R = smooth_sign(self.latent_b, self.tau) * (B @ G.T)
+        return L @ R.T
+
+    def write_back(self) -> BinaryFactorTensor:
+        with torch.no_grad():
+            A, P, B, G = (x.detach().clone() for x in self._envelopes())
+            sign = lambda u: torch.where(u >= 0, 1.0, -1.0)
+            return BinaryFactorTensor(sign(self.latent_a), A, P, sign(self.latent_b), B, G)
+
+
 class DBFFormat(Format):
     """Binary factors with rank-one envelopes (DBF): W ~ diag(a) S_a diag(m) S_b^T diag(b)."""
     name = "dbf"
@@ -122,6 +153,9 @@ class DBFFormat(Format):
 
     def stored_bits_per_weight(self, spec, shape, qt) -> float:
         return bits_per_weight(*shape, qt.k, qt.l)
+
+    def trainable(self, t: BinaryFactorTensor, spec) -> BinaryFactorView:
+        return BinaryFactorView(t)
 
     def structure(self, t: BinaryFactorTensor) -> dict[str, int]:
         return {"k": t.k, "l": t.l}

@@ -25,6 +25,8 @@ class Format:
     - ``checkpoint_config(entries)``: what ``config.json`` says about the quantization (or None)
     - ``exporters``: the exporters that can carry the format (an exporter may accept more
       through its own ``check``); a run asking for another stops before quantization
+    - ``trainable(qt, spec)``: a :class:`~onecomp_core.formats.trainable.TrainableView` of a
+      stored tensor (what refiners that train quantized weights use); optional
     """
     name: ClassVar[str]
     exporters: ClassVar[tuple[str, ...]] = ("compressed-tensors",)
@@ -59,6 +61,10 @@ class Format:
 
     def checkpoint_config(self, entries: dict[str, dict]) -> dict | None:
         return None
+
+    def trainable(self, qt, spec: LayerSpec):
+        raise OnecompError(f"format {self.name!r} has no trainable view: implement {type(self).__name__}.trainable"
+                           f"(qt, spec) (docs/formats.md) to use refiners that train quantized weights")
 
     @staticmethod
     def fail(msg: str):

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from . import grid
 from .base import Format
 from .packing import pack_rows, unpack_rows
+from .trainable import TrainableView, smooth_round, ste, stored_float
 from ..spec import LayerSpec
 
 
@@ -100,6 +101,47 @@ class QuantLinear(torch.nn.Module):
                 f"{'sym' if self.symmetric else 'asym'}")
 
 
+class UniformView(TrainableView):
+    """Trainable view of a uniform tensor. ``scales``: the per-group scales (rounded to their
+    16-bit dtype in the forward pass) and, asymmetric, the zero points (rounded to integers in
+    the forward pass, identity gradient); ``codes``: one latent per weight, rounded by the
+    smooth straight-through estimator and clamped to [0, 2^b - 1]. A per-group clipping factor
+    would multiply a fixed scale, so training the scale itself covers it."""
+
+    def __init__(self, qt: UniformTensor, scale_dtype: torch.dtype):
+        super().__init__()
+        self.bits, self.group_size, self.symmetric = qt.bits, qt.group_size, qt.symmetric
+        self.maxq = 2**qt.bits - 1
+        self.scale_dtype = scale_dtype
+        self.scale = torch.nn.Parameter(qt.scale.float().clone())
+        self.zero = torch.nn.Parameter(qt.zero.float().clone(), requires_grad=not qt.symmetric)   # asymmetric only
+        self.codes = torch.nn.Parameter(qt.codes.float().clone())
+
+    def param_groups(self):
+        return {"scales": [self.scale] + ([] if self.symmetric else [self.zero]), "codes": [self.codes]}
+
+    def _scale(self):
+        return stored_float(self.scale.clamp_min(torch.finfo(self.scale_dtype).tiny), self.scale_dtype)
+
+    def _zero(self):
+        if self.symmetric:                # the grid's middle, fixed by the format
+            return torch.full_like(self.scale.detach(), 2 ** (self.bits - 1))
+        return ste(self.zero, torch.clamp(torch.round(self.zero.detach()), 0, self.maxq))
+
+    def weight(self):
+        cols = self.codes.shape[1]
+        q = torch.clamp(smooth_round(self.codes, self.tau), 0, self.maxq)
+        s = grid.expand(self._scale(), cols, self.group_size)
+        z = grid.expand(self._zero(), cols, self.group_size)
+        return s * (q - z)
+
+    def write_back(self) -> UniformTensor:
+        with torch.no_grad():           # exactly the values weight() computes with
+            codes = torch.clamp(torch.round(self.codes), 0, self.maxq).to(torch.uint8)
+            return UniformTensor(codes, self._scale().detach().clone(), self._zero().detach().clone(), self.bits,
+                                 self.group_size, self.symmetric)
+
+
 def disk_group_size(in_features: int, group_size: int) -> int:
     """Group size written for compressed-tensors (must divide in_features)."""
     if group_size == grid.PER_CHANNEL or in_features % group_size == 0:
@@ -163,6 +205,9 @@ class UniformFormat(Format):
 
     def module(self, qt: UniformTensor, bias=None) -> QuantLinear:
         return QuantLinear(qt, bias)
+
+    def trainable(self, qt: UniformTensor, spec: LayerSpec) -> UniformView:
+        return UniformView(qt, spec.torch_scale_dtype)
 
     def checkpoint_config(self, entries: dict[str, dict]) -> dict:
         """compressed-tensors ``quantization_config``: one config group per distinct scheme,

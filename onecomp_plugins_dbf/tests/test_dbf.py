@@ -267,3 +267,46 @@ def test_rho_schedule_grows_geometrically_between_its_ends():
     ratios = [b / a for a, b in zip(rhos, rhos[1:])]
     assert max(ratios) == pytest.approx(min(ratios)) and ratios[0] > 1
     assert rho_schedule(0.5, 4.0, 1) == [0.5] and rho_schedule(0.5, 4.0, 0) == []
+
+
+def fitted(seed, bpw=1.5, out=24, cols=40):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(out, cols, generator=g)
+    spec = LayerSpec(name="m", format="dbf", options={"bpw": bpw})
+    fmt = DBFFormat()
+    return W, spec, fmt, DBF(DBF.Options(iters=3, polish=1)).project(W, None, spec, fmt)
+
+
+def test_trainable_view_starts_at_the_stored_factors():
+    W, spec, fmt, t = fitted(0)
+    view = fmt.trainable(t, spec)
+    assert torch.equal(view.weight(), t.dequantize())
+    a, b = fmt.to_tensors("m", t, torch.float16), fmt.to_tensors("m", view.write_back(), torch.float16)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 1000), noise=st.floats(0.0, 5.0))
+def test_trainable_view_writes_back_packed_signs_and_fp16_envelopes_of_the_same_size(seed, noise):
+    W, spec, fmt, t = fitted(seed)
+    view = fmt.trainable(t, spec)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in view.parameters():
+            p.add_(noise * torch.randn(p.shape, generator=g))
+    back = view.write_back()
+    assert set(back.Sa.unique().tolist()) <= {-1.0, 1.0} and set(back.Sb.unique().tolist()) <= {-1.0, 1.0}
+    for x in (back.A, back.P, back.B, back.G):
+        assert torch.equal(x, x.half().float())
+    a, b = fmt.to_tensors("m", t, torch.float16), fmt.to_tensors("m", back, torch.float16)
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape and a[k].dtype == b[k].dtype for k in a)
+    assert fmt.stored_bits_per_weight(spec, t.shape, back) == fmt.stored_bits_per_weight(spec, t.shape, t)
+    assert torch.equal(view.weight(), back.dequantize())          # trained function == stored function
+
+
+def test_trainable_view_gradients_reach_envelopes_and_signs():
+    W, spec, fmt, t = fitted(1)
+    view = fmt.trainable(t, spec)
+    ((view.weight() - W) ** 2).sum().backward()
+    assert set(view.param_groups()) == {"scales", "codes"}
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for ps in view.param_groups().values() for p in ps)
