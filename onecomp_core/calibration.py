@@ -128,7 +128,7 @@ def calibration_samples(source: str | None, tokenizer, num_samples: int, seq_len
     key = _cache_key(src, tokenizer, num_samples, seq_len, strategy, seed, text_field, split)
     cache = cache_root() / "calibration" / f"{key}.pt"
     if use_cache and cache.is_file():
-        return torch.load(cache)
+        return torch.load(cache, weights_only=True)
     docs = read_documents(src, text_field, split)
     if strategy == "concat_chunk":   # the running text, as perplexity sees it
         docs = ["\n\n".join(docs)]

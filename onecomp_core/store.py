@@ -1,6 +1,11 @@
 """The run's work folder beside the output: finished blocks, the streams after the last finished
-block, and a state file written last, so a killed run resumes after its last finished block.
-Every file is written to a temporary name and renamed into place."""
+block, and a state file, so a killed run resumes after its last finished block.
+
+Commit protocol: a block's tensors and the streams that leave it are written to new files and
+made durable (file and folder fsync'd) first; then the state file, which names the streams file,
+is replaced in one atomic step: that is the commit. Until it happens the previous state, naming
+the previous streams file (kept until then), is current, so a kill at any point resumes from a
+consistent pair. The streams file also records the block it enters, checked on resume."""
 from __future__ import annotations
 
 import json
@@ -16,13 +21,30 @@ from .errors import OnecompError
 STATE = "state.json"
 
 
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _durable_replace(tmp: Path, path: Path) -> None:
+    """Make ``tmp`` durable, rename it to ``path``, make the rename durable."""
+    _fsync_path(tmp)
+    os.replace(tmp, path)
+    _fsync_path(path.parent)
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = _tmp(path)
     with open(tmp, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _durable_replace(tmp, path)
 
 
 def atomic_json(path: Path, obj) -> None:
@@ -30,15 +52,15 @@ def atomic_json(path: Path, obj) -> None:
 
 
 def atomic_save_tensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = _tmp(path)
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    _durable_replace(tmp, path)
 
 
 def atomic_torch_save(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = _tmp(path)
     torch.save(obj, tmp)
-    os.replace(tmp, path)
+    _durable_replace(tmp, path)
 
 
 class RunStore:
@@ -80,13 +102,20 @@ class RunStore:
         state.update(fields, fingerprint=self.fingerprint)
         atomic_json(self.work / STATE, state)
 
+    def streams_file(self, entering: int) -> Path:
+        return self.work / f"streams-{entering:05d}.pt"
+
     def commit_block(self, i: int, tensors: dict, streams: dict, info: dict) -> None:
+        """Block ``i`` is finished: its tensors, the streams entering block i + 1, then the state."""
         (self.work / "blocks").mkdir(parents=True, exist_ok=True)    # first write creates the folder
         atomic_save_tensors(self.block_file(i), tensors)
-        atomic_torch_save(self.work / "streams.pt", {k: v.cpu() for k, v in streams.items()})
+        atomic_torch_save(self.streams_file(i + 1), {"entering": i + 1, **{k: v.cpu() for k, v in streams.items()}})
         layers = self.layer_info()
         layers.update(info)
-        self._write_state(finished_blocks=i + 1, layers=layers)
+        self._write_state(finished_blocks=i + 1, layers=layers, streams=self.streams_file(i + 1).name)
+        old = self.streams_file(i)
+        if old.exists():                                              # no longer named by the state
+            old.unlink()
 
     # -- model refiners: their kept results replace block files, two-phase -----------------------
     def refined(self) -> list[dict]:
@@ -121,7 +150,18 @@ class RunStore:
         self._write_state(pending_blocks=[])
 
     def streams(self) -> dict:
-        return torch.load(self.work / "streams.pt")
+        """The streams entering the first unfinished block, as the state names them."""
+        state = self.read_state() or {}
+        n = self.finished
+        path = self.work / str(state.get("streams", ""))
+        try:
+            s = torch.load(path, weights_only=True)
+        except Exception:
+            s = None
+        if not isinstance(s, dict) or s.get("entering") != n:
+            raise OnecompError(f"{self.work} says {n} blocks are finished but holds no streams entering block {n}; "
+                               f"pass --overwrite to start over")
+        return s
 
     def layer_info(self) -> dict:
         state = self.read_state() or {}

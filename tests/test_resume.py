@@ -94,3 +94,50 @@ def test_a_kept_model_refiner_result_survives_a_crash_between_its_two_phases(tmp
     again.record_refined({"name": "s", "kept": True}, {0: {"w": torch.full((2,), 2.0)}})
     assert [r["name"] for r in again.refined()] == ["r", "s"]
     assert torch.equal(load_file(again.block_file(0))["w"], torch.full((2,), 2.0))
+
+
+BETWEEN = textwrap.dedent("""
+    import os, signal
+    import onecomp_core
+    from onecomp_core import store
+
+    real = store.RunStore._write_state
+
+    def write_state(self, **fields):
+        if fields.get("finished_blocks") == {block} + 1:      # block's tensors and streams written, state not yet
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(self, **fields)
+    store.RunStore._write_state = write_state
+    onecomp_core.quantize({model!r}, {out!r}, bits=3, group_size=16, projector="gptq", num_samples=3, seq_len=32)
+""")
+
+
+def test_a_kill_between_the_streams_and_the_state_resumes_from_the_right_streams(tiny_models, tmp_path):
+    """The streams leaving block 1 are on disk but the state still says one block is finished:
+    the re-run must redo block 1 from the streams entering it, and match an uninterrupted run."""
+    model = tiny_models("llama")
+    out = tmp_path / "killed"
+    proc = subprocess.run([sys.executable, "-c", BETWEEN.format(block=1, model=str(model), out=str(out))],
+                          capture_output=True, text=True, env={**os.environ, "ONECOMP_PROGRESS": "0"})
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    partial = tmp_path / "killed.onecomp-partial"
+    assert (partial / "streams-00002.pt").is_file() and (partial / "streams-00001.pt").is_file()
+    rep = onecomp_core.quantize(model, out, bits=3, group_size=16, projector="gptq", num_samples=3, seq_len=32)
+    assert rep["summary"]["resumed_from_block"] == 1
+    ref = tmp_path / "straight"
+    onecomp_core.quantize(model, ref, bits=3, group_size=16, projector="gptq", num_samples=3, seq_len=32)
+    for f in sorted(p.name for p in ref.glob("*.safetensors")):
+        a, b = load_file(out / f), load_file(ref / f)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+
+
+def test_streams_that_do_not_enter_the_next_block_are_refused(tiny_llama, tmp_path):
+    import pytest
+    from onecomp_core.errors import OnecompError
+    from onecomp_core.store import RunStore
+    st = RunStore(tmp_path / "q", "fp", False)
+    st.commit_block(0, {"w": torch.zeros(1)}, {"fp": torch.zeros(1), "q": torch.zeros(1)}, {})
+    assert st.streams()["entering"] == 1
+    torch.save({"entering": 5, "fp": torch.zeros(1), "q": torch.zeros(1)}, st.streams_file(1))
+    with pytest.raises(OnecompError, match="says 1 blocks are finished but holds no streams entering block 1"):
+        st.streams()

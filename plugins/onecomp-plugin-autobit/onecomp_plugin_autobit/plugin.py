@@ -204,7 +204,7 @@ class AutoBit(Planner):
                                        ctx.run.calibration.__repr__(), o.binary_format if binary else None,
                                        repr(proxy.options) if proxy else None], default=str).encode()).hexdigest()[:16]
         path = cache_root() / "autobit" / f"{key}.pt"
-        cached = torch.load(path) if o.cache and path.is_file() else {}
+        cached = torch.load(path, weights_only=True) if o.cache and path.is_file() else {}
         rows, B = cached.get("rows", {}), cached.get("B")
         if any(f"{n}|{_label(c)}" not in rows for n in names for c in allowed[n]):   # statistics only if needed
             A = ctx.input_diag() if o.error == "activation" else \
