@@ -70,7 +70,7 @@ class CalibrationConfig:
     text_field: str = attrs.field(default="text", validator=_type(str, "a string"))
     split: str = attrs.field(default="train", validator=_type(str, "a string"))
     cache: bool = attrs.field(default=True, validator=_type(bool, "true or false"))
-    batch_size: int = attrs.field(default=8, validator=_int_in(1, 4096))    # samples per block forward
+    batch_size: int = attrs.field(default=0, validator=_int_in(0, 4096))    # samples per block forward; 0: by device
     heldout: int = attrs.field(default=4, validator=_int_in(1, 4096))       # extra samples judging model refiners
 
 

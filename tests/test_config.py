@@ -111,5 +111,9 @@ def test_projector_defaults_to_gptq_where_installed_else_rtn():
 
 def test_calibration_batch_size_is_validated():
     assert from_dict({"model": "m", "calibration": {"batch_size": 4}}).calibration.batch_size == 4
-    with pytest.raises(OnecompError, match="'batch_size': must be between 1 and 4096"):
-        from_dict({"model": "m", "calibration": {"batch_size": 0}})
+    assert from_dict({"model": "m"}).calibration.batch_size == 0          # by device: 1 on a CPU, 8 on CUDA
+    with pytest.raises(OnecompError, match="'batch_size': must be between 0 and 4096"):
+        from_dict({"model": "m", "calibration": {"batch_size": -1}})
+    import torch
+    from onecomp_core.runner import batch_size
+    assert (batch_size(0, torch.device("cpu")), batch_size(0, torch.device("cuda")), batch_size(3, torch.device("cpu"))) == (1, 8, 3)

@@ -104,3 +104,16 @@ def test_gathered_statistics_do_not_depend_on_the_batch_size(arch, tiny_models):
         for other in runs[1:]:
             for kind, st_ in runs[0][n].items():
                 assert other[n][kind].n == st_.n == 5 * 16 and torch.equal(other[n][kind].sum, st_.sum), (n, kind)
+
+
+def test_a_run_gives_the_same_checkpoint_whatever_the_batch_size(tiny_llama, tmp_path):
+    """Blocks forwarded 1 or 3 samples at a time (FP stream, quantized stream, paired statistics
+    for QEP): the same bytes."""
+    import onecomp_core
+    from safetensors.torch import load_file
+    kw = dict(bits=3, group_size=16, projector="rtn", refiners=["qep"], num_samples=5, seq_len=32)
+    onecomp_core.quantize(tiny_llama, tmp_path / "a", batch_size=1, **kw)
+    onecomp_core.quantize(tiny_llama, tmp_path / "b", batch_size=3, **kw)
+    for f in ("model-block-00000.safetensors", "model-block-00001.safetensors"):
+        a, b = load_file(str(tmp_path / "a" / f)), load_file(str(tmp_path / "b" / f))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
