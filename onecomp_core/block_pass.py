@@ -65,6 +65,25 @@ class BlockContext:
     def module(self, rel: str) -> torch.nn.Module:
         return self.block.get_submodule(rel)
 
+    def spec(self, rel: str):
+        """The :class:`LayerSpec` the plan gives the linear ``rel``."""
+        return self._lw.plan[self.full(rel)]
+
+    def format(self, rel: str):
+        """The format instance the linear ``rel`` is stored in."""
+        return self._lw.formats[self.spec(rel).format]
+
+    def set_quantized(self, rel: str, qt, **info) -> None:
+        """Replace the quantized tensor of ``rel`` (same format and bits, e.g. a trainable
+        view's ``write_back()``): the live weight becomes its dequantized value, ``info`` is
+        merged into the layer's report entry."""
+        name = self.full(rel)
+        lin = self.module(rel)
+        with torch.no_grad():
+            lin.weight.copy_(qt.dequantize(torch.float32).to(lin.weight.dtype))
+        self.qts[name] = qt
+        self.info[name] = {**self.info.get(name, {}), **info}
+
     def fp_weight(self, rel: str) -> torch.Tensor:
         """The linear's weight before anything in this pass changed it."""
         if self._fp_block is None:

@@ -96,6 +96,19 @@ class Refiner(Component):
     names refiners in one ordered list (``refiners``) and the scheduler calls each at its scope,
     in that order."""
 
+    needs_trainable: ClassVar[bool] = False     # True: trains quantized weights through Format.trainable
+
+    def check(self, spec: LayerSpec, fmt) -> None:
+        """Called for every module of the plan before any block is quantized: raise
+        :class:`OnecompError` with what to change when this refiner cannot work on ``spec`` in
+        ``fmt``. The default refuses, for a refiner with ``needs_trainable``, a format without a
+        trainable view."""
+        from .formats.base import Format
+        if self.needs_trainable and type(fmt).trainable is Format.trainable:
+            raise OnecompError(f"refiner {self.name!r} trains quantized weights and format {fmt.name!r} "
+                               f"({spec.name}) has no trainable view: implement {type(fmt).__name__}.trainable "
+                               f"(docs/formats.md) or drop --refiner {self.name}")
+
     @classmethod
     def scopes(cls) -> tuple[str, ...]:
         return tuple(s for s, base in (("layer", Correction), ("block", BlockRefiner), ("model", ModelRefiner))

@@ -22,6 +22,7 @@ CATALOG = {
     ("refiner", "qep"): "onecomp-plugin-qep",
     ("refiner", "lpcd"): "onecomp-plugin-lpcd",
     ("refiner", "blockcomp"): "onecomp-plugin-blockcomp",
+    ("refiner", "blockptq"): "onecomp-plugin-blockptq",
     ("refiner", "rescale"): "onecomp-plugin-example",
     ("preprocessor", "colscale"): "onecomp-plugin-example",
     ("planner", "autobit"): "onecomp-plugin-autobit",

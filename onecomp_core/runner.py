@@ -172,6 +172,8 @@ class Runner:
             proj.check(spec, fmt)
             for e in res.exporters:
                 e.check(spec, fmt)
+            for r in res.refiners:
+                r.check(spec, fmt)
         self.needs = {"gram"} if any(p.needs_hessian for p in res.projectors.values()) else set()
         for c in res.refiners_of("layer"):
             self.needs |= set(c.statistics)

@@ -1,0 +1,53 @@
+"""The pivot and its refiners on SmolLM2-135M: for each setting, the layer-wise pivot (with QEP),
+then the pivot refined by each chain of refiners, each a separate run from scratch. Perplexity
+on enwiki_eval, mean KL to the FP model, seconds and peak RSS, one JSON line per run, then one
+JSON object with the stage-by-stage checks (each kept stage lowers both ppl and KL).
+
+    OMP_NUM_THREADS=2 python bench/refine_smollm2.py [--settings u4g128,u3g128,u2g64,dbf1.5,mdbf1.5]
+        [--chains blockptq] [--option blockptq.epochs=2] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from common import quantize_and_measure
+
+SETTINGS = {
+    "u4g128": ["--bits", "4", "--group-size", "128", "--projector", "gptq"],
+    "u3g128": ["--bits", "3", "--group-size", "128", "--projector", "gptq"],
+    "u2g64": ["--bits", "2", "--group-size", "64", "--projector", "gptq"],
+    "dbf1.5": ["--format", "dbf", "--projector", "dbf", "--target-bpw", "1.5"],
+    "mdbf1.5": ["--format", "mdbf", "--projector", "mdbf", "--target-bpw", "1.5"],
+}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--settings", default=",".join(SETTINGS))
+    ap.add_argument("--chains", default="blockptq", help="comma-separated chains, each refiners joined by '+'")
+    ap.add_argument("--option", action="append", default=[], help="extra --option for every run")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--quick", action="store_true", help="4,096 eval tokens instead of 16,384")
+    a = ap.parse_args()
+    tokens = 4096 if a.quick else 16384
+    extra = [f for o in a.option for f in ("--option", o)]
+    chains = [[]] + [c.split("+") for c in a.chains.split(",") if c]
+    rows, checks = [], {}
+    for setting in a.settings.split(","):
+        prev = None
+        for chain in chains:
+            flags = [*SETTINGS[setting], "--correction", "qep", *[f for r in chain for f in ("--refiner", r)], *extra]
+            r = quantize_and_measure(a.model, flags, tokens)
+            r.update({"setting": setting, "stages": ["pivot", *chain], "options": a.option})
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+            if prev is not None and "ppl" in r and "ppl" in prev:
+                checks[f"{setting}: {'+'.join(chain)} lowers ppl and KL"] = r["ppl"] < prev["ppl"] and r["kl"] < prev["kl"]
+            prev = r
+    print(json.dumps({"bench": "refine_smollm2", "eval_tokens": tokens, "calibration_samples": 32, "results": rows,
+                      "checks": checks}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""Block-wise reconstruction through trainable views (pure training math, no plugin glue).
+
+For one decoder block B with quantized linears whose stored tensors are seen through trainable
+views theta (scales, zero points, envelopes; code or sign latents):
+
+    L(theta) = mean ||B_theta(h^) - B_fp(h)||^2 + beta (1 - cos(B_theta(h^), B_fp(h)))   (block MSE + cosine)
+
+h^ is the quantized stream entering the block, B_fp(h) the FP block's output on the FP stream.
+Adam with one learning rate per parameter kind, cosine decay after a linear warm-up over the
+first 10% of the steps, gradient norm clipped; the smooth estimators' temperature falls
+geometrically from tau0 to tau1 over the steps (progressive annealing, PSTA).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from onecomp_core.sdk import TrainableLinear
+
+DISCRETE = ("codes",)       # parameter kinds trained through a smooth straight-through estimator
+
+
+def lr_factor(step: int, total: int, warmup: float = 0.1) -> float:
+    """Linear warm-up over the first ``warmup`` of the steps, then cosine decay to 0."""
+    w = max(1, int(round(warmup * total)))
+    if step < w:
+        return (step + 1) / w
+    return 0.5 * (1.0 + math.cos(math.pi * (step - w) / max(1, total - w)))
+
+
+def temperature(step: int, total: int, tau0: float, tau1: float) -> float:
+    """tau_t = tau0 (tau1 / tau0)^(t / (T - 1)): geometric annealing of the estimators."""
+    return tau0 * (tau1 / tau0) ** (step / max(1, total - 1))
+
+
+def block_loss(y: torch.Tensor, t: torch.Tensor, beta: float) -> torch.Tensor:
+    """MSE of the block outputs + beta (1 - mean per-token cosine)."""
+    y, t = y.float(), t.float()
+    loss = ((y - t) ** 2).mean()
+    if beta:
+        loss = loss + beta * (1.0 - F.cosine_similarity(y.flatten(0, -2), t.flatten(0, -2), dim=-1).mean())
+    return loss
+
+
+def split_rows(n: int, heldout: float, seed: int) -> tuple[list[int], list[int]]:
+    """A seeded split of n samples into (training rows, held-out rows); at least one of each
+    when n >= 2 (with one sample both are that sample)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    if n < 2:
+        return perm, perm
+    k = min(n - 1, max(1, round(heldout * n)))
+    return sorted(perm[k:]), sorted(perm[:k])
+
+
+def cast(obj, dtype):
+    """Floating tensors in ``obj`` (nested tuples/lists/dicts) cast to ``dtype``."""
+    if torch.is_tensor(obj):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(cast(o, dtype) for o in obj)
+    if isinstance(obj, dict):
+        return {k: cast(v, dtype) for k, v in obj.items()}
+    return obj
+
+
+def swap_in(block: torch.nn.Module, views: dict) -> dict:
+    """Put a TrainableLinear over each view in place of the block's linear; -> the originals."""
+    originals = {}
+    for rel, view in views.items():
+        parent_name, _, child = rel.rpartition(".")
+        parent = block.get_submodule(parent_name) if parent_name else block
+        old = getattr(parent, child)
+        originals[rel] = old
+        setattr(parent, child, TrainableLinear(view, getattr(old, "bias", None)))
+    return originals
+
+
+def swap_out(block: torch.nn.Module, originals: dict) -> None:
+    for rel, old in originals.items():
+        parent_name, _, child = rel.rpartition(".")
+        setattr(block.get_submodule(parent_name) if parent_name else block, child, old)
+
+
+def compute_in(block: torch.nn.Module, dtype) -> dict:
+    """Cast the block's floating parameters and buffers to ``dtype``; -> what ``restore_dtypes``
+    needs to put each back in its own dtype (a block may mix them, e.g. fp32 buffers)."""
+    saved = {}
+    for name, t in list(block.named_parameters()) + list(block.named_buffers()):
+        if t.is_floating_point() and t.dtype != dtype:
+            saved[name] = t.dtype
+            t.data = t.data.to(dtype)
+    return saved
+
+
+def restore_dtypes(block: torch.nn.Module, saved: dict) -> None:
+    tensors = dict(block.named_parameters()) | dict(block.named_buffers())
+    for name, dt in saved.items():
+        tensors[name].data = tensors[name].data.to(dt)
+
+
+def optimizer(views: dict, lr: dict[str, float], train: dict[str, bool]) -> torch.optim.Adam:
+    """Adam over the views' parameters, one group per kind. Scale-like kinds take ``lr`` relative
+    to each tensor's RMS (a scale of 0.01 and an envelope of 1 move by the same fraction);
+    latent codes take it in units of one grid step."""
+    groups = []
+    for view in views.values():
+        for kind, params in view.param_groups().items():
+            on = train.get(kind, True)
+            for p in params:
+                p.requires_grad_(on and p.requires_grad)
+                if not p.requires_grad:
+                    continue
+                rate = lr[kind] if kind in DISCRETE else lr[kind] * float(p.detach().pow(2).mean().sqrt().clamp_min(1e-8))
+                groups.append({"params": [p], "lr": rate, "base_lr": rate})
+    return torch.optim.Adam(groups) if groups else None
+
+
+def reconstruct(block, views: dict, inputs, targets, kwargs, rows: list[int], *, epochs: int, batch: int,
+                lr: dict[str, float], train: dict[str, bool], beta: float, tau0: float, tau1: float,
+                clip: float, seed: int, dtype=torch.float32) -> list[float]:
+    """Train ``views`` (relative module name -> TrainableView of that linear) so the block
+    matches ``targets`` on ``inputs`` over the samples ``rows``; the block computes in
+    ``dtype`` meanwhile (its own dtype is restored). -> the mean training loss of each epoch."""
+    opt = optimizer(views, lr, train)
+    if opt is None or not rows or epochs == 0:
+        return []
+    steps_per_epoch = math.ceil(len(rows) / batch)
+    total = epochs * steps_per_epoch
+    g = torch.Generator().manual_seed(seed)
+    frozen = [(p, p.requires_grad) for p in block.parameters()]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    originals = swap_in(block, views)
+    saved = compute_in(block, dtype)
+    kw = cast(kwargs, dtype)
+    history, step = [], 0
+    try:
+        for _ in range(epochs):
+            order = [rows[i] for i in torch.randperm(len(rows), generator=g).tolist()]
+            total_loss = 0.0
+            for b in range(0, len(order), batch):
+                idx = order[b:b + batch]
+                for v in views.values():
+                    v.set_temperature(temperature(step, total, tau0, tau1))
+                for grp in opt.param_groups:
+                    grp["lr"] = grp["base_lr"] * lr_factor(step, total)
+                opt.zero_grad(set_to_none=True)
+                with torch.enable_grad():
+                    y = block(inputs[idx].to(dtype), **kw)
+                    y = y[0] if isinstance(y, tuple) else y
+                    loss = block_loss(y, targets[idx], beta)
+                    loss.backward()
+                if clip:
+                    torch.nn.utils.clip_grad_norm_([p for grp in opt.param_groups for p in grp["params"]], clip)
+                opt.step()
+                total_loss += float(loss.detach()) * len(idx)
+                step += 1
+            history.append(total_loss / len(order))
+    finally:
+        swap_out(block, originals)
+        restore_dtypes(block, saved)
+        for p, f in frozen:
+            p.requires_grad_(f)
+    return history
