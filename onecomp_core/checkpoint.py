@@ -48,5 +48,24 @@ def load_quantized(folder, device: str = "auto", dtype: str = "auto", plugins=No
 
 
 def _module_keys(sk, name: str):
+    return module_keys(sk.weights.keys(), name)
+
+
+def module_keys(keys, name: str) -> list[str]:
+    """The stored tensors of quantized module ``name`` (its bias excluded)."""
     pre = name + "."
-    return [k for k in sk.weights.keys() if k.startswith(pre) and "." not in k[len(pre):] and k != pre + "bias"]
+    return [k for k in keys if k.startswith(pre) and "." not in k[len(pre):] and k != pre + "bias"]
+
+
+def quantized_tensors(folder, registry) -> dict:
+    """{module name: its stored quantized tensor} of an onecomp checkpoint, read through the
+    formats' ``from_tensors`` (what a refiner builds trainable views from)."""
+    from .lazy_weights import LazyWeights
+    meta = read_meta(Path(folder))
+    weights = LazyWeights(Path(folder))
+    keys = list(weights.keys())
+    formats, out = {}, {}
+    for name, m in meta["modules"].items():
+        fmt = formats.setdefault(m["format"], registry.get("format", m["format"])())
+        out[name] = fmt.from_tensors(name, {k: weights.get(k) for k in module_keys(keys, name)}, m)
+    return out

@@ -22,7 +22,7 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
                    help="function-preserving transform before quantization (repeatable, applied in order)")
     p.add_argument("--refiner", "--correction", action="append", dest="refiners", metavar="NAME",
                    help="refiner (repeatable, in order): corrections such as qep, lpcd; block refiners such as "
-                        "blockcomp, blockptq; model refiners")
+                        "blockcomp, blockptq; model refiners such as globalptq")
     p.add_argument("--planner", help="planner name (uniform, autobit, ...)")
     p.add_argument("--target-bpw", type=float, help="budget: average bits per weight of the quantized linears")
     p.add_argument("--budget-bytes", help="budget: size of the quantized linears, e.g. 60MB")

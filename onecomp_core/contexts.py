@@ -78,6 +78,8 @@ class ModelContext:
     load: object                      # () -> the checkpoint as a runnable model (quantized modules trainable)
     load_reference: object            # () -> the FP model
     run: object = None
+    quantized: object = None          # () -> {module name: stored quantized tensor} of the checkpoint
+    scratch: Path | None = None       # this refiner's own folder in the run's work folder (resume state)
 
 
 @attrs.define

@@ -49,3 +49,9 @@ class Progress:
             self.layers = None
         if self.blocks is not None:
             self.blocks.update(1)
+
+
+def bar(total: int, desc: str, unit: str = "step"):
+    """A progress bar for a plugin's long loop (a silent one under ONECOMP_PROGRESS=0)."""
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False,
+                disable=os.environ.get("ONECOMP_PROGRESS", "1") in ("0", "false", "no"))

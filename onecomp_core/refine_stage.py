@@ -11,7 +11,7 @@ import time
 
 from safetensors.torch import load_file
 
-from .checkpoint import load_quantized
+from .checkpoint import load_quantized, quantized_tensors
 from .contexts import ModelContext
 from .errors import OnecompError
 from .evaluate import evaluate, load_reference
@@ -86,7 +86,9 @@ def run_model_refiners(runner) -> list[dict]:
         t0 = time.time()
         mctx = ModelContext(checkpoint=pivot, reference=runner.folder, plan=runner.plan_, formats=runner.res.formats,
                             calibration_ids=runner.ids, heldout_ids=runner.heldout_ids, device=runner.device,
-                            load=load, load_reference=lambda: ref, run=run)
+                            load=load, load_reference=lambda: ref, run=run,
+                            quantized=lambda: quantized_tensors(pivot, runner.res.plugins.registry),
+                            scratch=store.work / f"refiner-{refiner.name}")
         result = refiner.refine(mctx) or {}
         record = {"name": refiner.name, "modules": len(result), "before": before, "after": before, "kept": False}
         blocks = None

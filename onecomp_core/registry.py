@@ -23,6 +23,7 @@ CATALOG = {
     ("refiner", "lpcd"): "onecomp-plugin-lpcd",
     ("refiner", "blockcomp"): "onecomp-plugin-blockcomp",
     ("refiner", "blockptq"): "onecomp-plugin-blockptq",
+    ("refiner", "globalptq"): "onecomp-plugin-globalptq",
     ("refiner", "rescale"): "onecomp-plugin-example",
     ("preprocessor", "colscale"): "onecomp-plugin-example",
     ("planner", "autobit"): "onecomp-plugin-autobit",

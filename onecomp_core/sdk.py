@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from .adapters import ModelAdapter, find_adapter
 from .block_pass import BlockContext
+from .checkpoint import quantized_tensors
 from .components import (BlockRefiner, Component, Correction, Exporter, ModelRefiner, Planner, Preprocessor,
                          Projector, Refiner, Transform)
 from .contexts import ExportContext, LayerContext, ModelContext, PlanContext, PreprocessContext
@@ -24,7 +25,9 @@ from .hookspecs import hookimpl
 from .model_source import cache_root
 from .planners import excluded, scale_dtype_for
 from .plugins import load_plugins
+from .progress import bar
 from .projectors import GridOptions
+from .schedules import geometric, warmup_cosine
 from .spec import LayerSpec, Plan
 from .stats import Cross, Diag, Gram, OuterSum, Residual, Statistic
 from .streams import block_error, run_block
@@ -43,9 +46,11 @@ __all__ = [
     "grid", "UniformFormat", "UniformTensor", "QuantLinear", "GridOptions",
     # trainable views of stored tensors and their estimators
     "TrainableView", "TrainableLinear", "ste", "stored_float", "smooth_round", "smooth_sign",
+    # what refiners that train share: schedules, a progress bar
+    "warmup_cosine", "geometric", "bar",
     # helpers
     "find_adapter", "excluded", "scale_dtype_for", "damp_hessian", "inverse_cholesky_upper", "cache_root", "block_error",
-    "run_block", "load_plugins",
+    "run_block", "load_plugins", "quantized_tensors",
     # mergeable statistics
     "Statistic", "OuterSum", "Gram", "Cross", "Residual", "Diag",
 ]

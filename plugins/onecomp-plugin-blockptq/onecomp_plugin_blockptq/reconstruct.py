@@ -17,22 +17,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-from onecomp_core.sdk import TrainableLinear
+from onecomp_core.sdk import TrainableLinear, geometric, warmup_cosine
 
 DISCRETE = ("codes",)       # parameter kinds trained through a smooth straight-through estimator
 
 
-def lr_factor(step: int, total: int, warmup: float = 0.1) -> float:
-    """Linear warm-up over the first ``warmup`` of the steps, then cosine decay to 0."""
-    w = max(1, int(round(warmup * total)))
-    if step < w:
-        return (step + 1) / w
-    return 0.5 * (1.0 + math.cos(math.pi * (step - w) / max(1, total - w)))
-
-
-def temperature(step: int, total: int, tau0: float, tau1: float) -> float:
-    """tau_t = tau0 (tau1 / tau0)^(t / (T - 1)): geometric annealing of the estimators."""
-    return tau0 * (tau1 / tau0) ** (step / max(1, total - 1))
+lr_factor = warmup_cosine        # linear warm-up over the first 10% of the steps, then cosine decay
+temperature = geometric         # tau_t = tau0 (tau1 / tau0)^(t / (T - 1)): annealing of the estimators
 
 
 def block_loss(y: torch.Tensor, t: torch.Tensor, beta: float) -> torch.Tensor:
