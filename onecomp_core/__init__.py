@@ -16,6 +16,11 @@ def quantize(*args, **kwargs):
     return _q(*args, **kwargs)
 
 
+def refine(*args, **kwargs):
+    from .api import refine as _r
+    return _r(*args, **kwargs)
+
+
 def load_quantized(*args, **kwargs):
     from .checkpoint import load_quantized as _l
     return _l(*args, **kwargs)
@@ -32,4 +37,4 @@ def describe_config(model=None, config=None, *, plugins=(), options=None, **fiel
     return Resolved(run, load_plugins(extra=list(plugins))).describe()
 
 
-__all__ = ["quantize", "load_quantized", "describe_config", "OnecompError", "__version__"]
+__all__ = ["quantize", "refine", "load_quantized", "describe_config", "OnecompError", "__version__"]

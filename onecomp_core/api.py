@@ -1,6 +1,8 @@
 """The one-line API: ``quantize(model, bits=4, ...)`` and ``load_quantized(folder)``."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from .checkpoint import load_quantized
 from .config import make_config
 from .errors import OnecompError
@@ -23,3 +25,28 @@ def quantize(model=None, out=None, *, config=None, plugins=(), options=None, **f
     if not run.out:
         raise OnecompError("no output folder: pass out=DIR (--out DIR)")
     return Runner(Resolved(run, load_plugins(extra=list(plugins)))).run()
+
+
+def refine(folder, *, refiners, options=None, plugins=(), **fields) -> dict:
+    """Run model refiners (``refiners``, in order) on the onecomp checkpoint ``folder`` (a pivot
+    or an already refined one), as the quantize run that made it would have: same source model,
+    calibration and plan. ``folder`` is replaced, atomically, by the result, which keeps a
+    refiner's tensors only where the held-out KL fell; the report's ``refine`` list grows.
+    ``fields``: ``eval_text``, ``refine_samples``, ``heldout``, ``device``, ``dtype``."""
+    from .checkpoint import read_meta
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise OnecompError(f"checkpoint folder {folder} does not exist")
+    meta = read_meta(folder)
+    base = {k: v for k, v in meta.get("config", {}).items() if k != "resolved_options"}
+    base.update(model=meta.get("source_model", base.get("model")), out=str(folder), overwrite=False,
+                refiners=list(refiners), eval_text=None)
+    run = make_config(config=base, options=options, **fields)
+    res = Resolved(run, load_plugins(extra=list(plugins)))
+    if not res.refiners:
+        raise OnecompError("name at least one model refiner to run: --refiner NAME (e.g. globalptq)")
+    inner = [r.name for r in res.refiners if "model" not in type(r).scopes()]
+    if inner:
+        raise OnecompError(f"refiner {inner[0]!r} works inside the layer-wise pass, not on a finished checkpoint: "
+                           f"quantize again with --refiner {inner[0]}, or refine {folder} with a model refiner")
+    return Runner(res, refine_only=True).run()

@@ -1,4 +1,4 @@
-"""The ``onecomp`` command: quantize, eval, plugins, config."""
+"""The ``onecomp`` command: quantize, refine, eval, plugins, config."""
 from __future__ import annotations
 
 import argparse
@@ -37,7 +37,8 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int)
     p.add_argument("--strategy", help="concat_chunk, drop_head or drop_rand")
     p.add_argument("--seed", type=int)
-    p.add_argument("--batch-size", type=int, help="calibration samples per block forward (default 8)")
+    p.add_argument("--batch-size", type=int, help="calibration samples per block forward (default: 1 on a CPU, 8 on CUDA)")
+    _add_refine_sample_flags(p)
     p.add_argument("--exclude", action="append", help="module name pattern to keep in full precision")
     p.add_argument("--option", action="append", default=[], metavar="COMPONENT.KEY=VALUE",
                    help="a component option, e.g. gptq.damp=0.02 (value parsed as JSON when it can be)")
@@ -45,6 +46,12 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", help="auto or a torch dtype name")
     p.add_argument("--eval-text", help="after quantizing, measure perplexity and KL on this text")
     p.add_argument("--overwrite", action="store_const", const=True)
+
+
+def _add_refine_sample_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--refine-samples", type=int,
+                   help="calibration samples model refiners train on (default: --num-samples)")
+    p.add_argument("--heldout", type=int, help="further samples judging model refiners (default: 10%% of those)")
 
 
 def _options(items) -> dict:
@@ -71,6 +78,7 @@ def _run_config(a):
                        context=a.context, batch=a.batch, format=a.format, exports=a.exports,
                        calibration=a.calibration, num_samples=a.num_samples, seq_len=a.seq_len,
                        strategy=a.strategy, seed=a.seed, batch_size=a.batch_size, exclude=a.exclude,
+                       refine_samples=a.refine_samples, heldout=a.heldout,
                        device=a.device, dtype=a.dtype, eval_text=a.eval_text, overwrite=a.overwrite)
 
 
@@ -84,6 +92,19 @@ def cmd_quantize(a) -> int:
     report = Runner(Resolved(run, load_plugins())).run()
     s = report["summary"]
     print(f"wrote {report['out']}: {s['bpw']} bits per weight, {s['wall_seconds']} s, peak RSS {s['peak_rss_mb']} MB")
+    if report.get("evaluation"):
+        print(json.dumps(report["evaluation"]))
+    return 0
+
+
+def cmd_refine(a) -> int:
+    from .api import refine
+    report = refine(a.dir, refiners=a.refiners or [], options=_options(a.option), eval_text=a.eval_text,
+                    refine_samples=a.refine_samples, heldout=a.heldout, device=a.device, dtype=a.dtype)
+    for rec in report["refine"][-len(a.refiners or []):]:
+        verdict = "kept" if rec["kept"] else "discarded"
+        print(f"{rec['name']}: held-out KL {rec['before']:.4f} -> {rec['after']:.4f}, {verdict} ({rec['seconds']} s)")
+    print(f"{report['out']}: {report['summary'].get('stage')}")
     if report.get("evaluation"):
         print(json.dumps(report["evaluation"]))
     return 0
@@ -145,6 +166,16 @@ def parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model into an output folder")
     _add_run_flags(q)
     q.set_defaults(fn=cmd_quantize)
+    r = sub.add_parser("refine", help="run model refiners on an onecomp checkpoint, replacing it if they help")
+    r.add_argument("dir", help="an onecomp output folder (a pivot or an already refined checkpoint)")
+    r.add_argument("--refiner", action="append", dest="refiners", metavar="NAME", required=True,
+                   help="model refiner (repeatable, in order), e.g. globalptq")
+    r.add_argument("--option", action="append", default=[], metavar="COMPONENT.KEY=VALUE")
+    _add_refine_sample_flags(r)
+    r.add_argument("--eval-text", help="afterwards, measure perplexity and KL on this text")
+    r.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    r.add_argument("--dtype", help="auto or a torch dtype name")
+    r.set_defaults(fn=cmd_refine)
     e = sub.add_parser("eval", help="perplexity (and KL with --ref) of a quantized folder")
     e.add_argument("dir")
     e.add_argument("--text", required=True, help="text file to measure perplexity on")

@@ -71,7 +71,8 @@ class CalibrationConfig:
     split: str = attrs.field(default="train", validator=_type(str, "a string"))
     cache: bool = attrs.field(default=True, validator=_type(bool, "true or false"))
     batch_size: int = attrs.field(default=0, validator=_int_in(0, 4096))    # samples per block forward; 0: by device
-    heldout: int = attrs.field(default=4, validator=_int_in(1, 4096))       # extra samples judging model refiners
+    refine_samples: int = attrs.field(default=0, validator=_int_in(0, 1 << 20))  # model refiners train on; 0: num_samples
+    heldout: int = attrs.field(default=0, validator=_int_in(0, 4096))       # samples judging model refiners; 0: 10%
 
 
 def _names(inst, attr, value):

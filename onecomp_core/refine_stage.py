@@ -1,20 +1,36 @@
-"""The model-refiner stage: each model refiner, in config order, works on the current checkpoint
-(the pivot, then whatever the refiners before it left) and returns new quantized tensors for the
-modules it changed. The result is kept only if the held-out calibration metric, the mean
-per-token KL(P_FP || P_quantized) on calibration samples no refiner trains on, does not get
-worse; kept tensors replace the committed blocks. Each outcome is recorded, so a resumed run
-skips the refiners already done."""
+"""The refine stage: model refiners over a published checkpoint (the pivot).
+
+The layer-wise pass publishes the pivot at ``DIR`` first, as a complete checkpoint. This stage
+then works beside it, in ``DIR.onecomp-refine``: ``current`` starts as DIR's files (hard links)
+and each model refiner, in config order, trains on ``current`` and returns new stored tensors
+for the modules it changed. Those are written into a complete candidate checkpoint (``next``),
+which replaces ``current`` only if the held-out metric, the mean per-token KL(P_FP ||
+P_quantized) on calibration samples no refiner trains on, falls; else it is discarded and the
+report says so. At the end the caller swaps ``current`` in for DIR, so DIR is at every moment
+the pivot or a later kept stage. Every outcome is recorded in the work folder's state, so a
+rerun after a kill skips the refiners already done (and a refiner may keep its own resume state
+in its ``scratch`` folder).
+"""
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import time
+from pathlib import Path
 
 from safetensors.torch import load_file
 
 from .checkpoint import load_quantized, quantized_tensors
 from .contexts import ModelContext
 from .errors import OnecompError
-from .evaluate import evaluate, load_reference
+from .evaluate import evaluate
+from .export import link_or_copy
+from .lazy_weights import LazyWeights
+from .report import peak_gpu_mb, peak_rss_mb
+from .store import atomic_json, atomic_save_tensors
+
+SUFFIX = ".onecomp-refine"
 
 
 def heldout_kl(model, ref, ids) -> float:
@@ -22,87 +38,157 @@ def heldout_kl(model, ref, ids) -> float:
     return float(evaluate(model, ids.reshape(-1), ref=ref, seq_len=ids.shape[1])["kl"])
 
 
-def block_index(runner, name: str) -> int:
-    sk = runner.sk
-    return next(i for i in range(len(sk.blocks)) if name.startswith(sk.block_prefix(i) + "."))
+def link_tree(src: Path, dst: Path) -> None:
+    """A copy of the checkpoint folder ``src`` whose files are hard links where possible (its
+    files are never written in place: every write replaces a file whole)."""
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for p in src.iterdir():
+        if p.is_file():
+            link_or_copy(p, tmp / p.name)
+    os.replace(tmp, dst)
 
 
-def updated_blocks(runner, refiner_name: str, result: dict) -> dict[int, dict]:
-    """The committed block files with ``result``'s tensors in place; every returned tensor must
-    be stored exactly as the module's format stores it (same keys, shapes and dtypes)."""
-    plan, formats, store = runner.plan_, runner.res.formats, runner.store
-    blocks: dict[int, dict] = {}
+def write_candidate(current: Path, nxt: Path, refiner: str, result: dict, plan, formats) -> None:
+    """``nxt`` = ``current`` with ``result``'s tensors in place. Each must be stored exactly as
+    the module's format stores it (same keys, shapes and dtypes), else a one-line error."""
+    index = json.loads((current / "model.safetensors.index.json").read_text())["weight_map"]
+    dtype = LazyWeights(current).dtype()
+    files: dict[str, dict] = {}
     for name, qt in result.items():
         if name not in plan:
-            raise OnecompError(f"model refiner {refiner_name!r} returned {name!r}, which is not a quantized module")
-        i = block_index(runner, name)
-        if i not in blocks:
-            blocks[i] = load_file(str(store.block_file(i)))
-        new = formats[plan[name].format].to_tensors(name, qt, runner.sk.checkpoint_dtype)
-        for k, t in new.items():
-            old = blocks[i].get(k)
-            if old is None or old.shape != t.shape or old.dtype != t.dtype:
-                was = "absent" if old is None else f"{tuple(old.shape)} {old.dtype}"
-                raise OnecompError(f"model refiner {refiner_name!r} changed how {name} is stored ({k}: {was} -> "
-                                   f"{tuple(t.shape)} {t.dtype}); a refiner must keep the module's format and bits")
-            blocks[i][k] = t.detach().cpu().contiguous()
-    return blocks
+            raise OnecompError(f"model refiner {refiner!r} returned {name!r}, which is not a quantized module")
+        for k, t in formats[plan[name].format].to_tensors(name, qt, dtype).items():
+            f = index.get(k)
+            if f is None:
+                raise OnecompError(f"model refiner {refiner!r} changed how {name} is stored (new tensor {k}); "
+                                   f"a refiner must keep the module's format and bits")
+            files.setdefault(f, {})[k] = (name, t)
+    shutil.rmtree(nxt, ignore_errors=True)
+    nxt.mkdir(parents=True)
+    for p in current.iterdir():
+        if not p.is_file():
+            continue
+        if p.name not in files:
+            link_or_copy(p, nxt / p.name)
+            continue
+        tensors = load_file(str(p))
+        for k, (name, t) in files[p.name].items():
+            old = tensors[k]
+            if old.shape != t.shape or old.dtype != t.dtype:
+                raise OnecompError(f"model refiner {refiner!r} changed how {name} is stored ({k}: "
+                                   f"{tuple(old.shape)} {old.dtype} -> {tuple(t.shape)} {t.dtype}); a refiner "
+                                   f"must keep the module's format and bits")
+            tensors[k] = t.detach().cpu().contiguous()
+        atomic_save_tensors(nxt / p.name, tensors, metadata={"format": "pt"})
 
 
-def swap_modules(runner, model, result: dict) -> None:
-    """Put ``result``'s tensors into a loaded model, as the format's inference modules."""
-    for name, qt in result.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        old = getattr(parent, child)
-        bias = getattr(old, "bias", None)
-        fmt = runner.res.formats[runner.plan_[name].format]
-        setattr(parent, child, fmt.module(qt, None if bias is None else bias.detach()).to(runner.device))
+class RefineStore:
+    """The refine stage's work folder beside ``out``: ``current``, ``next``, the refiners'
+    scratch folders and ``state.json`` (fingerprint, records, whether a kept ``next`` is
+    still to be moved into place)."""
+
+    def __init__(self, out: Path, fingerprint: str):
+        self.out = Path(out)
+        self.work = self.out.with_name(self.out.name + SUFFIX)
+        self.fingerprint = fingerprint
+        state = self._state()
+        if state is not None and state.get("fingerprint") != fingerprint:
+            shutil.rmtree(self.work)               # an interrupted refine of another config: start over
+
+    @property
+    def current(self) -> Path:
+        return self.work / "current"
+
+    @property
+    def next(self) -> Path:
+        return self.work / "next"
+
+    def _state(self) -> dict | None:
+        p = self.work / "state.json"
+        return json.loads(p.read_text()) if p.is_file() else None
+
+    def _write(self, **fields) -> None:
+        state = self._state() or {"fingerprint": self.fingerprint, "records": []}
+        state.update(fields)
+        atomic_json(self.work / "state.json", state)
+
+    def open(self) -> list[dict]:
+        """Finish what a kill interrupted and make sure ``current`` exists; -> the records so far."""
+        self.work.mkdir(parents=True, exist_ok=True)
+        state = self._state()
+        if state and state.get("pending"):
+            self._promote()
+        elif self.next.exists():
+            shutil.rmtree(self.next)               # a candidate nobody decided on
+        if not self.current.exists():
+            link_tree(self.out, self.current)
+        if state is None:
+            self._write()
+        return list((self._state() or {}).get("records", []))
+
+    def record(self, record: dict) -> None:
+        """One refiner's outcome; a kept one's candidate becomes ``current`` (the state says so
+        first, so a kill in between finishes the move on the next ``open``)."""
+        records = list((self._state() or {}).get("records", [])) + [record]
+        self._write(records=records, pending=bool(record["kept"]))
+        if record["kept"]:
+            self._promote()
+        else:
+            shutil.rmtree(self.next, ignore_errors=True)
+
+    def _promote(self) -> None:
+        if self.next.exists():
+            old = self.work / "old"
+            shutil.rmtree(old, ignore_errors=True)
+            if self.current.exists():
+                os.replace(self.current, old)
+            os.replace(self.next, self.current)
+            shutil.rmtree(old, ignore_errors=True)
+        self._write(pending=False)
+
+    def publish(self) -> None:
+        """``current`` replaces ``out``; the work folder goes."""
+        previous = self.work / "previous"
+        os.replace(self.out, previous)
+        os.replace(self.current, self.out)
+        shutil.rmtree(self.work, ignore_errors=True)
 
 
-def run_model_refiners(runner) -> list[dict]:
-    run, store = runner.run_cfg, runner.store
-    done = {r["name"]: r for r in store.refined()}
-    pivot = store.work / "pivot"
+def run_model_refiners(refiners, store: RefineStore, *, plan, formats, plugins, reference, ref_model,
+                       train_ids, heldout_ids, device, run) -> list[dict]:
+    """Each model refiner in order on ``store.current``; -> one record per refiner."""
+    done = {r["name"]: r for r in store.open()}
 
-    def write_pivot():
-        if pivot.exists():
-            shutil.rmtree(pivot)
-        pivot.mkdir(parents=True)
-        runner.res.exporters[0].export(runner.export_context(pivot))      # the main checkpoint only
+    def load(folder=None):
+        return load_quantized(folder or store.current, run.device, run.dtype, plugins)
 
-    def load():
-        return load_quantized(pivot, run.device, run.dtype, runner.res.plugins)
-
-    ref = load_reference(str(runner.folder), run.device, run.dtype)[0]
-    write_pivot()
-    before = heldout_kl(load(), ref, runner.heldout_ids)
-    records = []
-    for refiner in runner.res.refiners_of("model"):
+    records, before = [], None
+    for refiner in refiners:
         if refiner.name in done:
             records.append(done[refiner.name])
-            before = done[refiner.name]["after"] if done[refiner.name]["kept"] else before
             continue
+        if before is None:
+            before = heldout_kl(load(), ref_model, heldout_ids)
         t0 = time.time()
-        mctx = ModelContext(checkpoint=pivot, reference=runner.folder, plan=runner.plan_, formats=runner.res.formats,
-                            calibration_ids=runner.ids, heldout_ids=runner.heldout_ids, device=runner.device,
-                            load=load, load_reference=lambda: ref, run=run,
-                            quantized=lambda: quantized_tensors(pivot, runner.res.plugins.registry),
+        mctx = ModelContext(checkpoint=store.current, reference=reference, plan=plan, formats=formats,
+                            calibration_ids=train_ids, heldout_ids=heldout_ids, device=device,
+                            load=load, load_reference=lambda: ref_model, run=run,
+                            quantized=lambda: quantized_tensors(store.current, plugins.registry),
                             scratch=store.work / f"refiner-{refiner.name}")
         result = refiner.refine(mctx) or {}
         record = {"name": refiner.name, "modules": len(result), "before": before, "after": before, "kept": False}
-        blocks = None
         if result:
-            blocks = updated_blocks(runner, refiner.name, result)
-            model = load()
-            swap_modules(runner, model, result)
-            record["after"] = heldout_kl(model, ref, runner.heldout_ids)
-            record["kept"] = record["after"] <= before
+            write_candidate(store.current, store.next, refiner.name, result, plan, formats)
+            record["after"] = heldout_kl(load(store.next), ref_model, heldout_ids)
+            record["kept"] = record["after"] < before
         record["seconds"] = round(time.time() - t0, 2)
-        store.record_refined(record, blocks if record["kept"] else None)
+        record["peak_rss_mb"] = round(peak_rss_mb(), 1)     # of the process, up to the end of this refiner
+        record["peak_gpu_mb"] = peak_gpu_mb()
+        store.record(record)
+        shutil.rmtree(store.work / f"refiner-{refiner.name}", ignore_errors=True)
         if record["kept"]:
             before = record["after"]
-            write_pivot()
         records.append(record)
-    shutil.rmtree(pivot, ignore_errors=True)
     return records

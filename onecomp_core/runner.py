@@ -20,7 +20,7 @@ import torch
 
 from . import __version__
 from .calibration import calibration_samples
-from .checkpoint import load_quantized
+from .checkpoint import load_quantized, read_meta
 from .components import Transform
 from .contexts import ExportContext, PlanContext, PreprocessContext
 from .errors import OnecompError
@@ -28,9 +28,10 @@ from .evaluate import evaluate, load_reference, text_tokens
 from .gather import input_diagonals, input_statistics
 from .block_pass import LayerwisePass
 from .model_source import resolve_model
-from .refine_stage import run_model_refiners
+from .refine_stage import SUFFIX as REFINE_SUFFIX, RefineStore, run_model_refiners
 from .report import markdown, peak_gpu_mb, peak_rss_mb
 from .resolve import Resolved
+from .spec import LayerSpec, Plan
 from .skeleton import Skeleton, pick_device
 from .store import RunStore, atomic_json, atomic_write_bytes
 from .streams import capture
@@ -64,9 +65,34 @@ def few_tokens_warning(tokens: int, widest_input: int, factor: int = 4) -> str |
             f"Hessian-based methods (GPTQ, corrections) may overfit: raise --num-samples or the damping")
 
 
+def refine_pending(out: Path, fp: str) -> bool:
+    """``out`` holds the pivot of this very run and its refine stage has not finished (a rerun
+    after a kill during the refine stage resumes there)."""
+    if not (out / "onecomp.json").is_file() or not out.with_name(out.name + REFINE_SUFFIX).is_dir():
+        return False
+    try:
+        return read_meta(out).get("fingerprint") == fp
+    except (OnecompError, json.JSONDecodeError):
+        return False
+
+
+def refine_counts(cal) -> tuple[int, int]:
+    """(samples the model refiners train on, held-out samples judging them): ``refine_samples``
+    (default: the layer-wise pass's) and ``heldout`` (default: 10% of those, at least 1)."""
+    train = max(cal.refine_samples or cal.num_samples, cal.num_samples)
+    return train, cal.heldout or max(1, -(-train // 10))
+
+
 class Runner:
-    def __init__(self, res: Resolved):
+    """One run's stages. ``refine_only``: the output folder already holds a checkpoint (the
+    pivot, or a refined one): plan from its metadata and run only the model refiners on it."""
+
+    def __init__(self, res: Resolved, refine_only: bool = False):
         self.res, self.run_cfg = res, res.run
+        self.refine_only = refine_only
+        self.refine_store = None
+        self.layers = None
+        self.start = 0
         self.hook = res.plugins.hook
         self.stages: dict[str, float] = {}
         self.transforms: list[tuple[str, Transform]] = []
@@ -87,15 +113,20 @@ class Runner:
         t_start = time.time()
         self.stage("open_model", self.open_model)
         self.stage("calibration", self.calibrate)
-        self.stage("capture", self.capture)
-        if self.res.preprocessors:
-            self.stage("preprocess", self.preprocess)
-        self.stage("plan", self.plan)
-        if self.start < len(self.sk.blocks):
-            self.stage("layerwise", self.layerwise, total=len(self.sk.blocks))
+        if self.refine_only:
+            self.stage("plan", self.plan_from_checkpoint)
+        else:
+            self.stage("capture", self.capture)
+            if self.res.preprocessors:
+                self.stage("preprocess", self.preprocess)
+            self.stage("plan", self.plan)
+            if self.start < len(self.sk.blocks):
+                self.stage("layerwise", self.layerwise, total=len(self.sk.blocks))
+            self.stage("export", self.export)
         if self.res.refiners_of("model"):
+            if not self.refine_only:
+                self.publish_pivot(time.time() - t_start)
             self.stage("refine", self.refine)
-        self.stage("export", self.export)
         if self.eval_ids is not None:
             self.stage("evaluate", self.evaluate)
         return self.finish(time.time() - t_start)
@@ -108,8 +139,15 @@ class Runner:
         self.batch = batch_size(run.calibration.batch_size, self.device)
         self.sk = Skeleton(self.folder, self.res.plugins.registry, self.device, run.dtype)
         self.shapes = self.sk.linear_shapes()
-        self.store = RunStore(Path(run.out), fingerprint(self.res, self.folder), run.overwrite)
-        self.start = self.store.finished
+        self.fingerprint = fingerprint(self.res, self.folder)
+        out = Path(run.out)
+        if not self.refine_only and not run.overwrite and refine_pending(out, self.fingerprint):
+            self.refine_only = True                  # killed during the refine stage: resume it
+        if self.refine_only:
+            self.base_report = json.loads((out / "report.json").read_text()) if (out / "report.json").is_file() else {}
+        else:
+            self.store = RunStore(out, self.fingerprint, run.overwrite)
+            self.start = self.store.finished
         from transformers import AutoTokenizer
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder))
         # read the evaluation text now: a wrong path should stop the run before the long work
@@ -117,10 +155,11 @@ class Runner:
 
     def calibrate(self) -> None:
         cal = self.run_cfg.calibration
-        heldout = cal.heldout if self.res.refiners_of("model") else 0
-        ids = calibration_samples(cal.source, self.tokenizer, cal.num_samples + heldout, cal.seq_len, cal.strategy,
+        train, heldout = refine_counts(cal) if self.res.refiners_of("model") else (cal.num_samples, 0)
+        ids = calibration_samples(cal.source, self.tokenizer, train + heldout, cal.seq_len, cal.strategy,
                                   cal.seed, cal.text_field, cal.split, cal.cache)
-        self.ids, self.heldout_ids = ids[:cal.num_samples], ids[cal.num_samples:]
+        # the layer-wise pass: the first num_samples; model refiners: the first `train`; the rest judges them
+        self.ids, self.refine_ids, self.heldout_ids = ids[:cal.num_samples], ids[:train], ids[train:]
 
     def capture(self) -> None:
         self.inputs, self.kwargs = capture(self.sk, self.ids)
@@ -194,8 +233,43 @@ class Runner:
                            res.refiners_of("block"), self.store, self.hook, self.needs, self.batch)
         self.timing = lw.run(fp, q, self.kwargs, self.start)
 
+    def plan_from_checkpoint(self) -> None:
+        """The plan the checkpoint in ``out`` was made with (its onecomp.json), checked against
+        the refiners asked for before any work."""
+        res = self.res
+        modules = read_meta(Path(self.run_cfg.out))["modules"]
+        names = {a.name for a in LayerSpec.__attrs_attrs__}
+        self.plan_ = Plan(specs={n: LayerSpec(**{k: v for k, v in m.items() if k in names}) for n, m in modules.items()})
+        self.shapes = {n: tuple(m["shape"]) for n, m in modules.items()}
+        for spec in self.plan_.specs.values():
+            fmt = res.formats.setdefault(spec.format, res.component("format", spec.format))
+            for r in res.refiners:
+                r.check(spec, fmt)
+
+    def publish_pivot(self, wall: float) -> None:
+        """The layer-wise result becomes ``out`` (complete, loadable, with its report) before any
+        model refiner starts; the refine stage's work folder exists first, so a kill from here
+        on resumes the refine stage."""
+        self.layers = self.store.layer_info()
+        self.peak_pivot = peak_rss_mb()
+        self.peak_quantize = self.peak_pivot
+        RefineStore(self.store.out, self.fingerprint).work.mkdir(parents=True, exist_ok=True)
+        report = self.report(wall)
+        del self.peak_quantize                       # measured again when the run ends
+        atomic_json(self.final / "report.json", report)
+        atomic_write_bytes(self.final / "report.md", markdown(report).encode())
+        self.store.publish(self.final)
+        self.base_report = report
+
     def refine(self) -> None:
-        self.refined = run_model_refiners(self)
+        run = self.run_cfg
+        self.refine_store = RefineStore(Path(run.out), self.fingerprint)
+        ref = load_reference(str(self.folder), run.device, run.dtype)[0]
+        self.refined = run_model_refiners(
+            self.res.refiners_of("model"), self.refine_store, plan=self.plan_, formats=self.res.formats,
+            plugins=self.res.plugins, reference=self.folder, ref_model=ref, train_ids=self.refine_ids,
+            heldout_ids=self.heldout_ids, device=self.device, run=run)
+        self.final = self.refine_store.current
 
     def export(self) -> None:
         res = self.res
@@ -223,6 +297,7 @@ class Runner:
             block_files=[self.store.block_file(i) for i in range(len(self.sk.blocks))],
             outer_tensors=lambda: self.sk.outer_tensors(tied), config=config,
             meta={"onecomp_version": __version__, "config": self.res.describe(), "source_model": str(self.folder),
+                  "fingerprint": self.fingerprint,
                   "transforms": [{"name": n, **t.describe()} for n, t in self.transforms]},
             source_folder=self.folder, checkpoint_dtype=self.sk.checkpoint_dtype,
             modules={n: {**s.to_dict(), "shape": list(self.shapes[n])} for n, s in plan.specs.items()})
@@ -240,14 +315,19 @@ class Runner:
         report = self.report(wall)
         atomic_json(self.final / "report.json", report)
         atomic_write_bytes(self.final / "report.md", markdown(report).encode())
-        self.store.publish(self.final)
-        report["out"] = str(self.store.out)
+        if self.refine_store is not None:
+            self.refine_store.publish()
+        else:
+            self.store.publish(self.final)
+        report["out"] = str(Path(self.run_cfg.out))
         self.hook.onecomp_run_finish(report=report)
         return report
 
     def report(self, wall: float) -> dict:
+        if self.refine_only:
+            return self.refine_report(wall)
         plan, res, run, shapes = self.plan_, self.res, self.run_cfg, self.shapes
-        layers = self.store.layer_info()
+        layers = self.layers if self.layers is not None else self.store.layer_info()
         total_bits = sum(layers[n]["bpw"] * shapes[n][0] * shapes[n][1] for n in plan.specs if n in layers)
         params = sum(shapes[n][0] * shapes[n][1] for n in plan.specs)
         bs = self.timing["block_seconds"]
@@ -258,9 +338,29 @@ class Runner:
                    "wall_seconds": round(wall, 2), "seconds_per_block": round(sum(bs) / len(bs), 3) if bs else None,
                    "peak_rss_mb": round(self.peak_quantize, 1), "peak_gpu_mb": peak_gpu_mb(),
                    "peak_rss_mb_with_eval": round(peak_rss_mb(), 1) if self.evaluation else None,
-                   "resumed_from_block": self.start, "device": str(self.device)}
+                   "resumed_from_block": self.start, "device": str(self.device),
+                   "stage": "refined" if any(r["kept"] for r in self.refined) else "pivot"}
         return {"summary": summary, "stages": self.stages, "layers": layers, "evaluation": self.evaluation,
                 "preprocessors": [{"name": n, **t.describe()} for n, t in self.transforms],
                 "refine": self.refined, "exports": self.exported,
                 "config": res.describe(), "plan": {n: s.to_dict() for n, s in plan.specs.items()},
                 "plan_info": plan.info}
+
+    def refine_report(self, wall: float) -> dict:
+        """The checkpoint's own report (the pivot's, or an earlier refine's) with this refine
+        stage's records, times and evaluation added."""
+        r = dict(self.base_report)
+        summary = dict(r.get("summary", {}))
+        kept = any(rec["kept"] for rec in self.refined)
+        summary.update({"refiners": list(dict.fromkeys([*summary.get("refiners", []), *self.run_cfg.refiners])),
+                        "stage": "refined" if kept or summary.get("stage") == "refined" else "pivot",
+                        "wall_seconds": round(summary.get("wall_seconds", 0) + wall, 2),
+                        "peak_rss_mb": round(max(summary.get("peak_rss_mb", 0), self.peak_quantize), 1),
+                        "peak_gpu_mb": peak_gpu_mb()})
+        if self.evaluation is not None or kept:
+            summary["peak_rss_mb_with_eval"] = round(peak_rss_mb(), 1) if self.evaluation else None
+            r["evaluation"] = self.evaluation        # an evaluation of the pivot no longer describes it
+        r["summary"] = summary
+        r["refine"] = [*r.get("refine", []), *[rec for rec in self.refined if rec not in r.get("refine", [])]]
+        r["stages"] = {**r.get("stages", {}), **{k: v for k, v in self.stages.items() if k in ("refine", "evaluate")}}
+        return r

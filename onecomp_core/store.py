@@ -117,38 +117,6 @@ class RunStore:
         if old.exists():                                              # no longer named by the state
             old.unlink()
 
-    # -- model refiners: their kept results replace block files, two-phase -----------------------
-    def refined(self) -> list[dict]:
-        """Records of the model refiners already run (their results kept or not)."""
-        self._finish_pending()
-        state = self.read_state() or {}
-        return list(state.get("refined", [])) if state.get("fingerprint") == self.fingerprint else []
-
-    def record_refined(self, record: dict, blocks: dict[int, dict] | None = None) -> None:
-        """Record one model refiner's outcome; ``blocks`` (index -> all tensors of the block)
-        replace the committed block files. The new files are written beside the old ones first,
-        the state names them, then they are renamed into place: a crash at any point leaves
-        either the old blocks with no record or the new ones with it (``refined`` finishes the
-        renames)."""
-        pending = []
-        for i, tensors in (blocks or {}).items():
-            nxt = self.block_file(i).with_name(self.block_file(i).name + ".next")
-            atomic_save_tensors(nxt, tensors)
-            pending.append(i)
-        self._write_state(refined=self.refined() + [record], pending_blocks=pending)
-        self._finish_pending()
-
-    def _finish_pending(self) -> None:
-        state = self.read_state() or {}
-        pending = state.get("pending_blocks") if state.get("fingerprint") == self.fingerprint else None
-        if not pending:
-            return
-        for i in pending:
-            nxt = self.block_file(i).with_name(self.block_file(i).name + ".next")
-            if nxt.exists():
-                os.replace(nxt, self.block_file(i))
-        self._write_state(pending_blocks=[])
-
     def streams(self) -> dict:
         """The streams entering the first unfinished block, as the state names them."""
         state = self.read_state() or {}

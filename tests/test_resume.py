@@ -75,25 +75,30 @@ def test_changed_config_does_not_resume_silently(tiny_llama, tmp_path):
         onecomp_core.quantize(tiny_llama, out, **quick())
 
 
-def test_a_kept_model_refiner_result_survives_a_crash_between_its_two_phases(tmp_path):
-    """record_refined writes the new block files beside the old ones, then the state naming
-    them, then renames: a crash after the state leaves the renames to the next open."""
-    from onecomp_core.store import RunStore
+def test_a_kept_refiner_result_survives_a_crash_between_the_record_and_the_move(tmp_path):
+    """RefineStore.record writes the state (kept, pending) before the candidate replaces
+    ``current``: a crash in between leaves the move to the next open, and ``out`` is untouched
+    until publish."""
+    from onecomp_core.refine_stage import RefineStore
     out = tmp_path / "q"
-    st = RunStore(out, "fp", False)
-    st.commit_block(0, {"w": torch.zeros(2)}, {}, {"m": {"bpw": 4}})
-    st.commit_block(1, {"w": torch.zeros(2)}, {}, {})
-    nxt = st.block_file(1).with_name(st.block_file(1).name + ".next")
-    from onecomp_core.store import atomic_save_tensors
-    atomic_save_tensors(nxt, {"w": torch.ones(2)})                   # phase 1 done
-    st._write_state(refined=[{"name": "r", "kept": True}], pending_blocks=[1])   # phase 2 done, then a crash
-    again = RunStore(out, "fp", False)
-    assert again.refined() == [{"name": "r", "kept": True}]          # reading the records finishes the renames
-    assert torch.equal(load_file(again.block_file(1))["w"], torch.ones(2)) and not nxt.exists()
-    assert again.finished == 2 and again.layer_info() == {"m": {"bpw": 4}}
-    again.record_refined({"name": "s", "kept": True}, {0: {"w": torch.full((2,), 2.0)}})
-    assert [r["name"] for r in again.refined()] == ["r", "s"]
-    assert torch.equal(load_file(again.block_file(0))["w"], torch.full((2,), 2.0))
+    out.mkdir()
+    (out / "a.bin").write_bytes(b"pivot")
+    st = RefineStore(out, "fp")
+    assert st.open() == [] and (st.current / "a.bin").read_bytes() == b"pivot"
+    st.next.mkdir()
+    (st.next / "a.bin").write_bytes(b"refined")
+    st._write(records=[{"name": "r", "kept": True}], pending=True)       # recorded, then a crash
+    again = RefineStore(out, "fp")
+    assert again.open() == [{"name": "r", "kept": True}]
+    assert (again.current / "a.bin").read_bytes() == b"refined" and not again.next.exists()
+    assert (out / "a.bin").read_bytes() == b"pivot"
+    again.next.mkdir()
+    (again.next / "a.bin").write_bytes(b"worse")
+    again.record({"name": "s", "kept": False})                          # discarded: the candidate goes
+    assert not again.next.exists() and (again.current / "a.bin").read_bytes() == b"refined"
+    again.publish()
+    assert (out / "a.bin").read_bytes() == b"refined" and not again.work.exists()
+    assert RefineStore(out, "other").open() == []                        # another config starts over
 
 
 BETWEEN = textwrap.dedent("""

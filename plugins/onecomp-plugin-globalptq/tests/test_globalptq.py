@@ -4,7 +4,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from safetensors.torch import load_file
 
 import onecomp_core
-from onecomp_core.sdk import load_plugins
+from onecomp_core.sdk import BlockRefiner, OnecompError, hookimpl, load_plugins
 from onecomp_core.testing import ARCHS
 from onecomp_plugin_globalptq import attach_views, distill, entropy, hidden_cosine, kl_loss, unfrozen
 from onecomp_plugin_globalptq.distill import sam_perturb, sam_restore
@@ -154,3 +154,87 @@ def test_options_hidden_entropy_sam_progressive_run(tiny_llama, tmp_path):
                                                        "sam_rho": 0.05, "progressive": True, "checkpointing": True}})
     rec = rep["refine"][0]
     assert rec["modules"] == 14 and rec["after"] >= 0
+
+
+def _same_files(a, b, pattern="*.safetensors"):
+    names = sorted(p.name for p in a.glob(pattern))
+    assert names == sorted(p.name for p in b.glob(pattern)) and names
+    for n in names:
+        assert (a / n).read_bytes() == (b / n).read_bytes(), n
+
+
+OPTS = {"globalptq": {"epochs": 2, "lr_scales": 2e-2}}
+
+
+def test_refine_on_a_saved_pivot_equals_the_stages_run_inline(tiny_llama, tmp_path):
+    import json
+    inline = onecomp_core.quantize(tiny_llama, tmp_path / "inline", refiners=["globalptq"], options=OPTS, **KW)
+    pivot = onecomp_core.quantize(tiny_llama, tmp_path / "later", **KW)
+    assert pivot["summary"]["stage"] == "pivot"
+    later = onecomp_core.refine(tmp_path / "later", refiners=["globalptq"], options=OPTS)
+    assert later["refine"][0]["kept"] and later["summary"]["stage"] == "refined"
+    assert later["refine"][0]["after"] == pytest.approx(inline["refine"][0]["after"], rel=1e-6)
+    _same_files(tmp_path / "inline", tmp_path / "later")
+    saved = json.loads((tmp_path / "later" / "report.json").read_text())
+    assert saved["refine"] == later["refine"] and saved["layers"] == pivot["layers"]
+    assert not (tmp_path / "later.onecomp-refine").exists()
+
+
+class Inner(BlockRefiner):
+    name = "inner"
+
+
+class InnerPlugin:
+    @hookimpl
+    def onecomp_register_refiners(self, registry):
+        registry.add_refiner(Inner)
+
+
+def test_refine_cli_and_its_errors_leave_the_folder_untouched(tiny_llama, tmp_path, capsys):
+    from onecomp_core.cli import main
+    d = tmp_path / "q"
+    onecomp_core.quantize(tiny_llama, d, **KW)
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    assert main(["refine", str(d), "--refiner", "nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown refiner 'nope'" in err and err.count("\n") == 0
+    with pytest.raises(OnecompError, match="refiner 'inner' works inside the layer-wise pass.*--refiner inner"):
+        onecomp_core.refine(d, refiners=["inner"], plugins=[InnerPlugin()])
+    assert main(["refine", str(tmp_path / "missing"), "--refiner", "globalptq"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+    assert main(["refine", str(d), "--refiner", "globalptq", "--option", "globalptq.epochs=1",
+                 "--option", "globalptq.lr_scales=0.02"]) == 0
+    assert "globalptq: held-out KL" in capsys.readouterr().out
+
+
+KILLER = """
+import os, signal, sys
+import onecomp_core
+import onecomp_plugin_globalptq.train as T
+real = T.save_state
+def save_then_die(path, state):
+    real(path, state)
+    os.kill(os.getpid(), signal.SIGKILL)          # epoch 1 saved, the run killed
+T.save_state = save_then_die
+onecomp_core.quantize(sys.argv[1], sys.argv[2], refiners=["globalptq"], options={opts!r}, **{kw!r})
+"""
+
+
+def test_sigkill_during_globalptq_leaves_the_pivot_and_a_rerun_resumes(tiny_llama, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    out = tmp_path / "killed"
+    proc = subprocess.run([sys.executable, "-c", KILLER.format(opts=OPTS, kw=KW), str(tiny_llama), str(out)],
+                          capture_output=True, text=True, env={**os.environ, "ONECOMP_PROGRESS": "0"})
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert json.loads((out / "report.json").read_text())["summary"]["stage"] == "pivot"     # DIR: the pivot
+    assert (tmp_path / "killed.onecomp-refine" / "refiner-globalptq" / "state.pt").is_file()
+    onecomp_core.load_quantized(out)
+    rep = onecomp_core.quantize(tiny_llama, out, refiners=["globalptq"], options=OPTS, **KW)    # the same command
+    assert rep["summary"]["stage"] == "refined" and [r["name"] for r in rep["refine"]] == ["globalptq"]
+    onecomp_core.quantize(tiny_llama, tmp_path / "straight", refiners=["globalptq"], options=OPTS, **KW)
+    _same_files(out, tmp_path / "straight")
+    assert not (tmp_path / "killed.onecomp-refine").exists()
