@@ -23,6 +23,10 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refiner", "--correction", action="append", dest="refiners", metavar="NAME",
                    help="refiner (repeatable, in order): corrections such as qep, lpcd; block refiners such as "
                         "blockcomp, blockptq; model refiners such as globalptq")
+    p.add_argument("--refine", choices=["manual", "auto"],
+                   help="auto: add the refiners (blockptq, globalptq) that fit --max-memory and --time-budget")
+    p.add_argument("--max-memory", help="memory the run may use, e.g. 8GB (default: the machine's; the GPU's on CUDA)")
+    p.add_argument("--time-budget", help="time the whole run may take, e.g. 45m or 2h (--refine auto skips what would not fit)")
     p.add_argument("--planner", help="planner name (uniform, autobit, ...)")
     p.add_argument("--target-bpw", type=float, help="budget: average bits per weight of the quantized linears")
     p.add_argument("--budget-bytes", help="budget: size of the quantized linears, e.g. 60MB")
@@ -78,7 +82,8 @@ def _run_config(a):
                        context=a.context, batch=a.batch, format=a.format, exports=a.exports,
                        calibration=a.calibration, num_samples=a.num_samples, seq_len=a.seq_len,
                        strategy=a.strategy, seed=a.seed, batch_size=a.batch_size, exclude=a.exclude,
-                       refine_samples=a.refine_samples, heldout=a.heldout,
+                       refine_samples=a.refine_samples, heldout=a.heldout, refine=a.refine,
+                       max_memory=a.max_memory, time_budget=a.time_budget,
                        device=a.device, dtype=a.dtype, eval_text=a.eval_text, overwrite=a.overwrite)
 
 

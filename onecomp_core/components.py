@@ -109,6 +109,14 @@ class Refiner(Component):
                                f"({spec.name}) has no trainable view: implement {type(fmt).__name__}.trainable "
                                f"(docs/formats.md) or drop --refiner {self.name}")
 
+    def estimate(self, ctx) -> dict | None:
+        """Under ``--refine auto``, before this refiner runs: ``{"memory_bytes": predicted peak
+        of the process (model refiners) or extra bytes over the layer-wise pass (block
+        refiners), "seconds": predicted time or None}``; None when unknown (it then runs).
+        ``ctx``: an :class:`~onecomp_core.contexts.EstimateContext` for block refiners, the
+        :class:`~onecomp_core.contexts.ModelContext` it would get for model refiners."""
+        return None
+
     @classmethod
     def scopes(cls) -> tuple[str, ...]:
         return tuple(s for s, base in (("layer", Correction), ("block", BlockRefiner), ("model", ModelRefiner))

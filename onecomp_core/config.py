@@ -90,6 +90,22 @@ def _bpw(inst, attr, value):
         _fail(attr.name, f"must be a positive number of bits per weight, got {value!r}")
 
 
+def _refine_mode(inst, attr, value):
+    if value not in ("manual", "auto"):
+        _fail(attr.name, f"must be 'manual' (the refiners listed) or 'auto' (the strongest that fit), got {value!r}")
+
+
+def _duration(inst, attr, value):
+    if value is None:
+        return
+    from .resources import parse_duration
+    try:
+        if parse_duration(value) <= 0:
+            raise OnecompError("")
+    except OnecompError:
+        _fail(attr.name, f"must be a duration such as 45m, 2h or a positive number of seconds, got {value!r}")
+
+
 def _size(inst, attr, value):
     if value is None:
         return
@@ -122,6 +138,9 @@ class RunConfig:
     projector: str | None = attrs.field(default=None, validator=_opt_str)     # None: gptq where installed, else rtn
     preprocessors: tuple = attrs.field(default=(), converter=tuple, validator=_names)
     refiners: tuple = attrs.field(default=(), converter=tuple, validator=_names)
+    refine: str = attrs.field(default="manual", validator=_refine_mode)    # auto: add the refiners that fit
+    max_memory: str | int | None = attrs.field(default=None, validator=_size)         # default: the machine's
+    time_budget: str | int | float | None = attrs.field(default=None, validator=_duration)
     planner: str = attrs.field(default="uniform", validator=_type(str, "a planner name"))
     budget: BudgetConfig = attrs.field(factory=BudgetConfig)
     exports: tuple = attrs.field(default=(), converter=tuple, validator=_names)

@@ -65,6 +65,20 @@ class PreprocessContext:
 
 
 @attrs.define
+class EstimateContext:
+    """What a block refiner's ``estimate`` sees under ``--refine auto``, before the layer-wise
+    pass: the model's shape, the data it will train on and a timed probe."""
+    model_config: object
+    num_blocks: int
+    block_weights: int                # quantized weights in the largest block
+    block_params: int                 # all parameters of the largest block
+    train_samples: int
+    seq_len: int
+    device: torch.device
+    time_block_step: object           # () -> seconds of one fp32 forward + backward of block 0 on one sample
+
+
+@attrs.define
 class ModelContext:
     """What a model-scope refiner sees: the current checkpoint (the pivot, or the result of the
     refiners before it that were kept) and the data to train and judge on."""

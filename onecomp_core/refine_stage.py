@@ -157,8 +157,9 @@ class RefineStore:
 
 
 def run_model_refiners(refiners, store: RefineStore, *, plan, formats, plugins, reference, ref_model,
-                       train_ids, heldout_ids, device, run) -> list[dict]:
-    """Each model refiner in order on ``store.current``; -> one record per refiner."""
+                       train_ids, heldout_ids, device, run, choose=None) -> list[dict]:
+    """Each model refiner in order on ``store.current``; -> one record per refiner.
+    ``choose(refiner, mctx)``: whether it runs (the resource-adaptive choice)."""
     done = {r["name"]: r for r in store.open()}
 
     def load(folder=None):
@@ -177,6 +178,12 @@ def run_model_refiners(refiners, store: RefineStore, *, plan, formats, plugins, 
                             load=load, load_reference=lambda: ref_model, run=run,
                             quantized=lambda: quantized_tensors(store.current, plugins.registry),
                             scratch=store.work / f"refiner-{refiner.name}")
+        if choose is not None and not choose(refiner, mctx):
+            record = {"name": refiner.name, "modules": 0, "before": before, "after": before, "kept": False,
+                      "skipped": True, "seconds": round(time.time() - t0, 2)}
+            store.record(record)
+            records.append(record)
+            continue
         result = refiner.refine(mctx) or {}
         record = {"name": refiner.name, "modules": len(result), "before": before, "after": before, "kept": False}
         if result:

@@ -12,6 +12,19 @@ def peak_rss_mb() -> float:
     return kb / 1024 if sys.platform != "darwin" else kb / 2**20
 
 
+def rss_mb() -> float:
+    """The resident set size now (Linux; the peak elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    except OSError:
+        return peak_rss_mb()
+
+
+def rss_bytes() -> int:
+    return int(rss_mb() * 2**20)
+
+
 def peak_gpu_mb() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
 
@@ -20,13 +33,23 @@ def markdown(report: dict) -> str:
     lines = ["# onecomp run report", ""]
     s = report["summary"]
     for k in ("model", "format", "projector", "preprocessors", "refiners", "planner", "bits", "group_size", "symmetric",
-              "bpw", "quantized_params", "wall_seconds", "peak_rss_mb", "peak_gpu_mb", "resumed_from_block"):
+              "bpw", "quantized_params", "stage", "wall_seconds", "peak_rss_mb", "peak_gpu_mb", "resumed_from_block"):
         if k in s:
             lines.append(f"- **{k}**: {s[k]}")
+    predicted = {d["name"]: d for d in report.get("refine_choice", [])}
     if report.get("refine"):
-        lines += ["", "## Model refiners", "", "| refiner | modules | held-out KL before | after | kept |", "|---|---|---|---|---|"]
-        lines += [f"| {r['name']} | {r['modules']} | {r['before']:.4g} | {r['after']:.4g} | {r['kept']} |"
-                  for r in report["refine"]]
+        lines += ["", "## Model refiners", "", "| refiner | modules | held-out KL before | after | kept | seconds | "
+                  "predicted peak MB | peak RSS MB so far |", "|---|---|---|---|---|---|---|---|"]
+        for r in report["refine"]:
+            kept = "skipped" if r.get("skipped") else r["kept"]
+            pred = predicted.get(r["name"], {}).get("predicted_peak_mb", "")
+            lines.append(f"| {r['name']} | {r['modules']} | {r['before']:.4g} | {r['after']:.4g} | {kept} | "
+                         f"{r.get('seconds', '')} | {pred} | {r.get('peak_rss_mb', '')} |")
+    if report.get("refine_choice"):
+        lines += ["", "## Refine choice (--refine auto)", "", "| refiner | runs | why | predicted peak MB | predicted s |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {d['name']} | {d['run']} | {d['reason']} | {d.get('predicted_peak_mb', '')} | "
+                  f"{d.get('predicted_seconds', '')} |" for d in report["refine_choice"]]
     if report.get("evaluation"):
         lines += ["", "## Evaluation", ""]
         lines += [f"- **{k}**: {v}" for k, v in report["evaluation"].items()]

@@ -11,6 +11,7 @@ from .plugins import load_plugins
 from .registry import KINDS
 
 MAIN_EXPORTER = "compressed-tensors"
+AUTO_REFINERS = ("blockptq", "globalptq")      # what --refine auto adds, strongest last, where installed
 
 
 def default_projector(registry) -> str:
@@ -47,7 +48,16 @@ class Resolved:
         self.projectors = {run.projector: self.component("projector", run.projector)}
         self.formats = {run.format: self.component("format", run.format)}
         self.preprocessors = [self.component("preprocessor", n) for n in run.preprocessors]
-        self.refiners = [self.component("refiner", n) for n in run.refiners]
+        names = list(run.refiners)
+        self.auto_refiners: list[str] = []     # added by --refine auto: run only where they fit
+        if run.refine == "auto":
+            self.auto_refiners = [n for n in AUTO_REFINERS if n in reg.names("refiner") and n not in names]
+            missing = [n for n in AUTO_REFINERS if n not in reg.names("refiner")]
+            if missing:
+                print(f"onecomp: note: --refine auto without {', '.join(missing)} (pip install "
+                      f"{' '.join('onecomp-plugin-' + n for n in missing)})", file=sys.stderr)
+            names += self.auto_refiners
+        self.refiners = [self.component("refiner", n) for n in names]
         self.exporters = [self.component("exporter", n)
                           for n in dict.fromkeys((MAIN_EXPORTER, *run.exports))]
         known = set().union(*(reg.names(k) for k in KINDS if k != "model_adapter"))

@@ -9,6 +9,7 @@ committed) are skipped.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import shutil
@@ -22,19 +23,20 @@ from . import __version__
 from .calibration import calibration_samples
 from .checkpoint import load_quantized, read_meta
 from .components import Transform
-from .contexts import ExportContext, PlanContext, PreprocessContext
+from .contexts import EstimateContext, ExportContext, PlanContext, PreprocessContext
 from .errors import OnecompError
 from .evaluate import evaluate, load_reference, text_tokens
 from .gather import input_diagonals, input_statistics
 from .block_pass import LayerwisePass
 from .model_source import resolve_model
 from .refine_stage import SUFFIX as REFINE_SUFFIX, RefineStore, run_model_refiners
-from .report import markdown, peak_gpu_mb, peak_rss_mb
+from .fit import RefineChoice
+from .report import markdown, peak_gpu_mb, peak_rss_mb, rss_mb
 from .resolve import Resolved
 from .spec import LayerSpec, Plan
 from .skeleton import Skeleton, pick_device
 from .store import RunStore, atomic_json, atomic_write_bytes
-from .streams import capture
+from .streams import capture, cast_floats
 
 # config fields that do not change what the layer-wise pass computes: a re-run that differs
 # only in them resumes
@@ -93,6 +95,8 @@ class Runner:
         self.refine_store = None
         self.layers = None
         self.start = 0
+        self.skipped: set[str] = set()
+        self.t_start = time.time()
         self.hook = res.plugins.hook
         self.stages: dict[str, float] = {}
         self.transforms: list[tuple[str, Transform]] = []
@@ -220,6 +224,7 @@ class Runner:
             if "gram" in self.needs else None
         if few:
             print(f"onecomp: warning: {few}", file=sys.stderr)
+        self.choose_block_refiners()
 
     def layerwise(self) -> None:
         res = self.res
@@ -229,9 +234,60 @@ class Runner:
         else:
             fp, q = self.inputs, self.inputs.clone()
         self.inputs = None
+        block_refiners = [r for r in res.refiners_of("block") if r.name not in self.skipped]
         lw = LayerwisePass(self.sk, self.plan_, res.projectors, res.formats, res.refiners_of("layer"),
-                           res.refiners_of("block"), self.store, self.hook, self.needs, self.batch)
+                           block_refiners, self.store, self.hook, self.needs, self.batch)
         self.timing = lw.run(fp, q, self.kwargs, self.start)
+
+    # -- the resource-adaptive choice (--refine auto, --max-memory, --time-budget) ---------------
+    def layerwise_need_bytes(self) -> int:
+        """Rough peak of the layer-wise pass: what is resident now (skeleton, calibration
+        inputs), three copies of the largest block (live, FP copy, loading), two more streams and
+        the largest input statistics (H, and C when paired)."""
+        sk = self.sk
+        width = torch.finfo(sk.dtype).bits // 8
+        block = max(sum(sk.weights.numel(k) for k in sk.weights.keys() if k.startswith(sk.block_prefix(i) + "."))
+                    for i in range(len(sk.blocks)))
+        stream = self.ids.numel() * int(getattr(sk.config, "hidden_size", 0)) * width
+        widest = max(s[1] for s in self.shapes.values())
+        stats = widest * widest * 4 * (2 if {"cross", "residual"} & self.needs else 1)
+        return int(rss_mb() * 2**20 + 3 * block * width + 2 * stream + stats)
+
+    def estimate_context(self) -> EstimateContext:
+        sk, cal = self.sk, self.run_cfg.calibration
+        sizes = [[n for n in self.plan_.specs if n.startswith(sk.block_prefix(i) + ".")] for i in range(len(sk.blocks))]
+        weights = max(sum(self.shapes[n][0] * self.shapes[n][1] for n in ns) for ns in sizes)
+        params = max(sum(sk.weights.numel(k) for k in sk.weights.keys() if k.startswith(sk.block_prefix(i) + "."))
+                     for i in range(len(sk.blocks)))
+        return EstimateContext(model_config=sk.config, num_blocks=len(sk.blocks), block_weights=weights,
+                               block_params=params, train_samples=cal.num_samples, seq_len=cal.seq_len,
+                               device=self.device, time_block_step=self.time_block_step)
+
+    def time_block_step(self) -> float:
+        """Seconds of one float32 forward + backward of block 0 on one calibration sample (the
+        second of two, the first warms up)."""
+        blk = copy.deepcopy(self.sk.block(0)).float()
+        self.sk.release_block(0)
+        for p in blk.parameters():
+            p.requires_grad_(True)
+        x, kw = self.inputs[:1].float(), cast_floats(self.kwargs[0], torch.float32)
+        secs = 0.0
+        for _ in range(2):
+            t0 = time.time()
+            with torch.enable_grad():
+                y = blk(x, **kw)
+                (y[0] if isinstance(y, tuple) else y).float().pow(2).mean().backward()
+            secs = time.time() - t0
+        return secs
+
+    def choose_block_refiners(self) -> None:
+        res = self.res
+        self.choice = RefineChoice(self.run_cfg, res.auto_refiners, self.device, self.t_start)
+        need = self.layerwise_need_bytes()
+        self.choice.check_pivot(need)
+        for r in res.refiners_of("block"):
+            if not self.choice.allow(r, r.estimate(self.estimate_context()), base=need):
+                self.skipped.add(r.name)
 
     def plan_from_checkpoint(self) -> None:
         """The plan the checkpoint in ``out`` was made with (its onecomp.json), checked against
@@ -265,10 +321,16 @@ class Runner:
         run = self.run_cfg
         self.refine_store = RefineStore(Path(run.out), self.fingerprint)
         ref = load_reference(str(self.folder), run.device, run.dtype)[0]
+        if not hasattr(self, "choice"):
+            self.choice = RefineChoice(run, self.res.auto_refiners, self.device, self.t_start)
+
+        def choose(refiner, mctx) -> bool:
+            return self.choice.allow(refiner, refiner.estimate(mctx))
+
         self.refined = run_model_refiners(
             self.res.refiners_of("model"), self.refine_store, plan=self.plan_, formats=self.res.formats,
             plugins=self.res.plugins, reference=self.folder, ref_model=ref, train_ids=self.refine_ids,
-            heldout_ids=self.heldout_ids, device=self.device, run=run)
+            heldout_ids=self.heldout_ids, device=self.device, run=run, choose=choose)
         self.final = self.refine_store.current
 
     def export(self) -> None:
@@ -343,6 +405,7 @@ class Runner:
         return {"summary": summary, "stages": self.stages, "layers": layers, "evaluation": self.evaluation,
                 "preprocessors": [{"name": n, **t.describe()} for n, t in self.transforms],
                 "refine": self.refined, "exports": self.exported,
+                "refine_choice": self.choice.decisions if hasattr(self, "choice") else [],
                 "config": res.describe(), "plan": {n: s.to_dict() for n, s in plan.specs.items()},
                 "plan_info": plan.info}
 
@@ -363,4 +426,5 @@ class Runner:
         r["summary"] = summary
         r["refine"] = [*r.get("refine", []), *[rec for rec in self.refined if rec not in r.get("refine", [])]]
         r["stages"] = {**r.get("stages", {}), **{k: v for k, v in self.stages.items() if k in ("refine", "evaluate")}}
+        r["refine_choice"] = [*r.get("refine_choice", []), *(self.choice.decisions if hasattr(self, "choice") else [])]
         return r

@@ -13,7 +13,7 @@ from .block_pass import BlockContext
 from .checkpoint import quantized_tensors
 from .components import (BlockRefiner, Component, Correction, Exporter, ModelRefiner, Planner, Preprocessor,
                          Projector, Refiner, Transform)
-from .contexts import ExportContext, LayerContext, ModelContext, PlanContext, PreprocessContext
+from .contexts import EstimateContext, ExportContext, LayerContext, ModelContext, PlanContext, PreprocessContext
 from .errors import OnecompError, UnknownNameError
 from .formats import grid
 from .formats.base import Format
@@ -26,11 +26,13 @@ from .model_source import cache_root
 from .planners import excluded, scale_dtype_for
 from .plugins import load_plugins
 from .progress import bar
+from .report import rss_bytes
 from .projectors import GridOptions
+from .resources import parse_duration, parse_size
 from .schedules import geometric, warmup_cosine
 from .spec import LayerSpec, Plan
 from .stats import Cross, Diag, Gram, OuterSum, Residual, Statistic
-from .streams import block_error, run_block
+from .streams import block_error, cast_floats, run_block
 from .validators import boolean, in_range, one_of, positive
 
 __all__ = [
@@ -39,6 +41,7 @@ __all__ = [
     "BlockRefiner", "ModelRefiner", "Exporter", "Format", "ModelAdapter",
     # what the stages hand them
     "PlanContext", "PreprocessContext", "LayerContext", "BlockContext", "ModelContext", "ExportContext",
+    "EstimateContext",
     "LayerSpec", "Plan", "STATISTICS",
     # errors and option validators
     "OnecompError", "UnknownNameError", "in_range", "positive", "one_of", "boolean",
@@ -50,7 +53,7 @@ __all__ = [
     "warmup_cosine", "geometric", "bar",
     # helpers
     "find_adapter", "excluded", "scale_dtype_for", "damp_hessian", "inverse_cholesky_upper", "cache_root", "block_error",
-    "run_block", "load_plugins", "quantized_tensors",
+    "run_block", "load_plugins", "quantized_tensors", "parse_size", "parse_duration", "cast_floats", "rss_bytes",
     # mergeable statistics
     "Statistic", "OuterSum", "Gram", "Cross", "Residual", "Diag",
 ]

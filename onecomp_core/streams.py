@@ -46,6 +46,18 @@ def capture(sk, ids: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
     return torch.cat(sink["inputs"], 0), kwargs
 
 
+def cast_floats(obj, dtype):
+    """Floating tensors in ``obj`` (nested tuples/lists/dicts, e.g. a block's call arguments)
+    cast to ``dtype``; everything else as is."""
+    if torch.is_tensor(obj):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(cast_floats(o, dtype) for o in obj)
+    if isinstance(obj, dict):
+        return {k: cast_floats(v, dtype) for k, v in obj.items()}
+    return obj
+
+
 def _output(y):
     return y[0] if isinstance(y, tuple) else y
 

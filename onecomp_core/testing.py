@@ -106,3 +106,9 @@ def requires(kind: str, name: str):
     """A pytest mark skipping a test when component ``name`` is not installed (a plugin's tests
     that also exercise another plugin it does not depend on)."""
     return pytest.mark.skipif(not installed(kind, name), reason=f"{kind} {name!r} is not installed")
+
+
+def cli(argv: list[str]) -> int:
+    """The ``onecomp`` command in-process (for plugin tests): its exit status."""
+    from .cli import main
+    return main(argv)

@@ -2,23 +2,7 @@
 memory of a device minus what inference needs besides the quantized weights."""
 from __future__ import annotations
 
-import re
-
-from onecomp_core.sdk import OnecompError
-
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_size(text) -> int:
-    """'6GiB', '500MB', '1.5 GB', 123 -> bytes."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        return int(text)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b|b)?\s*", str(text), re.IGNORECASE)
-    if not m:
-        raise OnecompError(f"cannot read the size {text!r}; write e.g. 6GiB, 500MB or a number of bytes")
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
-
+from onecomp_core.sdk import OnecompError, parse_size  # noqa: F401  (parse_size: part of this module's API)
 
 def inference_overhead_bytes(config, context: int, batch: int, act_bytes: int = 2) -> dict:
     """What inference holds besides the quantized linears, at ``batch`` x ``context`` tokens:

@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from onecomp_core.sdk import TrainableLinear, geometric, warmup_cosine
+from onecomp_core.sdk import TrainableLinear, cast_floats, geometric, warmup_cosine
 
 DISCRETE = ("codes",)       # parameter kinds trained through a smooth straight-through estimator
 
@@ -43,17 +43,6 @@ def split_rows(n: int, heldout: float, seed: int) -> tuple[list[int], list[int]]
         return perm, perm
     k = min(n - 1, max(1, round(heldout * n)))
     return sorted(perm[k:]), sorted(perm[:k])
-
-
-def cast(obj, dtype):
-    """Floating tensors in ``obj`` (nested tuples/lists/dicts) cast to ``dtype``."""
-    if torch.is_tensor(obj):
-        return obj.to(dtype) if obj.is_floating_point() else obj
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(cast(o, dtype) for o in obj)
-    if isinstance(obj, dict):
-        return {k: cast(v, dtype) for k, v in obj.items()}
-    return obj
 
 
 def swap_in(block: torch.nn.Module, views: dict) -> dict:
@@ -125,7 +114,7 @@ def reconstruct(block, views: dict, inputs, targets, kwargs, rows: list[int], *,
         p.requires_grad_(False)
     originals = swap_in(block, views)
     saved = compute_in(block, dtype)
-    kw = cast(kwargs, dtype)
+    kw = cast_floats(kwargs, dtype)
     history, step = [], 0
     try:
         for _ in range(epochs):

@@ -215,3 +215,15 @@ def test_a_format_without_a_trainable_view_is_refused_before_any_work(tiny_llama
     assert not out.exists() and not (tmp_path / "q.onecomp-partial" / "blocks" / "block-00000.safetensors").exists()
     rep = onecomp_core.quantize(tiny_llama, out, plugins=[NoViewPlugin()], format="noview", **KW)   # fine without it
     assert rep["summary"]["bpw"] > 2
+
+
+def test_estimate_scales_with_the_options():
+    import types
+    cfg = types.SimpleNamespace(hidden_size=64, intermediate_size=128, num_attention_heads=4)
+    ctx = types.SimpleNamespace(model_config=cfg, num_blocks=3, block_weights=10_000, block_params=12_000,
+                                train_samples=20, seq_len=32, device=torch.device("cpu"), time_block_step=lambda: 0.01)
+    a = BlockPTQ(BlockPTQ.Options(epochs=2)).estimate(ctx)
+    b = BlockPTQ(BlockPTQ.Options(epochs=4, train_codes=False)).estimate(ctx)
+    assert a["memory_bytes"] > b["memory_bytes"] > 12_000 * 4                 # Adam moments of the codes
+    assert b["seconds"] == pytest.approx(2 * a["seconds"])                   # twice the epochs
+    assert a["seconds"] == pytest.approx(3 * 2 * 18 * 1.3 * 0.01)             # blocks x epochs x training samples

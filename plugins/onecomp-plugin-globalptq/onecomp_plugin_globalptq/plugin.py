@@ -1,12 +1,14 @@
 """Plugin glue: the ``globalptq`` model refiner (KL distillation through trainable views)."""
 from __future__ import annotations
 
+import math
 import sys
+import time
 
 import attrs
 import torch
 
-from onecomp_core.sdk import ModelRefiner, boolean, hookimpl, in_range, one_of
+from onecomp_core.sdk import ModelRefiner, boolean, hookimpl, in_range, one_of, rss_bytes
 
 from .student import attach_views
 from .train import distill
@@ -38,13 +40,12 @@ class GlobalPTQ(ModelRefiner):
     Options = GlobalPTQOptions
     needs_trainable = True
 
-    def refine(self, mctx):
-        o = self.options
+    def _student(self, mctx, o):
+        """The teacher, and the checkpoint with a trainable view over every quantized module."""
         teacher = mctx.load_reference()
         student = mctx.load()
-        dtype = getattr(torch, o.dtype)
         views = attach_views(student, mctx.quantized(), mctx.plan, mctx.formats)
-        student.to(dtype)
+        student.to(getattr(torch, o.dtype))
         for p in student.parameters():
             p.requires_grad_(False)
         for v in views.values():
@@ -57,6 +58,50 @@ class GlobalPTQ(ModelRefiner):
                 student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
                 student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return teacher, student, views
+
+    def estimate(self, mctx):
+        """Predicted peak of the process: what is resident now (the teacher is loaded by then)
+        + the student: its other parameters in the compute dtype, per quantized weight the code
+        latent, the materialised weight and the view's autograd tensors (~16 B; +8 B of Adam
+        moments where codes train) + one step's activations (per layer and token ~20 hidden + 8
+        intermediate values, and the attention scores; the logits ~6 rows of the vocabulary per
+        token). Time: one timed step (student forward + backward, teacher forward) on
+        ``batch`` samples, x the steps (x2 with SAM)."""
+        o = self.options
+        cfg = mctx.load_reference().config
+        qts = mctx.quantized()
+        quant = sum(math.prod(qt.shape) for qt in qts.values())
+        del qts
+        width = 4 if o.dtype == "float32" else 2
+        total = int(getattr(cfg, "num_parameters", 0) or 0) or self._param_count(mctx)
+        layers, hidden = int(cfg.num_hidden_layers), int(cfg.hidden_size)
+        inter = int(getattr(cfg, "intermediate_size", 4 * hidden) or 4 * hidden)
+        heads, vocab = int(getattr(cfg, "num_attention_heads", 1)), int(cfg.vocab_size)
+        seq = int(mctx.calibration_ids.shape[1])
+        per_layer = o.batch * seq * (20 * hidden + 8 * inter) * width + o.batch * heads * seq * seq * 4 * 2
+        acts = per_layer + layers * o.batch * seq * hidden * width if o.checkpointing else layers * per_layer
+        memory = (rss_bytes() + (total - quant) * width + quant * (16 + (8 if o.train_codes else 0))
+                  + acts + o.batch * seq * vocab * 4 * 6)
+        return {"memory_bytes": int(memory), "seconds": self._probe_seconds(mctx)}
+
+    @staticmethod
+    def _param_count(mctx) -> int:
+        return sum(p.numel() for p in mctx.load_reference().parameters())
+
+    def _probe_seconds(self, mctx) -> float:
+        o = self.options
+        probe = attrs.evolve(o, epochs=1)
+        teacher, student, views = self._student(mctx, probe)
+        t0 = time.time()
+        distill(student, teacher, views, mctx.calibration_ids[:o.batch], probe)
+        step = time.time() - t0
+        steps = o.epochs * -(-mctx.calibration_ids.shape[0] // o.batch)
+        return step * steps * (2 if o.sam_rho > 0 else 1)
+
+    def refine(self, mctx):
+        o = self.options
+        teacher, student, views = self._student(mctx, o)
         state = None if mctx.scratch is None else mctx.scratch / "state.pt"
         distill(student, teacher, views, mctx.calibration_ids, o, state,
                 log=lambda m: print(m, file=sys.stderr, flush=True))

@@ -191,7 +191,7 @@ class InnerPlugin:
 
 
 def test_refine_cli_and_its_errors_leave_the_folder_untouched(tiny_llama, tmp_path, capsys):
-    from onecomp_core.cli import main
+    from onecomp_core.testing import cli as main
     d = tmp_path / "q"
     onecomp_core.quantize(tiny_llama, d, **KW)
     before = {p.name: p.read_bytes() for p in d.iterdir()}
@@ -238,3 +238,17 @@ def test_sigkill_during_globalptq_leaves_the_pivot_and_a_rerun_resumes(tiny_llam
     onecomp_core.quantize(tiny_llama, tmp_path / "straight", refiners=["globalptq"], options=OPTS, **KW)
     _same_files(out, tmp_path / "straight")
     assert not (tmp_path / "killed.onecomp-refine").exists()
+
+
+def test_refine_auto_adds_globalptq_where_it_fits_and_skips_it_where_it_does_not(tiny_llama, tmp_path, capsys):
+    rep = onecomp_core.quantize(tiny_llama, tmp_path / "fits", refine="auto", options=OPTS, **KW)
+    names = [d["name"] for d in rep["refine_choice"]]
+    assert "globalptq" in names and rep["refine"][-1]["name"] == "globalptq" and not rep["refine"][-1].get("skipped")
+    d = rep["refine_choice"][names.index("globalptq")]
+    assert d["run"] and d["predicted_peak_mb"] > 0 and d["predicted_seconds"] > 0
+    assert "| predicted peak MB |" in (tmp_path / "fits" / "report.md").read_text()
+    rep = onecomp_core.quantize(tiny_llama, tmp_path / "late", refine="auto", time_budget="1s", options=OPTS, **KW)
+    rec = rep["refine"][-1]
+    assert rec["name"] == "globalptq" and rec["skipped"] and not rec["kept"] and rep["summary"]["stage"] == "pivot"
+    assert "onecomp: globalptq skipped: needs ~" in capsys.readouterr().err
+    onecomp_core.load_quantized(tmp_path / "late")

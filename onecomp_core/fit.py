@@ -1,0 +1,49 @@
+"""The resource-adaptive refine choice (``--refine auto``): before each refiner that
+``--refine auto`` added starts, its estimate (``Refiner.estimate``) is compared with
+``--max-memory`` (default: the machine's RAM, or the GPU's memory on CUDA) and with what is left
+of ``--time-budget``; it runs or is skipped with one line saying why. ``--max-memory`` below
+what the layer-wise pass itself needs stops the run before any work."""
+from __future__ import annotations
+
+import sys
+import time
+
+from .errors import OnecompError
+from .resources import human_bytes, human_seconds, machine_memory, parse_duration, parse_size
+
+
+class RefineChoice:
+    def __init__(self, run, auto_refiners, device, t_start: float):
+        self.auto = set(auto_refiners)
+        self.explicit = run.max_memory is not None
+        self.budget = parse_size(run.max_memory) if self.explicit else machine_memory(device)
+        self.deadline = t_start + parse_duration(run.time_budget) if run.time_budget is not None else None
+        self.decisions: list[dict] = []
+
+    def check_pivot(self, need: int) -> None:
+        """The layer-wise pass's own estimated peak against an explicit ``--max-memory``."""
+        if self.explicit and need > self.budget:
+            raise OnecompError(f"--max-memory {human_bytes(self.budget)} is below what the layer-wise pass needs "
+                               f"(~{human_bytes(need)}): raise it, or lower --num-samples / --seq-len")
+
+    def allow(self, refiner, estimate: dict | None, base: int = 0) -> bool:
+        """Run ``refiner``? Refiners named in the config always run (their estimate is only
+        recorded); those ``--refine auto`` added run only if the estimate, plus ``base`` bytes
+        already needed, fits."""
+        d = {"name": refiner.name, "run": True, "reason": "no estimate"}
+        if estimate is not None:
+            mem, secs = base + int(estimate.get("memory_bytes", 0)), estimate.get("seconds")
+            d.update(predicted_peak_mb=round(mem / 2**20, 1), predicted_seconds=None if secs is None else round(secs, 1))
+            d["reason"] = f"~{human_bytes(mem)}" + ("" if secs is None else f", ~{human_seconds(secs)}")
+            if refiner.name in self.auto and mem > self.budget:
+                d.update(run=False, reason=f"needs ~{human_bytes(mem)}, max-memory {human_bytes(self.budget)}")
+            elif (refiner.name in self.auto and self.deadline is not None and secs is not None
+                  and time.time() + secs > self.deadline):
+                left = max(0.0, self.deadline - time.time())
+                d.update(run=False, reason=f"needs ~{human_seconds(secs)}, {human_seconds(left)} left of the time budget")
+        if refiner.name not in self.auto:
+            d["reason"] = f"named in the config ({d['reason']})"
+        verdict = "runs" if d["run"] else "skipped"
+        print(f"onecomp: {refiner.name} {verdict}: {d['reason']}", file=sys.stderr, flush=True)
+        self.decisions.append(d)
+        return d["run"]
