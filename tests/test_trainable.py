@@ -101,3 +101,20 @@ def test_a_format_without_a_trainable_view_says_what_is_missing():
         name = "plain"
     with pytest.raises(OnecompError, match=r"format 'plain' has no trainable view: implement Plain.trainable\(qt, spec\)"):
         Plain().trainable(None, LayerSpec(name="m"))
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), bits=st.integers(2, 6), sym=st.booleans(), shift=st.floats(-3.0, 3.0))
+def test_warm_start_keeps_the_stored_tensor_and_moves_latents_towards_the_weight(seed, bits, sym, shift):
+    W, spec, fmt, qt = uniform(seed, bits, 8, sym)
+    view = fmt.trainable(qt, spec)
+    target = W + shift * W.abs().mean()                      # any FP weight, near the grid or not
+    view.warm_start(target)
+    assert torch.equal(view.weight(), qt.dequantize())       # the forward value is unchanged
+    assert torch.equal(view.write_back().codes, qt.codes)
+    q = qt.codes.float()
+    assert ((view.codes.detach() - q).abs() <= 0.49 + 1e-4).all()         # float32 at codes up to 63
+    from onecomp_core.formats import grid as g
+    s, z = (g.expand(t, W.shape[1], 8) for t in (view._scale().detach(), view._zero().detach()))
+    u = target / s + z                                       # where the weight lies in grid units
+    assert ((view.codes.detach() - q) * (u - q) >= -1e-4).all()   # each latent moved towards it

@@ -60,6 +60,12 @@ class TrainableView(torch.nn.Module):
             raise ValueError(f"temperature must be positive, got {tau}")
         self.tau = float(tau)
 
+    def warm_start(self, weight: torch.Tensor) -> None:
+        """Optionally place the latents of the discrete parts where the full-precision
+        ``weight`` (out x in, float32) lies, without changing the stored value (e.g. code
+        latents inside their rounding cell, AdaRound-style), so training starts with the
+        information of which way each value was rounded. Default: nothing."""
+
     def weight(self) -> torch.Tensor:
         """The dequantized weight (out x in, float32), differentiable in the parameters; its
         value is the weight ``write_back()`` stores."""

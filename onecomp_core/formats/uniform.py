@@ -128,6 +128,17 @@ class UniformView(TrainableView):
             return torch.full_like(self.scale.detach(), 2 ** (self.bits - 1))
         return ste(self.zero, torch.clamp(torch.round(self.zero.detach()), 0, self.maxq))
 
+    def warm_start(self, weight):
+        """Code latents at W / s + z, clamped to 0.49 of the stored code: the stored tensor is
+        unchanged, and a weight that was rounded across a long way sits at its cell's edge."""
+        with torch.no_grad():
+            cols = self.codes.shape[1]
+            s = grid.expand(self._scale(), cols, self.group_size)
+            z = grid.expand(self._zero(), cols, self.group_size)
+            q = self.codes.detach().round()
+            u = weight.float().to(s.device) / s + z
+            self.codes.copy_(torch.minimum(torch.maximum(u, q - 0.49), q + 0.49))
+
     def weight(self):
         cols = self.codes.shape[1]
         q = torch.clamp(smooth_round(self.codes, self.tau), 0, self.maxq)

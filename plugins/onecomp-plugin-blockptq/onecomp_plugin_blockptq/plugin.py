@@ -15,9 +15,10 @@ from .reconstruct import reconstruct, split_rows
 class BlockPTQOptions:
     epochs: int = attrs.field(default=4, validator=in_range(0, 10_000))
     batch: int = attrs.field(default=1, validator=in_range(1, 4096))             # samples per Adam step
-    lr_scales: float = attrs.field(default=1e-3, validator=in_range(0.0, 1.0))   # relative to each tensor's RMS
+    lr_scales: float = attrs.field(default=5e-3, validator=in_range(0.0, 1.0))   # relative to each tensor's RMS
     lr_codes: float = attrs.field(default=5e-3, validator=in_range(0.0, 10.0))   # in grid steps
     train_codes: bool = attrs.field(default=True, validator=boolean)
+    warm_start: bool = attrs.field(default=True, validator=boolean)                # latents where the FP weights lie
     beta: float = attrs.field(default=0.0, validator=in_range(0.0, 100.0))       # weight of (1 - cosine)
     tau0: float = attrs.field(default=1.0, validator=in_range(1e-4, 100.0))      # estimator temperature, start
     tau1: float = attrs.field(default=0.05, validator=in_range(1e-4, 100.0))     # ... and end
@@ -35,6 +36,7 @@ class BlockPTQ(BlockRefiner):
     name = "blockptq"
     Options = BlockPTQOptions
     needs_trainable = True
+    needs_fp_weights = True          # warm start: code latents placed where the FP weights lie
 
     def estimate(self, ctx):
         """Extra memory over the layer-wise pass: per quantized weight of the largest block its
@@ -61,6 +63,9 @@ class BlockPTQ(BlockRefiner):
             return
         t0 = time.time()
         views = {r: bctx.format(r).trainable(bctx.qts[bctx.full(r)], bctx.spec(r)) for r in rels}
+        if o.warm_start:
+            for r, v in views.items():
+                v.warm_start(bctx.fp_weight(r).float())
         train_rows, eval_rows = split_rows(bctx.q_inputs.shape[0], o.heldout, o.seed + bctx.index)
         before = bctx.error(eval_rows)
         snap = bctx.snapshot(rels)

@@ -18,7 +18,7 @@ from .train import distill
 class GlobalPTQOptions:
     epochs: int = attrs.field(default=2, validator=in_range(0, 10_000))
     batch: int = attrs.field(default=1, validator=in_range(1, 4096))              # samples per Adam step
-    lr_scales: float = attrs.field(default=1e-3, validator=in_range(0.0, 1.0))    # relative to each tensor's RMS
+    lr_scales: float = attrs.field(default=2e-3, validator=in_range(0.0, 1.0))    # relative to each tensor's RMS
     lr_codes: float = attrs.field(default=1e-3, validator=in_range(0.0, 10.0))    # in grid steps
     train_codes: bool = attrs.field(default=False, validator=boolean)
     temperature: float = attrs.field(default=1.0, validator=in_range(0.05, 100.0))
