@@ -11,6 +11,7 @@
 # environment and shared with the plugin environments through a .pth file; onecomp packages are
 # never shared. CHECK_DISTS_DIR keeps the work folder; CHECK_DISTS_ONLY=a,b checks only those
 # plugin folders (e.g. onecomp-plugin-qep). Prints one line per distribution; exits 1 on a failure.
+# CHECK_DISTS_JOBS=N checks N plugins at once (default 2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -64,31 +65,48 @@ PY
 log "core alone: ok"
 SITE=$("$BASE/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 
-# -- 3. one plugin at a time ------------------------------------------------------------------------
-failed=()
-for d in "${PLUGINS[@]}"; do
-    d=${d%/}
+# -- 3. one plugin at a time (CHECK_DISTS_JOBS at once, default 2, one BLAS thread each) -----------
+check_plugin() {   # $1: the plugin folder; writes $WORK/result-NAME: "ok LINE" or "FAILED REASON"
+    local d=${1%/} name dist wheel env envsite listed line
     name=$(basename "$d")
-    if [ -n "${CHECK_DISTS_ONLY:-}" ] && [[ ",$CHECK_DISTS_ONLY," != *",$name,"* ]]; then continue; fi
     dist=$(sed -n 's/^name = "\(.*\)"$/\1/p' "$d/pyproject.toml" | head -1)
     wheel=$(ls "$WHEELS"/"${dist//-/_}"-*.whl)
     env=$WORK/env-$name
-    rm -rf "$env" "$WORK/tests-$name"
+    rm -rf "$env" "$WORK/tests-$name" "$WORK/result-$name"
     "$PY" -m venv "$env"
     envsite=$("$env/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
     echo "$SITE" > "$envsite/_onecomp_core_env.pth"          # third-party libraries and the core, shared
-    pipin "$env" --find-links "$WHEELS" "$wheel" > "$WORK/install-$name.log" 2>&1 \
-        || { cat "$WORK/install-$name.log"; failed+=("$dist (install)"); continue; }
-    listed=$("$env/bin/python" -m onecomp_core.cli plugins --strict) || { echo "$listed"; failed+=("$dist (plugins)"); continue; }
-    line=$(echo "$listed" | grep " $dist " || true)
-    [ -n "$line" ] || { echo "$listed"; failed+=("$dist (not listed)"); continue; }
-    cp -r "$d/tests" "$WORK/tests-$name"
-    if (cd "$WORK/tests-$name" && "$env/bin/python" -m pytest -q -p no:cacheprovider --rootdir . . > "$WORK/pytest-$name.log" 2>&1); then
-        log "$(echo "$line" | awk '{print $2, $3}'): $(tail -1 "$WORK/pytest-$name.log")"
-    else
-        tail -40 "$WORK/pytest-$name.log"
-        failed+=("$dist (tests)")
+    if ! pipin "$env" --find-links "$WHEELS" "$wheel" > "$WORK/install-$name.log" 2>&1; then
+        echo "FAILED $dist (install): $(tail -3 "$WORK/install-$name.log" | tr '\n' ' ')" > "$WORK/result-$name"; return
     fi
+    if ! listed=$("$env/bin/python" -m onecomp_core.cli plugins --strict); then
+        echo "FAILED $dist (plugins): $listed" > "$WORK/result-$name"; return
+    fi
+    line=$(echo "$listed" | grep " $dist " || true)
+    [ -n "$line" ] || { echo "FAILED $dist (not listed): $listed" > "$WORK/result-$name"; return; }
+    cp -r "$d/tests" "$WORK/tests-$name"
+    if (cd "$WORK/tests-$name" && OMP_NUM_THREADS=1 "$env/bin/python" -m pytest -q -p no:cacheprovider --rootdir . . \
+            > "$WORK/pytest-$name.log" 2>&1); then
+        echo "ok $(echo "$line" | awk '{print $2, $3}'): $(tail -1 "$WORK/pytest-$name.log")" > "$WORK/result-$name"
+    else
+        echo "FAILED $dist (tests): see $WORK/pytest-$name.log" > "$WORK/result-$name"
+        tail -40 "$WORK/pytest-$name.log" >&2
+    fi
+}
+
+names=()
+for d in "${PLUGINS[@]}"; do
+    name=$(basename "${d%/}")
+    if [ -n "${CHECK_DISTS_ONLY:-}" ] && [[ ",$CHECK_DISTS_ONLY," != *",$name,"* ]]; then continue; fi
+    while [ "$(jobs -rp | wc -l)" -ge "${CHECK_DISTS_JOBS:-2}" ]; do wait -n || true; done
+    check_plugin "$d" &
+    names+=("$name")
+done
+wait
+failed=()
+for name in "${names[@]}"; do
+    result=$(cat "$WORK/result-$name" 2>/dev/null || echo "FAILED $name (no result)")
+    if [[ $result == ok* ]]; then log "${result#ok }"; else log "$result"; failed+=("$name"); fi
 done
 if [ ${#failed[@]} -gt 0 ]; then
     log "FAILED: ${failed[*]} (logs in $WORK)"

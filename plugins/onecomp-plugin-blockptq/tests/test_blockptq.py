@@ -102,7 +102,7 @@ def test_codes_stay_frozen_when_asked(tiny_llama):
         assert torch.equal(v.write_back().codes, qts[rel].codes)
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.integers(2, 4), st.integers(0, 3), st.sampled_from([1e-3, 3e-2, 1.0]))
 def test_a_block_never_leaves_with_a_worse_heldout_error(tiny_llama, tmp_path_factory, bits, seed, lr):
     """Whatever the options (even a learning rate that wrecks training), every block's held-out

@@ -68,7 +68,7 @@ def test_refined_checkpoint_keeps_codes_format_and_bits(tiny_llama, tmp_path):
         assert torch.isfinite(model(torch.randint(3, 300, (1, 8))).logits).all()
 
 
-@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.sampled_from([1e-3, 5e-2, 0.9]), st.booleans(), st.integers(0, 3))
 def test_never_worse_on_the_heldout_samples(tiny_llama, tmp_path_factory, lr, codes, seed):
     """Whatever the options, the checkpoint left behind has a held-out KL no higher than the
