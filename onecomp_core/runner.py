@@ -309,7 +309,9 @@ class Runner:
         self.layers = self.store.layer_info()
         self.peak_pivot = peak_rss_mb()
         self.peak_quantize = self.peak_pivot
-        RefineStore(self.store.out, self.fingerprint).work.mkdir(parents=True, exist_ok=True)
+        work = RefineStore(self.store.out, self.fingerprint).work
+        shutil.rmtree(work, ignore_errors=True)          # a new pivot: any earlier refine state is stale
+        work.mkdir(parents=True)
         report = self.report(wall)
         del self.peak_quantize                       # measured again when the run ends
         atomic_json(self.final / "report.json", report)

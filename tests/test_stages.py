@@ -208,3 +208,16 @@ def test_with_only_the_core_rtn_runs_and_a_missing_plugin_names_its_distribution
     assert "unknown projector 'gptq'; known: rtn; it is provided by onecomp-plugins-gptq" in proc.stdout
     assert "projector rtn (install onecomp-plugins-gptq" in proc.stderr
     assert json.loads((tmp_path / "q" / "report.json").read_text())["summary"]["bpw"] > 4
+
+
+def test_overwrite_after_a_killed_refine_stage_starts_the_refine_stage_afresh(tiny_llama, tmp_path):
+    """A stale refine work folder (records of a refiner done) must not survive --overwrite."""
+    import json as _json
+    kw = dict(plugins=[RefinerPlugin()], bits=4, group_size=32, projector="rtn", num_samples=2, seq_len=32)
+    rep = onecomp_core.quantize(tiny_llama, tmp_path / "q", refiners=["halve", "repair"], **kw)
+    work = tmp_path / "q.onecomp-refine"
+    work.mkdir()
+    fp = _json.loads((tmp_path / "q" / "onecomp.json").read_text())["fingerprint"]
+    (work / "state.json").write_text(_json.dumps({"fingerprint": fp, "records": [{"name": "repair", "kept": False}]}))
+    again = onecomp_core.quantize(tiny_llama, tmp_path / "q", refiners=["halve", "repair"], overwrite=True, **kw)
+    assert again["refine"][0]["kept"] and again["refine"][0]["after"] == rep["refine"][0]["after"]
