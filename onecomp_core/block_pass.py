@@ -172,6 +172,10 @@ class LayerwisePass:
         spec = self.plan[name]
         fmt = self.formats[spec.format]
         W = lin.weight.detach().float().clone()
+        if not torch.isfinite(W).all():
+            from .errors import OnecompError
+            raise OnecompError(f"{name}.weight has {int((~torch.isfinite(W)).sum())} non-finite values as the pass "
+                               f"reaches it (after the transforms); repair the checkpoint or --exclude {name}")
         gram = stats.get("gram")
         H = gram.H if gram is not None else None
         ctx = LayerContext(name=name, spec=spec, weight=W, target=W, H=H, stats=stats, module=lin,

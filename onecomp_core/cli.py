@@ -12,11 +12,13 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", help="model folder, .gguf file or hub id")
     p.add_argument("--config", help="YAML/TOML/JSON file with any of the fields below")
     p.add_argument("--out", help="output folder (appears complete or not at all)")
-    p.add_argument("--bits", type=int)
+    p.add_argument("--bits", type=int, help="bits per weight of the uniform grid (default 4; the format says which it holds)")
     p.add_argument("--group-size", help="positive integer, or -1 / channel for per-channel")
     sym = p.add_mutually_exclusive_group()
-    sym.add_argument("--sym", dest="symmetric", action="store_const", const=True)
-    sym.add_argument("--asym", dest="symmetric", action="store_const", const=False)
+    sym.add_argument("--sym", dest="symmetric", action="store_const", const=True,
+                     help="symmetric grid (zero point fixed at the middle; loads in plain transformers)")
+    sym.add_argument("--asym", dest="symmetric", action="store_const", const=False,
+                     help="asymmetric grid with a stored zero point per group (the default)")
     p.add_argument("--projector", help="projector name (rtn, gptq, ...; default gptq where installed, else rtn)")
     p.add_argument("--preprocessor", action="append", dest="preprocessors", metavar="NAME",
                    help="function-preserving transform before quantization (repeatable, applied in order)")
@@ -37,10 +39,10 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--export", action="append", dest="exports", metavar="NAME",
                    help="an extra exporter writing beside the compressed-tensors checkpoint (repeatable)")
     p.add_argument("--calibration", help="calibration text: .txt/.jsonl/.parquet, dataset folder or hub id")
-    p.add_argument("--num-samples", type=int)
-    p.add_argument("--seq-len", type=int)
+    p.add_argument("--num-samples", type=int, help="calibration samples (default 32)")
+    p.add_argument("--seq-len", type=int, help="tokens per calibration sample (default 512)")
     p.add_argument("--strategy", help="concat_chunk, drop_head or drop_rand")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="seed of the calibration sampling (default 0)")
     p.add_argument("--batch-size", type=int, help="calibration samples per block forward (default: 1 on a CPU, 8 on CUDA)")
     _add_refine_sample_flags(p)
     p.add_argument("--exclude", action="append", help="module name pattern to keep in full precision")
@@ -49,7 +51,8 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", help="auto or a torch dtype name")
     p.add_argument("--eval-text", help="after quantizing, measure perplexity and KL on this text")
-    p.add_argument("--overwrite", action="store_const", const=True)
+    p.add_argument("--overwrite", action="store_const", const=True,
+                   help="replace an existing output folder (and start an unfinished run of another config over)")
 
 
 def _add_refine_sample_flags(p: argparse.ArgumentParser) -> None:
@@ -212,7 +215,7 @@ def main(argv=None) -> int:
         print(f"onecomp: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("onecomp: interrupted; run the same command again to resume", file=sys.stderr)
+        print("\nonecomp: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
 
 

@@ -32,17 +32,23 @@ class UniformPlanner(Planner):
         if given:
             raise OnecompError(f"planner 'uniform' takes no budget ({', '.join(given)}); drop it or use a budget "
                                "planner such as --planner autobit (onecomp-plugin-autobit)")
-        bpw = run.budget.target_bpw
-        options = {"bpw": bpw} if per_module_bpw and bpw is not None else {}
-        specs = {}
-        for name, shape in shapes.items():
-            if excluded(name, run.exclude):
-                continue
-            spec = LayerSpec(name=name, format=run.format, projector=run.projector, bits=run.bits,
-                             group_size=run.group_size, symmetric=run.symmetric,
-                             scale_dtype=scale_dtype_for(ctx.checkpoint_dtype), options=dict(options))
-            fmt.check(spec, shape)
-            specs[name] = spec
-        if not specs:
-            raise OnecompError("nothing to quantize: every linear matches an exclude pattern")
-        return Plan(specs, planner=self.name)
+        return Plan(uniform_specs(run, shapes, fmt, ctx.checkpoint_dtype), planner=self.name)
+
+
+def uniform_specs(run, shapes: dict, fmt, checkpoint_dtype) -> dict[str, LayerSpec]:
+    """The run's one spec for every linear not excluded, each checked against its format (also
+    called before calibration, so a spec the format cannot hold stops the run at once)."""
+    bpw = run.budget.target_bpw
+    options = {"bpw": bpw} if getattr(fmt, "takes_bpw", False) and bpw is not None else {}
+    specs = {}
+    for name, shape in shapes.items():
+        if excluded(name, run.exclude):
+            continue
+        spec = LayerSpec(name=name, format=run.format, projector=run.projector, bits=run.bits,
+                         group_size=run.group_size, symmetric=run.symmetric,
+                         scale_dtype=scale_dtype_for(checkpoint_dtype), options=dict(options))
+        fmt.check(spec, shape)
+        specs[name] = spec
+    if not specs:
+        raise OnecompError("nothing to quantize: every linear matches an exclude pattern")
+    return specs

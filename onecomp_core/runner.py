@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import os
 import json
 import shutil
 import sys
@@ -32,6 +33,7 @@ from .model_source import resolve_model
 from .refine_stage import SUFFIX as REFINE_SUFFIX, RefineStore, run_model_refiners
 from .fit import RefineChoice
 from .report import markdown, peak_gpu_mb, peak_rss_mb, rss_mb
+from .planners import uniform_specs
 from .resolve import Resolved
 from .spec import LayerSpec, Plan
 from .skeleton import Skeleton, pick_device
@@ -65,6 +67,15 @@ def few_tokens_warning(tokens: int, widest_input: int, factor: int = 4) -> str |
         return None
     return (f"calibration has {tokens} tokens, fewer than {factor} x the widest layer input ({widest_input}); "
             f"Hessian-based methods (GPTQ, corrections) may overfit: raise --num-samples or the damping")
+
+
+def nonfinite_error(name: str, W: torch.Tensor) -> None:
+    """A one-line error naming the tensor when its weights are not all finite."""
+    bad = int((~torch.isfinite(W)).sum())
+    if bad:
+        nan = int(torch.isnan(W).sum())
+        raise OnecompError(f"{name}.weight has {bad} non-finite values ({nan} NaN, {bad - nan} inf) of {W.numel()}: "
+                           f"the checkpoint is damaged or overflowed; repair it or --exclude {name}")
 
 
 def refine_pending(out: Path, fp: str) -> bool:
@@ -116,6 +127,7 @@ class Runner:
     def run(self) -> dict:
         t_start = time.time()
         self.stage("open_model", self.open_model)
+        self.preflight()
         self.stage("calibration", self.calibrate)
         if self.refine_only:
             self.stage("plan", self.plan_from_checkpoint)
@@ -156,6 +168,26 @@ class Runner:
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder))
         # read the evaluation text now: a wrong path should stop the run before the long work
         self.eval_ids = text_tokens(self.tokenizer, run.eval_text, run.eval_tokens) if run.eval_text else None
+
+    def preflight(self) -> None:
+        """Checks that need the model's shape but no data, before the long work: sequence
+        lengths against the model's positions, a writable output folder, and (uniform planner)
+        every module's spec against its format."""
+        run, sk = self.run_cfg, self.sk
+        positions = getattr(sk.config, "max_position_embeddings", None)
+        lengths = [("--seq-len", run.calibration.seq_len)] + ([("eval_seq_len", run.eval_seq_len)] if run.eval_text else [])
+        for flag, n in lengths:
+            if positions and n > positions:
+                raise OnecompError(f"{flag} {n} is longer than the {positions} positions the model handles; "
+                                   f"use at most {positions}")
+        if not self.refine_only:
+            out = Path(run.out).absolute()
+            ancestor = next(p for p in (out.parent, *out.parent.parents) if p.exists())
+            if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+                raise OnecompError(f"cannot write the output folder {run.out}: {ancestor} is not a writable folder; "
+                                   f"choose another --out")
+            if run.planner == "uniform":
+                uniform_specs(run, self.shapes, self.res.formats[run.format], sk.checkpoint_dtype)
 
     def calibrate(self) -> None:
         cal = self.run_cfg.calibration
@@ -217,6 +249,14 @@ class Runner:
                 e.check(spec, fmt)
             for r in res.refiners:
                 r.check(spec, fmt)
+        if not self.transforms:                      # under transforms the block pass checks each weight
+            for name in self.plan_.specs:
+                nonfinite_error(name, sk.linear_weight(name))
+        notes = [n for n in (getattr(res.formats.get(s.format), "storage_note", lambda *a: None)(s, self.shapes[s.name])
+                             for s in self.plan_.specs.values()) if n]
+        if notes:
+            more = f" (and {len(notes) - 1} more modules)" if len(notes) > 1 else ""
+            print(f"onecomp: note: {notes[0]}{more}", file=sys.stderr)
         self.needs = {"gram"} if any(p.needs_hessian for p in res.projectors.values()) else set()
         for c in res.refiners_of("layer"):
             self.needs |= set(c.statistics)

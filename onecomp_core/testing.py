@@ -16,7 +16,7 @@ import torch
 TEXT = Path(__file__).resolve().parent / "data" / "enwiki_excerpt.txt"
 
 COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, vocab_size=384, max_position_embeddings=256)
+              num_key_value_heads=2, vocab_size=384, max_position_embeddings=1024)
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "mixtral"]
 

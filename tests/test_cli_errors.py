@@ -118,3 +118,41 @@ def test_console_script_exit_code(tmp_path):
                            "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "does not exist" in proc.stderr
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--bits", "12"], "holds 2 to 8 bits"),
+    (["--seq-len", "100000"], "--seq-len 100000 is longer than the 1024 positions the model handles"),
+    (["--format", "uniform", "--bits", "1"], "holds 2 to 8 bits"),
+])
+def test_spec_and_length_errors_come_before_calibration(tiny_llama, tmp_path, out, capsys, flags, says):
+    """A missing calibration file would fail the calibration stage; these fail before it."""
+    code, err = run(["quantize", str(tiny_llama), "--out", str(out), "--projector", "rtn",
+                     "--calibration", str(tmp_path / "not-read.txt"), *flags], capsys)
+    check(code, err, out, says)
+
+
+def test_a_group_size_the_inputs_do_not_divide_says_what_is_stored(tiny_llama, out, capsys):
+    code = main(["quantize", str(tiny_llama), "--out", str(out), "--projector", "rtn", "--group-size", "24",
+                 "--num-samples", "2", "--seq-len", "32"])
+    err = capsys.readouterr().err
+    assert code == 0
+    assert ("group size 24 does not divide the 64 inputs of model.layers.0.self_attn.q_proj: the checkpoint "
+            "stores groups of 8 (each scale repeated 3 times)") in err
+
+
+@pytest.mark.parametrize("value, says", [("nan", r"\(16 NaN, 0 inf\)"), ("inf", r"\(0 NaN, 16 inf\)")])
+def test_non_finite_weights_are_named_before_any_block(tiny_llama, tmp_path, out, capsys, value, says):
+    import shutil
+    import torch
+    from safetensors.torch import load_file, save_file
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_llama, bad)
+    t = load_file(str(bad / "model.safetensors"))
+    t["model.layers.1.mlp.up_proj.weight"][3, :16] = float(value)
+    save_file(t, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    code, err = run(["quantize", str(bad), "--out", str(out), "--projector", "rtn", "--num-samples", "2",
+                     "--seq-len", "32"], capsys)
+    check(code, err, out, r"model.layers.1.mlp.up_proj.weight has 16 non-finite values " + says +
+          r" of 6144: .*--exclude model.layers.1.mlp.up_proj")
+    assert not (out.with_name(out.name + ".onecomp-partial") / "blocks").exists()

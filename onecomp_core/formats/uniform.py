@@ -171,6 +171,21 @@ class UniformFormat(Format):
         if spec.group_size != grid.PER_CHANNEL and spec.group_size <= 0:
             self.fail(f"group size must be a positive integer or -1 (per-channel), got {spec.group_size}")
 
+    def storage_note(self, spec: LayerSpec, shape) -> str | None:
+        """What the checkpoint stores when the group size does not divide the inputs (the
+        compressed-tensors layout needs a divisor: groups of gcd, scales repeated)."""
+        cols = shape[1]
+        g = spec.group_size
+        if g == grid.PER_CHANNEL or cols % g == 0:
+            return None
+        if g > cols:
+            return (f"group size {g} is larger than the {cols} inputs of {spec.name}: each row is one group "
+                    f"(as with -1, per-channel), and the report counts {self.bits_per_weight(spec, shape):.2f} bpw")
+        dg = disk_group_size(cols, g)
+        return (f"group size {g} does not divide the {cols} inputs of {spec.name}: the checkpoint stores groups of "
+                f"{dg} (each scale repeated {g // dg} times) and the report counts {self.bits_per_weight(spec, shape):.2f} "
+                f"bpw; a divisor of {cols} avoids it")
+
     def bits_per_weight(self, spec: LayerSpec, shape) -> float:
         out, cols = shape
         groups = out * grid.num_groups(cols, spec.group_size)
