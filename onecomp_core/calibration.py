@@ -11,10 +11,22 @@ from pathlib import Path
 import torch
 
 from .errors import OnecompError
-from .model_source import cache_root
+from .model_source import cache_root, looks_local, offline
 
 STRATEGIES = ("concat_chunk", "drop_head", "drop_rand")
 DEFAULT_TEXT = Path(__file__).parent / "data" / "enwiki_excerpt.txt"
+
+
+def _text(p: Path) -> str:
+    """A text file's content; a file that is not text (NUL bytes, or more than 1% of it not
+    UTF-8) is refused rather than tokenized as garbage."""
+    data = p.read_bytes()
+    if b"\x00" in data[:1 << 20]:
+        raise OnecompError(f"calibration file {p} is not text (it has NUL bytes); give a .txt file of text")
+    text = data.decode("utf-8", errors="replace")
+    if text.count("\ufffd") > 0.01 * max(len(text), 1):
+        raise OnecompError(f"calibration file {p} is not UTF-8 text; convert it to UTF-8")
+    return text
 
 
 def read_documents(source: str, text_field: str = "text", split: str = "train") -> list[str]:
@@ -23,7 +35,7 @@ def read_documents(source: str, text_field: str = "text", split: str = "train") 
     if p.is_file():
         suffix = p.suffix.lower()
         if suffix in (".txt", ".md", ".text", ""):
-            text = p.read_text(encoding="utf-8", errors="replace")
+            text = _text(p)
             docs = [d.strip() for d in text.split("\n\n")]
         elif suffix in (".jsonl", ".json"):
             docs = []
@@ -48,7 +60,10 @@ def read_documents(source: str, text_field: str = "text", split: str = "train") 
             raise OnecompError(f"calibration file {p} has an unknown type; use .txt, .jsonl or .parquet")
     elif p.is_dir():
         docs = _from_datasets_disk(p, text_field, split)
-    elif "/" in source and not source.startswith((".", "/", "~")):
+    elif "/" in source and not looks_local(source):
+        if offline():
+            raise OnecompError(f"calibration source {source!r} is not a local path, and offline mode (--offline or "
+                               f"HF_HUB_OFFLINE=1) forbids fetching it from the hub; give a local file")
         docs = _from_hub(source, text_field, split)
     else:
         raise OnecompError(f"calibration source {source!r} does not exist; give a .txt/.jsonl/.parquet file, "

@@ -170,6 +170,8 @@ def cmd_config(a) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="onecomp", description="Quantize Hugging Face causal LMs to low-bit checkpoints.")
+    p.add_argument("--offline", action="store_true",
+                   help="never reach the network (as HF_HUB_OFFLINE=1): a name that is not local is an error")
     sub = p.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quantize", help="quantize a model into an output folder")
     _add_run_flags(q)
@@ -209,6 +211,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    if getattr(args, "offline", False):
+        import os
+        os.environ["HF_HUB_OFFLINE"] = "1"          # transformers, datasets and huggingface_hub read it too
     try:
         return args.fn(args)
     except OnecompError as exc:

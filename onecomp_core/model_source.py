@@ -29,6 +29,22 @@ def packaged_model(alias: str) -> Path:
     return Path(spec.submodule_search_locations[0]) / fname
 
 
+def offline() -> bool:
+    """No network: ``--offline`` (which sets HF_HUB_OFFLINE=1) or HF_HUB_OFFLINE in the environment."""
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def looks_local(s: str) -> bool:
+    """A string that names a local path rather than a hub id: it starts with '.', '/' or '~', has
+    a file suffix, or has a separator and its first component exists here. Such a string is never
+    sent to a hub: a mistyped local path gets the local error."""
+    if s.startswith((".", "/", "~")) or Path(s).suffix.lower() in (".gguf", ".txt", ".jsonl", ".json", ".parquet",
+                                                                  ".safetensors", ".md"):
+        return True
+    first = s.replace("\\", "/").split("/")[0]
+    return ("/" in s or "\\" in s) and bool(first) and Path(first).expanduser().exists()
+
+
 def resolve_model(spec: str | os.PathLike) -> Path:
     """A folder holding config.json and safetensors weights, whatever ``spec`` names: a folder,
     a .gguf file, a packaged model's name (``smollm2-135m``) or a hub id."""
@@ -46,8 +62,11 @@ def resolve_model(spec: str | os.PathLike) -> Path:
         return convert_gguf(p)
     if p.exists():
         raise OnecompError(f"{p} is neither a model folder nor a .gguf file")
-    if s.startswith((".", "/", "~")) or s.count("/") > 1 or s.endswith(".gguf"):
+    if looks_local(s) or s.count("/") > 1:
         raise OnecompError(f"model path {s!r} does not exist; give a local folder, a .gguf file or a hub id (org/name)")
+    if offline():
+        raise OnecompError(f"model {s!r} is not a local path, and offline mode (--offline or HF_HUB_OFFLINE=1) "
+                           f"forbids fetching it from the hub; pass a local folder or a .gguf file")
     return _download(s)
 
 

@@ -30,3 +30,37 @@ def test_missing_or_wrong_model_paths_fail_with_one_line(tmp_path):
     (tmp_path / "w.bin").write_bytes(b"x")
     with pytest.raises(OnecompError, match="neither a model folder nor a .gguf"):
         resolve_model(tmp_path / "w.bin")
+
+
+def test_mistyped_local_paths_are_never_sent_to_a_hub(tmp_path, monkeypatch):
+    import onecomp_core.model_source as ms
+    from onecomp_core.calibration import read_documents
+    from onecomp_core.errors import OnecompError
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "data").mkdir()
+    monkeypatch.setattr(ms, "_download", lambda s: (_ for _ in ()).throw(AssertionError(f"fetched {s}")))
+    for s in ("models/tinyy", "./tiny", "~/no/model", "model.gguf", "x/y/z"):
+        with pytest.raises(OnecompError, match="does not exist"):
+            ms.resolve_model(s)
+    for s in ("data/enwiki_calb.txt", "./cal.jsonl", "data/cal"):
+        with pytest.raises(OnecompError, match="does not exist"):
+            read_documents(s)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OnecompError, match="offline mode .* forbids fetching it"):
+        ms.resolve_model("someorg/somemodel")
+    with pytest.raises(OnecompError, match="offline mode .* forbids fetching it"):
+        read_documents("someorg/somedata")
+
+
+def test_a_calibration_file_that_is_not_text_is_refused(tmp_path):
+    from onecomp_core.calibration import read_documents
+    from onecomp_core.errors import OnecompError
+    (tmp_path / "bin.txt").write_bytes(bytes(range(256)) * 40)
+    with pytest.raises(OnecompError, match="is not text"):
+        read_documents(str(tmp_path / "bin.txt"))
+    (tmp_path / "latin.txt").write_bytes("caf\xe9 ".encode("latin-1") * 200)
+    with pytest.raises(OnecompError, match="is not UTF-8 text"):
+        read_documents(str(tmp_path / "latin.txt"))
+    (tmp_path / "ok.txt").write_text("plain text\n\nanother paragraph", encoding="utf-8")
+    assert read_documents(str(tmp_path / "ok.txt")) == ["plain text", "another paragraph"]
