@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import attrs
@@ -134,6 +135,11 @@ class AutoBit(Planner):
             raise OnecompError(f"budget infeasible: {budget / total:.4f} bits per weight is below the smallest "
                                f"feasible {floor / total:.4f} with these candidates; raise the budget or add "
                                f"smaller candidates (autobit.bits / autobit.groups / autobit.binary)")
+        ceiling = sum(max(row) for row in M)
+        if budget >= ceiling:
+            print(f"onecomp: note: the budget, {budget / total:.4f} bits per weight, reaches the largest candidates "
+                  f"({ceiling / total:.4f}): the plan gives every module its largest candidate; add larger candidates "
+                  f"(autobit.bits / autobit.groups) to use more", file=sys.stderr)
         rows, B = self._errors(ctx, names, allowed, spec)
         E = [[sum(total_error(rows[n][i], B.get(n)) for n in unit) for i in range(len(allowed[unit[0]]))]
              for unit in units]

@@ -281,3 +281,10 @@ def test_parallel_candidate_errors_equal_serial(tiny_llama, tmp_path):
     many = quantize(tiny_llama, tmp_path / "b", target_bpw=2.5, options={"autobit": {**opts, "workers": 3}})
     assert many["plan"] == one["plan"]
     assert many["plan_info"]["predicted_error"] == pytest.approx(one["plan_info"]["predicted_error"], rel=1e-6)
+
+
+def test_a_budget_above_every_candidate_says_the_plan_takes_the_largest(tiny_llama, tmp_path, capsys):
+    rep = quantize(tiny_llama, tmp_path / "q", target_bpw=100)
+    assert "reaches the largest candidates" in capsys.readouterr().err
+    assert rep["summary"]["bpw"] < 100
+    assert {m["bits"] for m in rep["plan"].values()} == {max(m["bits"] for m in rep["plan"].values())}
