@@ -136,11 +136,26 @@ def select(docs_tokens: list[list[int]], n: int, seq_len: int, strategy: str, se
     return torch.tensor(rows)
 
 
+def bos_id(tokenizer, mode: str = "auto") -> int | None:
+    """The BOS token to start every sequence with: ``auto``, where the tokenizer puts one in
+    front of a text (as transformers, lm-eval and llama.cpp feed the model); ``yes``, the
+    tokenizer's BOS whenever it has one; ``no``, none."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if mode == "no" or bos is None:
+        return None
+    if mode == "yes":
+        return int(bos)
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return int(bos) if ids and ids[0] == bos else None
+
+
 def calibration_samples(source: str | None, tokenizer, num_samples: int, seq_len: int,
                         strategy: str = "concat_chunk", seed: int = 0, text_field: str = "text",
-                        split: str = "train", use_cache: bool = True) -> torch.Tensor:
+                        split: str = "train", use_cache: bool = True, bos: int | None = None) -> torch.Tensor:
+    """(num_samples, seq_len) token ids; with ``bos``, each sample is that token then seq_len - 1
+    tokens of text."""
     src = str(source) if source else str(DEFAULT_TEXT)
-    key = _cache_key(src, tokenizer, num_samples, seq_len, strategy, seed, text_field, split)
+    key = _cache_key(src, tokenizer, num_samples, seq_len, strategy, seed, text_field, split, bos)
     cache = cache_root() / "calibration" / f"{key}.pt"
     if use_cache and cache.is_file():
         return torch.load(cache, weights_only=True)
@@ -148,7 +163,13 @@ def calibration_samples(source: str | None, tokenizer, num_samples: int, seq_len
     if strategy == "concat_chunk":   # the running text, as perplexity sees it
         docs = ["\n\n".join(docs)]
     tokens = [tokenizer(d, add_special_tokens=False)["input_ids"] for d in docs]
-    ids = select(tokens, num_samples, seq_len, strategy, seed)
+    if bos is None:
+        ids = select(tokens, num_samples, seq_len, strategy, seed)
+    else:
+        if seq_len < 2:
+            raise OnecompError(f"calibration.seq_len {seq_len} leaves no text after the BOS token; use 2 or more")
+        text = select(tokens, num_samples, seq_len - 1, strategy, seed)
+        ids = torch.cat([torch.full((num_samples, 1), bos, dtype=text.dtype), text], 1)
     if use_cache:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(f".tmp{os.getpid()}")

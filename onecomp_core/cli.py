@@ -51,6 +51,8 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", help="auto or a torch dtype name")
     p.add_argument("--eval-text", help="after quantizing, measure perplexity and KL on this text")
+    p.add_argument("--bos", choices=["auto", "yes", "no"],
+                   help="calibration and evaluation sequences start with BOS: auto, as the tokenizer does (default)")
     p.add_argument("--overwrite", action="store_const", const=True,
                    help="replace an existing output folder (and start an unfinished run of another config over)")
 
@@ -87,7 +89,7 @@ def _run_config(a):
                        strategy=a.strategy, seed=a.seed, batch_size=a.batch_size, exclude=a.exclude,
                        refine_samples=a.refine_samples, heldout=a.heldout, refine=a.refine,
                        max_memory=a.max_memory, time_budget=a.time_budget,
-                       device=a.device, dtype=a.dtype, eval_text=a.eval_text, overwrite=a.overwrite)
+                       device=a.device, dtype=a.dtype, eval_text=a.eval_text, overwrite=a.overwrite, bos=a.bos)
 
 
 def cmd_quantize(a) -> int:
@@ -121,13 +123,14 @@ def cmd_refine(a) -> int:
 def cmd_eval(a) -> int:
     from transformers import AutoTokenizer
     from .checkpoint import load_quantized, read_meta
+    from .calibration import bos_id
     from .evaluate import evaluate, load_reference, text_tokens
     read_meta(a.dir)
     model = load_quantized(a.dir, a.device, a.dtype)
     tok = AutoTokenizer.from_pretrained(a.dir)
     ids = text_tokens(tok, a.text, a.max_tokens)
     ref = load_reference(a.ref, a.device, a.dtype)[0] if a.ref else None
-    result = evaluate(model, ids, ref=ref, seq_len=a.seq_len, stride=a.stride)
+    result = evaluate(model, ids, ref=ref, seq_len=a.seq_len, stride=a.stride, bos=bos_id(tok, a.bos))
     if a.json:
         print(json.dumps(result))
     else:
@@ -196,6 +199,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--dtype", default="auto")
     e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.add_argument("--bos", default="auto", choices=["auto", "yes", "no"],
+                   help="start every window with the BOS token: auto, as the tokenizer does (default)")
     e.set_defaults(fn=cmd_eval)
     pl = sub.add_parser("plugins", help="installed plugins, versions and what each registers")
     pl.add_argument("--json", action="store_true")

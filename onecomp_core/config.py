@@ -90,6 +90,11 @@ def _bpw(inst, attr, value):
         _fail(attr.name, f"must be a positive number of bits per weight, got {value!r}")
 
 
+def _bos_mode(inst, attr, value):
+    if value not in ("auto", "yes", "no"):
+        _fail(attr.name, f"must be auto (as the tokenizer does), yes or no, got {value!r}")
+
+
 def _refine_mode(inst, attr, value):
     if value not in ("manual", "auto"):
         _fail(attr.name, f"must be 'manual' (the refiners listed) or 'auto' (the strongest that fit), got {value!r}")
@@ -151,6 +156,7 @@ class RunConfig:
     dtype: str = attrs.field(default="auto", validator=_type(str, "auto or a torch dtype name"))
     overwrite: bool = attrs.field(default=False, validator=_type(bool, "true or false"))
     eval_text: str | None = attrs.field(default=None, validator=_opt_str)
+    bos: str = attrs.field(default="auto", validator=_bos_mode)    # sequences start with BOS: as the tokenizer does
     eval_tokens: int = attrs.field(default=16384, validator=_int_in(2))
     eval_seq_len: int = attrs.field(default=512, validator=_int_in(2))
 

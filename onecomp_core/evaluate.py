@@ -42,18 +42,27 @@ def _windows(n: int, seq_len: int, stride: int):
 
 @torch.no_grad()
 def evaluate(model, ids: torch.Tensor, ref=None, seq_len: int = 512, stride: int | None = None,
-             device=None) -> dict:
-    """{ppl, tokens} and, with ``ref``, {ppl_ref, kl} (mean KL(P_ref || P_model) per token)."""
-    stride = stride or seq_len
-    if not 0 < stride <= seq_len:
+             device=None, bos: int | None = None) -> dict:
+    """{ppl, tokens} and, with ``ref``, {ppl_ref, kl} (mean KL(P_ref || P_model) per token).
+    With ``bos``, every window is that token then seq_len - 1 tokens of text, and the first text
+    token is scored too (predicted from the BOS alone)."""
+    text_len = seq_len - (bos is not None)
+    stride = min(stride or text_len, text_len)
+    if not 0 < stride <= text_len:
         raise OnecompError(f"stride must be in (0, seq_len], got {stride}")
     device = device or next(model.parameters()).device
     nll, kl, nll_ref, count = 0.0, 0.0, 0.0, 0
-    for begin, end, first in _windows(ids.numel(), seq_len, stride):
-        x = ids[begin:end][None].to(device)
+    for begin, end, first in _windows(ids.numel(), text_len, stride):
+        x = ids[begin:end]
+        if bos is not None:
+            x = torch.cat([torch.tensor([bos], dtype=x.dtype), x])
+        x = x[None].to(device)
         logits = model(input_ids=x).logits[0, :-1].float()
         target = x[0, 1:]
-        lo = max(first - 1, 0) if begin > 0 else 0
+        if bos is not None:
+            lo = first                   # target j is text position begin + j
+        else:
+            lo = max(first - 1, 0) if begin > 0 else 0
         logp = F.log_softmax(logits[lo:], -1)
         tgt = target[lo:]
         nll += float(-logp.gather(1, tgt[:, None]).sum())

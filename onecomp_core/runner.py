@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .calibration import calibration_samples
+from .calibration import bos_id, calibration_samples
 from .checkpoint import load_quantized, read_meta
 from .components import Transform
 from .contexts import EstimateContext, ExportContext, PlanContext, PreprocessContext
@@ -168,6 +168,7 @@ class Runner:
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder))
         # read the evaluation text now: a wrong path should stop the run before the long work
         self.eval_ids = text_tokens(self.tokenizer, run.eval_text, run.eval_tokens) if run.eval_text else None
+        self.bos = bos_id(self.tokenizer, run.bos)
 
     def preflight(self) -> None:
         """Checks that need the model's shape but no data, before the long work: sequence
@@ -193,7 +194,7 @@ class Runner:
         cal = self.run_cfg.calibration
         train, heldout = refine_counts(cal) if self.res.refiners_of("model") else (cal.num_samples, 0)
         ids = calibration_samples(cal.source, self.tokenizer, train + heldout, cal.seq_len, cal.strategy,
-                                  cal.seed, cal.text_field, cal.split, cal.cache)
+                                  cal.seed, cal.text_field, cal.split, cal.cache, bos=self.bos)
         # the layer-wise pass: the first num_samples; model refiners: the first `train`; the rest judges them
         self.ids, self.refine_ids, self.heldout_ids = ids[:cal.num_samples], ids[:train], ids[train:]
 
@@ -411,7 +412,7 @@ class Runner:
         self.peak_quantize = peak_rss_mb()
         qmodel = load_quantized(self.final, run.device, run.dtype, self.res.plugins)
         ref, _ = load_reference(str(self.folder), run.device, run.dtype)
-        self.evaluation = evaluate(qmodel, self.eval_ids, ref=ref, seq_len=run.eval_seq_len)
+        self.evaluation = evaluate(qmodel, self.eval_ids, ref=ref, seq_len=run.eval_seq_len, bos=self.bos)
 
     def finish(self, wall: float) -> dict:
         if not hasattr(self, "peak_quantize"):

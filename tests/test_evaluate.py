@@ -48,3 +48,56 @@ def test_perplexity_and_kl_values(tiny_llama):
             nll -= float(lp.gather(1, x[0, 1:, None]).sum())
             n += x.shape[1] - 1
     assert math.isclose(r["ppl"], math.exp(nll / n), rel_tol=1e-5)
+
+
+def test_with_bos_every_window_starts_with_it_and_every_token_is_scored(tiny_llama):
+    from transformers import AutoModelForCausalLM
+    m = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    ids = torch.randint(3, 384, (130,))
+    seen = []
+    real = m.forward
+
+    def spy(*a, **kw):
+        seen.append(kw["input_ids"][0].clone())
+        return real(*a, **kw)
+
+    m.forward = spy
+    r = evaluate(m, ids, seq_len=64, bos=1)
+    assert r["tokens"] == 130                                   # the first text token is scored too
+    assert all(int(x[0]) == 1 and x.numel() <= 64 for x in seen)
+    assert torch.equal(torch.cat([x[1:] for x in seen]), ids)   # windows of 63 text tokens, in order
+    with torch.no_grad():
+        nll = 0.0
+        for b in range(0, 130, 63):
+            x = torch.cat([torch.tensor([1]), ids[b:b + 63]])[None]
+            lp = torch.log_softmax(real(input_ids=x).logits[0, :-1], -1)
+            nll -= float(lp.gather(1, x[0, 1:, None]).sum())
+    assert math.isclose(r["ppl"], math.exp(nll / 130), rel_tol=1e-5)
+
+
+def test_calibration_and_evaluation_follow_a_tokenizer_that_adds_bos(tiny_llama, tmp_path):
+    import json
+    import shutil
+    import onecomp_core
+    from transformers import AutoTokenizer
+    from onecomp_core.calibration import bos_id, calibration_samples
+    plain = AutoTokenizer.from_pretrained(str(tiny_llama))
+    assert bos_id(plain) is None and bos_id(plain, "yes") == plain.bos_token_id and bos_id(plain, "no") is None
+    model = tmp_path / "bos"
+    shutil.copytree(tiny_llama, model)
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**cfg, "add_bos_token": True}))
+    from tokenizers import processors
+    tok = AutoTokenizer.from_pretrained(str(model))
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.save_pretrained(str(model))
+    tok = AutoTokenizer.from_pretrained(str(model))
+    assert bos_id(tok) == 1
+    ids = calibration_samples(None, tok, 3, 32, use_cache=False, bos=1)
+    assert ids.shape == (3, 32) and (ids[:, 0] == 1).all() and (ids[:, 1:] != 1).all()
+    text = tmp_path / "eval.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    rep = onecomp_core.quantize(model, tmp_path / "q", projector="rtn", num_samples=2, seq_len=32,
+                                eval_text=str(text), config={"eval_seq_len": 64})
+    n = len(tok(text.read_text(), add_special_tokens=False)["input_ids"])
+    assert rep["evaluation"]["tokens"] == n                      # every token scored, BOS in front
