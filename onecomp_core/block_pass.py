@@ -17,6 +17,7 @@ import torch
 
 from .contexts import LayerContext
 from .gather import gather_group
+from .report import rss_mb
 from .streams import block_error, run_block
 
 
@@ -145,7 +146,7 @@ class LayerwisePass:
     def run(self, fp: torch.Tensor, q: torch.Tensor, kwargs: list[dict], start: int) -> dict:
         sk = self.sk
         total = len(sk.blocks)
-        per_block_s = []
+        per_block_s, per_block_rss = [], []
         for i in range(start, total):
             t0 = time.time()
             block = sk.block(i)
@@ -165,8 +166,9 @@ class LayerwisePass:
             self.store.commit_block(i, tensors, {"fp": fp, "q": q}, bctx.info)
             sk.release_block(i)
             per_block_s.append(time.time() - t0)
+            per_block_rss.append(round(rss_mb(), 1))
             self.hook.onecomp_block_done(index=i, total=total, info={"seconds": per_block_s[-1]})
-        return {"block_seconds": per_block_s}
+        return {"block_seconds": per_block_s, "block_rss_mb": per_block_rss}
 
     def quantize_linear(self, name, lin, block, stats: dict, pass_index: int = 0):
         spec = self.plan[name]

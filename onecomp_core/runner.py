@@ -110,6 +110,7 @@ class Runner:
         self.t_start = time.time()
         self.hook = res.plugins.hook
         self.stages: dict[str, float] = {}
+        self.stage_memory: dict[str, dict] = {}        # resident and peak RSS when each stage ended
         self.transforms: list[tuple[str, Transform]] = []
         self.refined: list[dict] = []
         self.exported: dict[str, list[str]] = {}
@@ -121,6 +122,7 @@ class Runner:
         t0 = time.time()
         result = fn()
         self.stages[name] = time.time() - t0
+        self.stage_memory[name] = {"rss_mb": round(rss_mb(), 1), "peak_rss_mb": round(peak_rss_mb(), 1)}
         self.hook.onecomp_stage_finish(stage=name, info={"seconds": self.stages[name]})
         return result
 
@@ -445,7 +447,8 @@ class Runner:
                    "peak_rss_mb_with_eval": round(peak_rss_mb(), 1) if self.evaluation else None,
                    "resumed_from_block": self.start, "device": str(self.device),
                    "stage": "refined" if any(r["kept"] for r in self.refined) else "pivot"}
-        return {"summary": summary, "stages": self.stages, "layers": layers, "evaluation": self.evaluation,
+        return {"summary": summary, "stages": self.stages, "stage_memory": self.stage_memory,
+                "block_rss_mb": self.timing.get("block_rss_mb", []), "layers": layers, "evaluation": self.evaluation,
                 "preprocessors": [{"name": n, **t.describe()} for n, t in self.transforms],
                 "refine": self.refined, "exports": self.exported,
                 "refine_choice": self.choice.decisions if hasattr(self, "choice") else [],
@@ -469,5 +472,6 @@ class Runner:
         r["summary"] = summary
         r["refine"] = [*r.get("refine", []), *[rec for rec in self.refined if rec not in r.get("refine", [])]]
         r["stages"] = {**r.get("stages", {}), **{k: v for k, v in self.stages.items() if k in ("refine", "evaluate")}}
+        r["stage_memory"] = {**r.get("stage_memory", {}), **self.stage_memory}
         r["refine_choice"] = [*r.get("refine_choice", []), *(self.choice.decisions if hasattr(self, "choice") else [])]
         return r
