@@ -45,7 +45,7 @@ def link_tree(src: Path, dst: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for p in src.iterdir():
-        if p.is_file():
+        if p.is_file() and not (p.name.startswith(".") and ".tmp" in p.name):
             link_or_copy(p, tmp / p.name)
     os.replace(tmp, dst)
 
@@ -124,6 +124,8 @@ class RefineStore:
             shutil.rmtree(self.next)               # a candidate nobody decided on
         if not self.current.exists():
             link_tree(self.out, self.current)
+        for stale in self.current.glob(".*.tmp*"):        # a write a kill interrupted
+            stale.unlink()
         if state is None:
             self._write()
         return list((self._state() or {}).get("records", []))

@@ -118,3 +118,5 @@ def test_warm_start_keeps_the_stored_tensor_and_moves_latents_towards_the_weight
     s, z = (g.expand(t, W.shape[1], 8) for t in (view._scale().detach(), view._zero().detach()))
     u = target / s + z                                       # where the weight lies in grid units
     assert ((view.codes.detach() - q) * (u - q) >= -1e-4).all()   # each latent moved towards it
+    far = (u - q).abs() > 0.5 + 1e-4                         # codes chosen away from W's nearest
+    assert torch.equal(view.codes.detach()[far], q[far])

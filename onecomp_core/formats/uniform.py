@@ -129,15 +129,18 @@ class UniformView(TrainableView):
         return ste(self.zero, torch.clamp(torch.round(self.zero.detach()), 0, self.maxq))
 
     def warm_start(self, weight):
-        """Code latents at W / s + z, clamped to 0.49 of the stored code: the stored tensor is
-        unchanged, and a weight that was rounded across a long way sits at its cell's edge."""
+        """Code latents at W / s + z where that lies in the stored code's rounding cell (the code
+        is W's nearest), clamped to 0.49 of it: the stored tensor is unchanged, and a weight
+        rounded by almost half a step sits near its cell's edge. Codes a projector chose away
+        from W's nearest (GPTQ's error feedback) keep their latent at the cell's centre: that
+        choice was deliberate and should not be the first to flip."""
         with torch.no_grad():
             cols = self.codes.shape[1]
             s = grid.expand(self._scale(), cols, self.group_size)
             z = grid.expand(self._zero(), cols, self.group_size)
             q = self.codes.detach().round()
-            u = weight.float().to(s.device) / s + z
-            self.codes.copy_(torch.minimum(torch.maximum(u, q - 0.49), q + 0.49))
+            d = weight.float().to(s.device) / s + z - q
+            self.codes.copy_(q + torch.where(d.abs() <= 0.5, d.clamp(-0.49, 0.49), torch.zeros_like(d)))
 
     def weight(self):
         cols = self.codes.shape[1]
