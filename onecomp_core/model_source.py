@@ -115,7 +115,12 @@ def convert_gguf(path: Path) -> Path:
         model.load_state_dict(loaded.state_dict())
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        os.replace(tmp, dest)
+        try:
+            os.replace(tmp, dest)
+        except OSError:
+            if not (dest / "config.json").is_file():      # not another process's finished conversion
+                raise
+
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest

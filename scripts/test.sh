@@ -7,7 +7,9 @@ cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 . .venv/bin/activate
 export ONECOMP_PROGRESS=0
-python -m pytest -q "$@"
+# two test processes (pytest-xdist) on one BLAS thread each: the suite is many small runs
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+python -m pytest -q -n "${PYTEST_WORKERS:-2}" "$@"
 if [ "${CHECK_DISTS:-1}" != 0 ]; then
     ./scripts/check_dists.sh
 fi
