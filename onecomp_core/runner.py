@@ -253,8 +253,10 @@ class Runner:
             for r in res.refiners:
                 r.check(spec, fmt)
         if not self.transforms:                      # under transforms the block pass checks each weight
+            stored = set(sk.weights.keys())          # (so does it for weights stored fused, e.g. MoE experts)
             for name in self.plan_.specs:
-                nonfinite_error(name, sk.linear_weight(name))
+                if name + ".weight" in stored:
+                    nonfinite_error(name, sk.linear_weight(name))
         notes = [n for n in (getattr(res.formats.get(s.format), "storage_note", lambda *a: None)(s, self.shapes[s.name])
                              for s in self.plan_.specs.values()) if n]
         if notes:
