@@ -247,7 +247,7 @@ def test_refine_auto_adds_globalptq_where_it_fits_and_skips_it_where_it_does_not
     d = rep["refine_choice"][names.index("globalptq")]
     assert d["run"] and d["predicted_peak_mb"] > 0 and d["predicted_seconds"] > 0
     assert "| predicted peak MB |" in (tmp_path / "fits" / "report.md").read_text()
-    rep = onecomp_core.quantize(tiny_llama, tmp_path / "late", refine="auto", time_budget="1s", options=OPTS, **KW)
+    rep = onecomp_core.quantize(tiny_llama, tmp_path / "late", refine="auto", time_budget=0.001, options=OPTS, **KW)
     rec = rep["refine"][-1]
     assert rec["name"] == "globalptq" and rec["skipped"] and not rec["kept"] and rep["summary"]["stage"] == "pivot"
     assert "onecomp: globalptq skipped: needs ~" in capsys.readouterr().err
