@@ -291,21 +291,26 @@ class Runner:
         the largest input statistics (H, and C when paired)."""
         sk = self.sk
         width = torch.finfo(sk.dtype).bits // 8
-        block = max(sum(sk.weights.numel(k) for k in sk.weights.keys() if k.startswith(sk.block_prefix(i) + "."))
-                    for i in range(len(sk.blocks)))
+        block = self.largest_block_params()
         stream = self.ids.numel() * int(getattr(sk.config, "hidden_size", 0)) * width
         widest = max(s[1] for s in self.shapes.values())
         stats = widest * widest * 4 * (2 if {"cross", "residual"} & self.needs else 1)
         return int(rss_mb() * 2**20 + 3 * block * width + 2 * stream + stats)
 
+    def largest_block_params(self) -> int:
+        """Parameters of the largest block (read once from the checkpoint's index)."""
+        if not hasattr(self, "_largest_block"):
+            sk = self.sk
+            self._largest_block = max(sum(sk.weights.numel(k) for k in sk.weights.keys()
+                                          if k.startswith(sk.block_prefix(i) + ".")) for i in range(len(sk.blocks)))
+        return self._largest_block
+
     def estimate_context(self) -> EstimateContext:
         sk, cal = self.sk, self.run_cfg.calibration
         sizes = [[n for n in self.plan_.specs if n.startswith(sk.block_prefix(i) + ".")] for i in range(len(sk.blocks))]
         weights = max(sum(self.shapes[n][0] * self.shapes[n][1] for n in ns) for ns in sizes)
-        params = max(sum(sk.weights.numel(k) for k in sk.weights.keys() if k.startswith(sk.block_prefix(i) + "."))
-                     for i in range(len(sk.blocks)))
         return EstimateContext(model_config=sk.config, num_blocks=len(sk.blocks), block_weights=weights,
-                               block_params=params, train_samples=cal.num_samples, seq_len=cal.seq_len,
+                               block_params=self.largest_block_params(), train_samples=cal.num_samples, seq_len=cal.seq_len,
                                device=self.device, time_block_step=self.time_block_step)
 
     def time_block_step(self) -> float:

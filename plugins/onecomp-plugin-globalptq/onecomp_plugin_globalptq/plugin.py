@@ -74,7 +74,7 @@ class GlobalPTQ(ModelRefiner):
         quant = sum(math.prod(qt.shape) for qt in qts.values())
         del qts
         width = 4 if o.dtype == "float32" else 2
-        total = int(getattr(cfg, "num_parameters", 0) or 0) or self._param_count(mctx)
+        total = sum(p.numel() for p in mctx.load_reference().parameters())
         layers, hidden = int(cfg.num_hidden_layers), int(cfg.hidden_size)
         inter = int(getattr(cfg, "intermediate_size", 4 * hidden) or 4 * hidden)
         heads, vocab = int(getattr(cfg, "num_attention_heads", 1)), int(cfg.vocab_size)
@@ -84,10 +84,6 @@ class GlobalPTQ(ModelRefiner):
         memory = (rss_bytes() + (total - quant) * width + quant * (16 + (8 if o.train_codes else 0))
                   + acts + o.batch * seq * vocab * 4 * 6)
         return {"memory_bytes": int(memory), "seconds": self._probe_seconds(mctx)}
-
-    @staticmethod
-    def _param_count(mctx) -> int:
-        return sum(p.numel() for p in mctx.load_reference().parameters())
 
     def _probe_seconds(self, mctx) -> float:
         o = self.options
