@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from common import quantize_and_measure
+from pathlib import Path
+
+from common import quantize_and_measure, refine_and_measure
 
 SETTINGS = {
     "u4g128": ["--bits", "4", "--group-size", "128", "--projector", "gptq"],
@@ -22,6 +24,13 @@ SETTINGS = {
 }
 
 
+def _model_scope(refiners: list[str]) -> bool:
+    """Whether every named refiner runs on a whole checkpoint (so `onecomp refine` can run it)."""
+    from onecomp_core.plugins import load_plugins
+    reg = load_plugins().registry
+    return all(reg.get("refiner", n).scopes() == ("model",) for n in refiners)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--settings", default=",".join(SETTINGS))
@@ -29,16 +38,26 @@ def main():
     ap.add_argument("--option", action="append", default=[], help="extra --option for every run")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--quick", action="store_true", help="4,096 eval tokens instead of 16,384")
+    ap.add_argument("--work", type=Path, default=None,
+                    help="keep every run's checkpoint under this folder; a chain that extends the one before it "
+                         "by model refiners then refines a copy of that checkpoint (`onecomp refine`) instead of "
+                         "starting over")
     a = ap.parse_args()
     tokens = 4096 if a.quick else 16384
     extra = [f for o in a.option for f in ("--option", o)]
     chains = [[]] + [c.split("+") for c in a.chains.split(",") if c]
     rows, checks = [], {}
     for setting in a.settings.split(","):
-        prev = None
+        prev, prev_chain = None, None
         for chain in chains:
             flags = [*SETTINGS[setting], "--correction", "qep", *[f for r in chain for f in ("--refiner", r)], *extra]
-            r = quantize_and_measure(a.model, flags, tokens)
+            out = a.work / f"{setting}-{'+'.join(['pivot', *chain])}" if a.work else None
+            rest = chain[len(prev_chain):] if prev_chain is not None and chain[:len(prev_chain)] == prev_chain else None
+            if out is not None and rest and prev is not None and "error" not in prev and _model_scope(rest):
+                r = refine_and_measure(a.work / f"{setting}-{'+'.join(['pivot', *prev_chain])}", out, rest, tokens, extra)
+            else:
+                r = quantize_and_measure(a.model, flags, tokens, keep_out=out)
+            prev_chain = chain
             r.update({"setting": setting, "stages": ["pivot", *chain], "options": a.option})
             rows.append(r)
             print(json.dumps(r), flush=True)
