@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .errors import OnecompError
+from .hashing import files_digest, tokenizer_digest
 from .model_source import cache_root, looks_local, offline
 
 STRATEGIES = ("concat_chunk", "drop_head", "drop_rand")
@@ -179,12 +180,10 @@ def calibration_samples(source: str | None, tokenizer, num_samples: int, seq_len
 
 
 def _cache_key(src, tokenizer, *parts) -> str:
+    """The calibration cache key: the source by content (a file's or a saved dataset folder's
+    bytes; a hub dataset by name), the tokenizer by what it does, and the sampling settings."""
     h = hashlib.sha1()
-    p = Path(src)
-    if p.exists():
-        st = p.stat()
-        h.update(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
-    else:
-        h.update(src.encode())
-    h.update(f"{getattr(tokenizer, 'name_or_path', '')}:{len(tokenizer)}:{parts}".encode())
+    p = Path(src).expanduser()
+    h.update((files_digest([p]) if p.exists() else f"hub:{src}").encode())
+    h.update(f"{tokenizer_digest(tokenizer)}:{parts}".encode())
     return h.hexdigest()[:16]

@@ -11,9 +11,14 @@ META = "onecomp.json"
 
 def read_meta(folder: Path) -> dict:
     p = Path(folder) / META
+    if not Path(folder).is_dir():
+        raise OnecompError(f"checkpoint folder {folder} does not exist")
     if not p.is_file():
         raise OnecompError(f"{folder} is not an onecomp checkpoint (no {META}); quantize a model first")
-    return json.loads(p.read_text())
+    try:
+        return json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise OnecompError(f"{p} is not valid JSON: the checkpoint is damaged; quantize the model again") from None
 
 
 def load_quantized(folder, device: str = "auto", dtype: str = "auto", plugins=None):

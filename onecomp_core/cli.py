@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 
@@ -124,13 +125,17 @@ def cmd_eval(a) -> int:
     from transformers import AutoTokenizer
     from .checkpoint import load_quantized, read_meta
     from .calibration import bos_id
-    from .evaluate import evaluate, load_reference, text_tokens
+    from .evaluate import evaluate, load_reference, reference_log_probs, text_tokens
     read_meta(a.dir)
-    model = load_quantized(a.dir, a.device, a.dtype)
     tok = AutoTokenizer.from_pretrained(a.dir)
     ids = text_tokens(tok, a.text, a.max_tokens)
-    ref = load_reference(a.ref, a.device, a.dtype)[0] if a.ref else None
-    result = evaluate(model, ids, ref=ref, seq_len=a.seq_len, stride=a.stride, bos=bos_id(tok, a.bos))
+    bos = bos_id(tok, a.bos)
+    ref = None
+    if a.ref:      # the reference's pass first, then only what KL needs of it stays resident
+        ref = reference_log_probs(load_reference(a.ref, a.device, a.dtype)[0], ids, a.seq_len, a.stride, bos)
+        gc.collect()
+    model = load_quantized(a.dir, a.device, a.dtype)
+    result = evaluate(model, ids, ref=ref, seq_len=a.seq_len, stride=a.stride, bos=bos)
     if a.json:
         print(json.dumps(result))
     else:
@@ -161,8 +166,15 @@ def cmd_plugins(a) -> int:
 def cmd_config(a) -> int:
     from .plugins import load_plugins
     from .resolve import Resolved
+    from .config import read_file
+    given = a.model is not None or (a.config and "model" in read_file(a.config))
+    if not given:            # the config a run would get, before a model is chosen
+        a.model = ""
     run = _run_config(a)
     desc = Resolved(run, load_plugins()).describe()
+    if not given:
+        desc["model"] = None
+        print("# no model given: pass MODEL or set `model:` in the config to run this", file=sys.stderr)
     if a.json:
         print(json.dumps(desc, indent=2))
     else:
@@ -172,7 +184,7 @@ def cmd_config(a) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="onecomp", description="Quantize Hugging Face causal LMs to low-bit checkpoints.")
+    p = _Parser(prog="onecomp", description="Quantize Hugging Face causal LMs to low-bit checkpoints.")
     p.add_argument("--offline", action="store_true",
                    help="never reach the network (as HF_HUB_OFFLINE=1): a name that is not local is an error")
     sub = p.add_subparsers(dest="command", required=True)
@@ -193,11 +205,12 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("dir")
     e.add_argument("--text", required=True, help="text file to measure perplexity on")
     e.add_argument("--ref", help="full-precision model (folder, .gguf, hub id) for KL and its perplexity")
-    e.add_argument("--seq-len", type=int, default=512)
-    e.add_argument("--stride", type=int, default=None)
-    e.add_argument("--max-tokens", type=int, default=16384)
-    e.add_argument("--device", default="auto")
-    e.add_argument("--dtype", default="auto")
+    e.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    e.add_argument("--stride", type=int, default=None,
+                   help="tokens between window starts (default: seq-len, windows do not overlap)")
+    e.add_argument("--max-tokens", type=int, default=16384, help="evaluate the first N tokens of the text")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    e.add_argument("--dtype", default="auto", help="auto or a torch dtype name")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--bos", default="auto", choices=["auto", "yes", "no"],
                    help="start every window with the BOS token: auto, as the tokenizer does (default)")
@@ -214,8 +227,23 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as one line naming the flag and where help is, exit code 2."""
+
+    def error(self, message):
+        raise _UsageError(f"{message}; see `{self.prog} --help`")
+
+
+class _UsageError(Exception):
+    pass
+
+
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    try:
+        args = parser().parse_args(argv)
+    except _UsageError as exc:
+        print(f"onecomp: error: {exc}", file=sys.stderr)
+        return 2
     if getattr(args, "offline", False):
         import os
         os.environ["HF_HUB_OFFLINE"] = "1"          # transformers, datasets and huggingface_hub read it too

@@ -114,7 +114,11 @@ def _duration(inst, attr, value):
 def _size(inst, attr, value):
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, str)) or (isinstance(value, int) and value <= 0):
+    from .resources import parse_size
+    try:
+        if isinstance(value, bool) or not isinstance(value, (int, str)) or parse_size(value) <= 0:
+            raise OnecompError("")
+    except OnecompError:
         _fail(attr.name, f"must be a size such as 6GiB, 500MB or a positive number of bytes, got {value!r}")
 
 

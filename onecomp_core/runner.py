@@ -10,9 +10,10 @@ committed) are skipped.
 from __future__ import annotations
 
 import copy
+import gc
 import hashlib
-import os
 import json
+import os
 import shutil
 import sys
 import time
@@ -26,7 +27,8 @@ from .checkpoint import load_quantized, read_meta
 from .components import Transform
 from .contexts import EstimateContext, ExportContext, PlanContext, PreprocessContext
 from .errors import OnecompError
-from .evaluate import evaluate, load_reference, text_tokens
+from .evaluate import evaluate, load_reference, reference_log_probs, text_tokens
+from .hashing import weights_digest
 from .gather import input_diagonals, input_statistics
 from .block_pass import LayerwisePass
 from .model_source import resolve_model
@@ -46,7 +48,8 @@ NOT_FINGERPRINTED = ("out", "overwrite", "eval_text", "eval_tokens", "eval_seq_l
 
 
 def fingerprint(res: Resolved, folder: Path) -> str:
-    files = sorted((p.name, p.stat().st_size) for p in folder.glob("*.safetensors"))
+    """What a run computes: its resolved config and the source model's weights by content."""
+    files = weights_digest(folder)
     d = res.describe()
     for k in NOT_FINGERPRINTED:
         d.pop(k, None)
@@ -174,8 +177,9 @@ class Runner:
 
     def preflight(self) -> None:
         """Checks that need the model's shape but no data, before the long work: sequence
-        lengths against the model's positions, a writable output folder, and (uniform planner)
-        every module's spec against its format."""
+        lengths against the model's positions, a writable output folder, (uniform planner) the
+        whole plan against formats, projectors, exporters and refiners, and an explicit --max-memory against the
+        layer-wise pass's estimated need."""
         run, sk = self.run_cfg, self.sk
         positions = getattr(sk.config, "max_position_embeddings", None)
         lengths = [("--seq-len", run.calibration.seq_len)] + ([("eval_seq_len", run.eval_seq_len)] if run.eval_text else [])
@@ -189,8 +193,24 @@ class Runner:
             if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
                 raise OnecompError(f"cannot write the output folder {run.out}: {ancestor} is not a writable folder; "
                                    f"choose another --out")
-            if run.planner == "uniform":
-                uniform_specs(run, self.shapes, self.res.formats[run.format], sk.checkpoint_dtype)
+            if run.planner == "uniform":         # the plan is known already: check it whole now
+                self.check_specs(uniform_specs(run, self.shapes, self.res.formats[run.format],
+                                               sk.checkpoint_dtype).values())
+            if run.max_memory is not None:       # an explicit --max-memory the pivot cannot fit in
+                RefineChoice(run, (), self.device, time.time()).check_pivot(self.layerwise_need_bytes())
+
+    def check_specs(self, specs) -> None:
+        """Every module's spec against its format, its projector, the exporters and the refiners."""
+        res = self.res
+        for spec in specs:
+            fmt = res.formats.setdefault(spec.format, res.component("format", spec.format))
+            proj = res.projectors.setdefault(spec.projector, res.component("projector", spec.projector))
+            fmt.check(spec, self.shapes[spec.name])
+            proj.check(spec, fmt)
+            for e in res.exporters:
+                e.check(spec, fmt)
+            for r in res.refiners:
+                r.check(spec, fmt)
 
     def calibrate(self) -> None:
         cal = self.run_cfg.calibration
@@ -243,15 +263,7 @@ class Runner:
                           model_folder=self.folder, calibration_ids=self.ids, device=self.device, make=res.component,
                           model_config=sk.config, param_count=sum(sk.weights.numel(k) for k in sk.weights.keys()))
         self.plan_ = res.planner.plan(ctx)
-        for spec in self.plan_.specs.values():      # the whole plan is checked before any block is quantized
-            fmt = res.formats.setdefault(spec.format, res.component("format", spec.format))
-            proj = res.projectors.setdefault(spec.projector, res.component("projector", spec.projector))
-            fmt.check(spec, self.shapes[spec.name])
-            proj.check(spec, fmt)
-            for e in res.exporters:
-                e.check(spec, fmt)
-            for r in res.refiners:
-                r.check(spec, fmt)
+        self.check_specs(self.plan_.specs.values())   # the whole plan, before any block is quantized
         if not self.transforms:                      # under transforms the block pass checks each weight
             stored = set(sk.weights.keys())          # (so does it for weights stored fused, e.g. MoE experts)
             for name in self.plan_.specs:
@@ -262,9 +274,7 @@ class Runner:
         if notes:
             more = f" (and {len(notes) - 1} more modules)" if len(notes) > 1 else ""
             print(f"onecomp: note: {notes[0]}{more}", file=sys.stderr)
-        self.needs = {"gram"} if any(p.needs_hessian for p in res.projectors.values()) else set()
-        for c in res.refiners_of("layer"):
-            self.needs |= set(c.statistics)
+        self.needs = self.statistics_needed()
         few = few_tokens_warning(int(self.ids.numel()), max(s[1] for s in self.shapes.values())) \
             if "gram" in self.needs else None
         if few:
@@ -292,10 +302,20 @@ class Runner:
         sk = self.sk
         width = torch.finfo(sk.dtype).bits // 8
         block = self.largest_block_params()
-        stream = self.ids.numel() * int(getattr(sk.config, "hidden_size", 0)) * width
+        cal = self.run_cfg.calibration
+        stream = cal.num_samples * cal.seq_len * int(getattr(sk.config, "hidden_size", 0)) * width
         widest = max(s[1] for s in self.shapes.values())
-        stats = widest * widest * 4 * (2 if {"cross", "residual"} & self.needs else 1)
+        stats = widest * widest * 4 * (2 if {"cross", "residual"} & self.statistics_needed() else 1)
         return int(rss_mb() * 2**20 + 3 * block * width + 2 * stream + stats)
+
+    def statistics_needed(self) -> set:
+        """The input statistics the layer-wise pass gathers: H where a projector needs it, and
+        what the layer corrections ask for."""
+        res = self.res
+        needs = {"gram"} if any(p.needs_hessian for p in res.projectors.values()) else set()
+        for c in res.refiners_of("layer"):
+            needs |= set(c.statistics)
+        return needs
 
     def largest_block_params(self) -> int:
         """Parameters of the largest block (read once from the checkpoint's index)."""
@@ -419,8 +439,10 @@ class Runner:
     def evaluate(self) -> None:
         run = self.run_cfg
         self.peak_quantize = peak_rss_mb()
+        ref = reference_log_probs(load_reference(str(self.folder), run.device, run.dtype)[0], self.eval_ids,
+                                  seq_len=run.eval_seq_len, bos=self.bos)    # one model resident at a time
+        gc.collect()
         qmodel = load_quantized(self.final, run.device, run.dtype, self.res.plugins)
-        ref, _ = load_reference(str(self.folder), run.device, run.dtype)
         self.evaluation = evaluate(qmodel, self.eval_ids, ref=ref, seq_len=run.eval_seq_len, bos=self.bos)
 
     def finish(self, wall: float) -> dict:

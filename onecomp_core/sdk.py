@@ -20,6 +20,7 @@ from .formats.base import Format
 from .formats.trainable import TrainableLinear, TrainableView, smooth_round, smooth_sign, ste, stored_float
 from .formats.uniform import QuantLinear, UniformFormat, UniformTensor
 from .gather import STATISTICS
+from .hashing import file_digest, tensor_digest, weights_digest
 from .hessian import damp_hessian, inverse_cholesky_upper
 from .hookspecs import hookimpl
 from .model_source import cache_root
@@ -54,6 +55,8 @@ __all__ = [
     # helpers
     "find_adapter", "excluded", "scale_dtype_for", "damp_hessian", "inverse_cholesky_upper", "cache_root", "block_error",
     "run_block", "load_plugins", "quantized_tensors", "parse_size", "parse_duration", "cast_floats", "rss_bytes",
+    # content digests for the keys of a plugin's on-disk caches
+    "file_digest", "tensor_digest", "weights_digest",
     # mergeable statistics
     "Statistic", "OuterSum", "Gram", "Cross", "Residual", "Diag",
 ]

@@ -71,3 +71,33 @@ def test_too_few_calibration_tokens_for_a_hessian_are_flagged():
     assert few_tokens_warning(16384, 1536) is None
     msg = few_tokens_warning(4096, 1536)
     assert "4096 tokens" in msg and "1536" in msg and "--num-samples" in msg
+
+
+def test_cache_is_keyed_by_content_not_by_name_size_or_time(tmp_path, tok, monkeypatch):
+    """A calibration file rewritten with other text of the same size and modification time, or a
+    tokenizer that splits differently under the same name, gives new samples, not the cached ones."""
+    import os
+    from onecomp_core import hashing
+    monkeypatch.setenv("ONECOMP_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "c.txt"
+    f.write_text("alpha betas gamma delta " * 200)
+    a = calibration_samples(str(f), tok, 2, 32)
+    st = f.stat()
+    f.write_text("omega sigma kappa theta " * 200)          # same length, other words
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_size == st.st_size and f.stat().st_mtime_ns == st.st_mtime_ns
+    hashing.clear_memo()                                  # a new process would not remember the old digest
+    b = calibration_samples(str(f), tok, 2, 32)
+    assert not torch.equal(a, b)
+    assert len(list((tmp_path / "cache" / "calibration").glob("*.pt"))) == 2
+    assert torch.equal(calibration_samples(str(f), tok, 2, 32), b)   # and that one is now cached
+
+
+def test_digests_follow_content():
+    from onecomp_core.hashing import tensor_digest
+    x = torch.arange(6, dtype=torch.int64)
+    assert tensor_digest(x) == tensor_digest(x.clone())
+    assert tensor_digest(x) != tensor_digest(x.reshape(2, 3)) != tensor_digest(x.to(torch.int32))
+    y = x.clone()
+    y[3] = 7
+    assert tensor_digest(x) != tensor_digest(y)

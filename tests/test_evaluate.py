@@ -1,6 +1,9 @@
 import math
 
+import pytest
 import torch
+
+from onecomp_core.errors import OnecompError
 
 from onecomp_core.evaluate import _windows, evaluate
 
@@ -101,3 +104,52 @@ def test_calibration_and_evaluation_follow_a_tokenizer_that_adds_bos(tiny_llama,
                                 eval_text=str(text), config={"eval_seq_len": 64})
     n = len(tok(text.read_text(), add_special_tokens=False)["input_ids"])
     assert rep["evaluation"]["tokens"] == n                      # every token scored, BOS in front
+
+
+def _kl_both_resident(m, ref, ids, seq_len, bos=None):
+    """The mean KL with both models run on each window, the whole vocabulary at once."""
+    from onecomp_core.evaluate import _window_inputs
+    kl, n = 0.0, 0
+    with torch.no_grad():
+        for x, lo in _window_inputs(ids, seq_len, None, bos):
+            lp = torch.log_softmax(m(input_ids=x).logits[0, :-1][lo:].float(), -1)
+            rl = torch.log_softmax(ref(input_ids=x).logits[0, :-1][lo:].float(), -1)
+            kl += float((rl.exp() * (rl - lp)).sum())
+            n += lp.shape[0]
+    return kl / n
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_reference_measured_first_then_dropped_gives_the_same_kl(tiny_models, arch):
+    """The reference's pass alone (hidden states into its head, or the whole model where the head
+    alone does not give its logits: gemma2 caps them) then the evaluated model alone = both models
+    on every window; and a small row budget (many chunks) changes nothing."""
+    import gc
+    import weakref
+    from transformers import AutoModelForCausalLM
+    from onecomp_core import evaluate as ev
+    ref = AutoModelForCausalLM.from_pretrained(tiny_models(arch)).eval()
+    m = AutoModelForCausalLM.from_pretrained(tiny_models(arch)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.add_(torch.randn_like(p) * 0.02)
+    ids = torch.randint(3, 384, (200,))
+    want = _kl_both_resident(m, ref, ids, 64)
+    cache = ev.reference_log_probs(ref, ids, seq_len=64)
+    capped = getattr(ref.config, "final_logit_softcapping", None) is not None
+    assert (cache.model is ref) == capped and (len(cache.hidden) == 4) != capped
+    alive = weakref.ref(ref)
+    del ref
+    gc.collect()
+    assert (alive() is None) != capped                          # only the head (and hidden states) kept
+    r = ev.evaluate(m, ids, ref=cache, seq_len=64)
+    assert math.isclose(r["kl"], want, rel_tol=1e-4, abs_tol=1e-7) and r["kl"] > 1e-4
+    old = ev._row_chunks
+    ev._row_chunks = lambda n, v, budget_floats=1 << 23: old(n, v, budget_floats=v * 5)
+    try:
+        assert math.isclose(ev.evaluate(m, ids, ref=cache, seq_len=64)["kl"], want, rel_tol=1e-4)
+    finally:
+        ev._row_chunks = old
+    with pytest.raises(OnecompError, match="other windows"):
+        ev.evaluate(m, ids, ref=cache, seq_len=32)

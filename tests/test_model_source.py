@@ -64,3 +64,22 @@ def test_a_calibration_file_that_is_not_text_is_refused(tmp_path):
         read_documents(str(tmp_path / "latin.txt"))
     (tmp_path / "ok.txt").write_text("plain text\n\nanother paragraph", encoding="utf-8")
     assert read_documents(str(tmp_path / "ok.txt")) == ["plain text", "another paragraph"]
+
+
+def test_weights_digest_sees_a_rewrite_of_the_same_size_and_time(tmp_path):
+    """The resume fingerprint and AutoBit's cache key hash the weights' bytes: an in-place change
+    that keeps size and modification time is still seen."""
+    import os
+    import torch
+    from safetensors.torch import save_file
+    from onecomp_core import hashing
+    f = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(4, 4)}, str(f))
+    (tmp_path / "config.json").write_text("{}")
+    before = hashing.weights_digest(tmp_path)
+    st = f.stat()
+    save_file({"w": torch.ones(4, 4)}, str(f))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_size == st.st_size
+    hashing.clear_memo()
+    assert hashing.weights_digest(tmp_path) != before

@@ -12,7 +12,7 @@ import attrs
 import torch
 
 from onecomp_core.sdk import (LayerSpec, OnecompError, Plan, Planner, boolean, cache_root, excluded, hookimpl,
-                              in_range, one_of, scale_dtype_for)
+                              in_range, one_of, scale_dtype_for, tensor_digest, weights_digest)
 
 from .budget import fit_memory_budget_bits, parse_size
 from .errors import conditional_variances, output_curvature, row_errors, rtn_weight, total_error
@@ -205,7 +205,12 @@ class AutoBit(Planner):
         binary = any(c[0] == "bin" for n in names for c in allowed[n])
         proxy = self._binary_proxy(ctx) if binary else None
         gptq_order = self._gptq_order(ctx) if o.error == "conditional" else None
-        key = hashlib.sha1(json.dumps([str(ctx.model_folder), o.error, gptq_order, self.uses_curvature, o.curvature_samples, o.fisher,
+        # keyed by content: the model's weights, the calibration token ids and the preprocessors
+        # (with their options) that transform the weights before the candidates are measured
+        pre = [(n, ctx.run.component_options(n)) for n in ctx.run.preprocessors]
+        model = weights_digest(ctx.model_folder) if ctx.model_folder else None
+        calib = tensor_digest(ctx.calibration_ids) if ctx.calibration_ids is not None else None
+        key = hashlib.sha1(json.dumps([model, calib, pre, o.error, gptq_order, self.uses_curvature, o.curvature_samples, o.fisher,
                                        ctx.run.symmetric, sorted({_label(c) for n in names for c in allowed[n]}),
                                        ctx.run.calibration.__repr__(), o.binary_format if binary else None,
                                        repr(proxy.options) if proxy else None], default=str).encode()).hexdigest()[:16]
