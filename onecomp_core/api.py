@@ -45,8 +45,10 @@ def refine(folder, *, refiners, options=None, plugins=(), **fields) -> dict:
     res = Resolved(run, load_plugins(extra=list(plugins)))
     if not res.refiners:
         raise OnecompError("name at least one model refiner to run: --refiner NAME (e.g. globalptq)")
-    inner = [r.name for r in res.refiners if "model" not in type(r).scopes()]
+    inner = [r for r in res.refiners if "model" not in r.active_scopes()]
     if inner:
-        raise OnecompError(f"refiner {inner[0]!r} works inside the layer-wise pass, not on a finished checkpoint: "
-                           f"quantize again with --refiner {inner[0]}, or refine {folder} with a model refiner")
+        r = inner[0]
+        turn_on = (" (its model-scope pass is off with these options)" if "model" in type(r).scopes() else "")
+        raise OnecompError(f"refiner {r.name!r} works inside the layer-wise pass, not on a finished checkpoint"
+                           f"{turn_on}: quantize again with --refiner {r.name}, or refine {folder} with a model refiner")
     return Runner(res, refine_only=True).run()

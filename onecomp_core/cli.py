@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import sys
 
@@ -126,6 +125,7 @@ def cmd_eval(a) -> int:
     from .checkpoint import load_quantized, read_meta
     from .calibration import bos_id
     from .evaluate import evaluate, load_reference, reference_log_probs, text_tokens
+    from .resources import release_memory
     read_meta(a.dir)
     tok = AutoTokenizer.from_pretrained(a.dir)
     ids = text_tokens(tok, a.text, a.max_tokens)
@@ -133,7 +133,7 @@ def cmd_eval(a) -> int:
     ref = None
     if a.ref:      # the reference's pass first, then only what KL needs of it stays resident
         ref = reference_log_probs(load_reference(a.ref, a.device, a.dtype)[0], ids, a.seq_len, a.stride, bos)
-        gc.collect()
+        release_memory()
     model = load_quantized(a.dir, a.device, a.dtype)
     result = evaluate(model, ids, ref=ref, seq_len=a.seq_len, stride=a.stride, bos=bos)
     if a.json:

@@ -117,6 +117,12 @@ class Refiner(Component):
         :class:`~onecomp_core.contexts.ModelContext` it would get for model refiners."""
         return None
 
+    def active_scopes(self) -> tuple[str, ...]:
+        """The scopes this instance acts at with its options: its class's scopes by default; a
+        class of several scopes may drop one an option turns off (blockptq's model-scope window
+        pass runs only with ``windows=true``)."""
+        return type(self).scopes()
+
     @classmethod
     def scopes(cls) -> tuple[str, ...]:
         return tuple(s for s, base in (("layer", Correction), ("block", BlockRefiner), ("model", ModelRefiner))

@@ -77,7 +77,7 @@ class Resolved:
 
     def refiners_of(self, scope: str) -> list:
         """The refiners acting at ``scope`` (layer, block, model), in config order."""
-        return [r for r in self.refiners if scope in type(r).scopes()]
+        return [r for r in self.refiners if scope in r.active_scopes()]
 
     def describe(self) -> dict:
         d = self.run.to_dict()

@@ -48,3 +48,18 @@ def machine_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.get_device_properties(device).total_memory)
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def release_memory() -> None:
+    """Collect what was dropped and hand the C heap's free pages back to the system, so that
+    the resident size falls after a model is released (glibc otherwise keeps the freed pages of
+    the many mid-sized tensors a model is made of, and the next model is counted on top)."""
+    import ctypes
+    import gc
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):      # not glibc: nothing to hand back this way
+        pass

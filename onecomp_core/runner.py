@@ -10,7 +10,6 @@ committed) are skipped.
 from __future__ import annotations
 
 import copy
-import gc
 import hashlib
 import json
 import os
@@ -34,6 +33,7 @@ from .block_pass import LayerwisePass
 from .model_source import resolve_model
 from .refine_stage import SUFFIX as REFINE_SUFFIX, RefineStore, run_model_refiners
 from .fit import RefineChoice
+from .resources import release_memory
 from .report import markdown, peak_gpu_mb, peak_rss_mb, rss_mb
 from .planners import uniform_specs
 from .resolve import Resolved
@@ -439,9 +439,10 @@ class Runner:
     def evaluate(self) -> None:
         run = self.run_cfg
         self.peak_quantize = peak_rss_mb()
+        release_memory()
         ref = reference_log_probs(load_reference(str(self.folder), run.device, run.dtype)[0], self.eval_ids,
                                   seq_len=run.eval_seq_len, bos=self.bos)    # one model resident at a time
-        gc.collect()
+        release_memory()
         qmodel = load_quantized(self.final, run.device, run.dtype, self.res.plugins)
         self.evaluation = evaluate(qmodel, self.eval_ids, ref=ref, seq_len=run.eval_seq_len, bos=self.bos)
 

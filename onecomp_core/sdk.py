@@ -17,7 +17,8 @@ from .contexts import EstimateContext, ExportContext, LayerContext, ModelContext
 from .errors import OnecompError, UnknownNameError
 from .formats import grid
 from .formats.base import Format
-from .formats.trainable import TrainableLinear, TrainableView, smooth_round, smooth_sign, ste, stored_float
+from .formats.trainable import (TrainableLinear, TrainableView, attach_views, smooth_round, smooth_sign, ste,
+                                stored_float)
 from .formats.uniform import QuantLinear, UniformFormat, UniformTensor
 from .gather import STATISTICS
 from .hashing import file_digest, tensor_digest, weights_digest
@@ -32,6 +33,7 @@ from .projectors import GridOptions
 from .resources import parse_duration, parse_size
 from .schedules import geometric, warmup_cosine
 from .spec import LayerSpec, Plan
+from .store import atomic_torch_save
 from .stats import Cross, Diag, Gram, OuterSum, Residual, Statistic
 from .streams import block_error, cast_floats, run_block
 from .validators import boolean, in_range, one_of, positive
@@ -49,12 +51,14 @@ __all__ = [
     # the uniform format and its grid math, shared by grid projectors
     "grid", "UniformFormat", "UniformTensor", "QuantLinear", "GridOptions",
     # trainable views of stored tensors and their estimators
-    "TrainableView", "TrainableLinear", "ste", "stored_float", "smooth_round", "smooth_sign",
+    "TrainableView", "TrainableLinear", "attach_views", "ste", "stored_float", "smooth_round", "smooth_sign",
     # what refiners that train share: schedules, a progress bar
     "warmup_cosine", "geometric", "bar",
     # helpers
     "find_adapter", "excluded", "scale_dtype_for", "damp_hessian", "inverse_cholesky_upper", "cache_root", "block_error",
     "run_block", "load_plugins", "quantized_tensors", "parse_size", "parse_duration", "cast_floats", "rss_bytes",
+    # a resume state written whole or not at all
+    "atomic_torch_save",
     # content digests for the keys of a plugin's on-disk caches
     "file_digest", "tensor_digest", "weights_digest",
     # mergeable statistics

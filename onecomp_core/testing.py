@@ -21,9 +21,11 @@ COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_att
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "mixtral"]
 
 
-def configs():
+def configs(layers: int | None = None):
+    """arch -> a tiny config (``layers`` decoder blocks instead of 2)."""
     from transformers import (Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, MixtralConfig,
                               Phi3Config, Qwen2Config, Qwen3Config)
+    COMMON = {**globals()["COMMON"], **({"num_hidden_layers": layers} if layers else {})}
     return {
         "llama": LlamaConfig(**COMMON),
         "mistral": MistralConfig(**COMMON, sliding_window=32),
@@ -50,12 +52,12 @@ def tokenizer(folder: Path):
     return fast
 
 
-def make_model(arch: str, folder: Path, dtype=torch.float32, seed: int = 0) -> Path:
-    """A tiny random model of ``arch`` (one of ``ARCHS``) saved into ``folder``."""
+def make_model(arch: str, folder: Path, dtype=torch.float32, seed: int = 0, layers: int | None = None) -> Path:
+    """A tiny random model of ``arch`` (one of ``ARCHS``; ``layers`` blocks, default 2) saved into ``folder``."""
     from transformers import AutoModelForCausalLM
     folder = Path(folder)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(configs()[arch], dtype=dtype)
+    model = AutoModelForCausalLM.from_config(configs(layers)[arch], dtype=dtype)
     with torch.no_grad():   # a little structure so that quantization errors are not all alike
         for name, p in model.named_parameters():
             if p.dim() == 2 and "embed" not in name:

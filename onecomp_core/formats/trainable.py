@@ -88,3 +88,19 @@ class TrainableLinear(torch.nn.Module):
     def forward(self, x):
         w = self.view.weight().to(x.dtype)
         return torch.nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+
+def attach_views(model: torch.nn.Module, qts: dict, plan, formats: dict) -> dict:
+    """Put a :class:`TrainableLinear` over the trainable view of each stored tensor in ``qts``
+    (module name -> quantized tensor, with its spec in ``plan``) in place of the model's
+    quantized module; -> {module name: view}. What model-scope refiners train through."""
+    views = {}
+    for name, qt in qts.items():
+        spec = plan[name]
+        view = formats[spec.format].trainable(qt, spec)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        bias = getattr(getattr(parent, child), "bias", None)
+        setattr(parent, child, TrainableLinear(view, None if bias is None else bias.detach().float()))
+        views[name] = view
+    return views

@@ -109,7 +109,8 @@ def reconstruct(block, views: dict, inputs, targets, kwargs, rows: list[int], *,
     steps_per_epoch = math.ceil(len(rows) / batch)
     total = epochs * steps_per_epoch
     g = torch.Generator().manual_seed(seed)
-    frozen = [(p, p.requires_grad) for p in block.parameters()]
+    training = {id(p) for grp in opt.param_groups for p in grp["params"]}   # views may already sit in the block
+    frozen = [(p, p.requires_grad) for p in block.parameters() if id(p) not in training]
     for p, _ in frozen:
         p.requires_grad_(False)
     originals = swap_in(block, views)

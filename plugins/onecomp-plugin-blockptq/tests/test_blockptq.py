@@ -17,9 +17,11 @@ from onecomp_plugin_blockptq.plugin import BlockPTQ
 KW = dict(bits=2, group_size=32, projector="rtn", num_samples=6, seq_len=32)
 
 
-def test_registered_at_block_scope():
+def test_registered_at_block_scope_and_at_model_scope_with_windows():
     assert load_plugins().registry.get("refiner", "blockptq") is BlockPTQ
-    assert BlockPTQ.scopes() == ("block",) and BlockPTQ.needs_trainable
+    assert BlockPTQ.scopes() == ("block", "model") and BlockPTQ.needs_trainable
+    assert BlockPTQ().active_scopes() == ("block",)
+    assert BlockPTQ(BlockPTQ.Options(windows=True)).active_scopes() == ("block", "model")
 
 
 def test_schedules():
@@ -227,3 +229,95 @@ def test_estimate_scales_with_the_options():
     assert a["memory_bytes"] > b["memory_bytes"] > 12_000 * 4                 # Adam moments of the codes
     assert b["seconds"] == pytest.approx(2 * a["seconds"])                   # twice the epochs
     assert a["seconds"] == pytest.approx(3 * 2 * 18 * 1.3 * 0.01)             # blocks x epochs x training samples
+
+
+WIN = {"blockptq": {"epochs": 1, "windows": True, "window_epochs": 2, "lr_codes": 2e-2}}
+
+
+def test_windows_pass_on_the_pivot_keeps_format_and_bits(tiny_models, tmp_path):
+    """Phase 2 runs as a model stage after the layer-wise pass: every window of two adjacent
+    blocks is trained and kept only if its held-out error falls; the checkpoint keeps its bits."""
+    from onecomp_plugin_blockptq.windows import refine_windows   # noqa: F401  (public module)
+    model = tiny_models("qwen3")
+    rep = onecomp_core.quantize(model, tmp_path / "w", refiners=["blockptq"], options=WIN, **KW)
+    stage = [r for r in rep["refine"] if r["name"] == "blockptq"]
+    assert len(stage) == 1 and stage[0]["after"] <= stage[0]["before"] or not stage[0]["kept"]
+    a = onecomp_core.quantize(model, tmp_path / "p", refiners=["blockptq"], options={"blockptq": {"epochs": 1}}, **KW)
+    assert rep["summary"]["bpw"] == a["summary"]["bpw"] and "refine" not in a or not a["refine"]
+    m = onecomp_core.load_quantized(tmp_path / "w")
+    with torch.no_grad():
+        assert torch.isfinite(m(torch.randint(3, 300, (1, 8))).logits).all()
+
+
+def _spec(name):
+    from onecomp_core.sdk import LayerSpec
+    return LayerSpec(name=name, format="uniform", projector="rtn", bits=KW["bits"], group_size=KW["group_size"],
+                     symmetric=False)
+
+
+def test_windows_roll_back_a_pair_that_gets_worse(tiny_llama):
+    """With a learning rate that can only hurt, every window is rolled back: the views end
+    exactly where they started."""
+    from onecomp_core.sdk import attach_views, quantized_tensors
+    from onecomp_plugin_blockptq.windows import capture, params_of, refine_windows
+    import tempfile
+    from pathlib import Path
+    with tempfile.TemporaryDirectory() as d:
+        onecomp_core.quantize(tiny_llama, Path(d) / "q", **KW)
+        student = onecomp_core.load_quantized(Path(d) / "q")
+        teacher = __import__("transformers").AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+        qts = quantized_tensors(Path(d) / "q", load_plugins().registry)
+    plan = {n: _spec(n) for n in qts}
+    views = attach_views(student, qts, plan, {"uniform": UniformFormat()})
+    before = [p.detach().clone() for p in params_of(views)]
+    blocks_s, blocks_t = student.model.layers, teacher.model.layers
+    bv = [{n[len(f"model.layers.{i}."):]: v for n, v in views.items() if n.startswith(f"model.layers.{i}.")}
+          for i in range(len(blocks_s))]
+    ids = torch.randint(3, 300, (4, 32))
+    x_fp, kw = capture(teacher, blocks_t, ids, "cpu")
+    x_q, _ = capture(student, blocks_s, ids, "cpu")
+    recs = refine_windows(blocks_t, blocks_s, bv, x_fp, x_q, kw, epochs=2, batch=1, lr={"scales": 0.9, "codes": 9.0},
+                          train={"codes": True}, beta=0.0, tau0=1.0, tau1=0.05, clip=0.0, heldout=0.25, seed=0)
+    assert [r["window"] for r in recs] == [[0, 1]]
+    for r in recs:
+        assert (r["heldout_after"] < r["heldout_before"]) == r["kept"]
+    if not recs[0]["kept"]:
+        assert all(torch.equal(a, b) for a, b in zip(before, params_of(views)))
+
+
+WINDOW_KILLER = textwrap.dedent("""
+    import os, signal
+    import onecomp_core
+    import onecomp_plugin_blockptq.windows as W
+
+    original = W.reconstruct
+    calls = []
+
+    def reconstruct_then_die(*a, **kw):
+        out = original(*a, **kw)
+        calls.append(1)
+        if len(calls) == 2:                     # the second window trained, its state not saved
+            os.kill(os.getpid(), signal.SIGKILL)
+        return out
+
+    W.reconstruct = reconstruct_then_die
+    onecomp_core.quantize({model!r}, {out!r}, refiners=["blockptq"], options={opts!r}, **{kw!r})
+""")
+
+
+def test_sigkill_during_the_windows_then_rerun_gives_the_same_bytes(tmp_path):
+    from onecomp_core.testing import make_model
+    model = make_model("qwen3", tmp_path / "four", layers=4)       # three windows
+    out = tmp_path / "killed"
+    kw = {**KW, "num_samples": 4}
+    opts = {"blockptq": {"epochs": 1, "windows": True, "window_epochs": 1}}
+    proc = subprocess.run([sys.executable, "-c", WINDOW_KILLER.format(model=str(model), out=str(out), kw=kw, opts=opts)],
+                          capture_output=True, text=True, env={**os.environ, "ONECOMP_PROGRESS": "0"})
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert (out / "onecomp.json").is_file()                       # the pivot is published
+    carry = torch.load(tmp_path / "killed.onecomp-refine" / "refiner-blockptq" / "carry.pt", weights_only=True)
+    assert carry["next"] == 1 and len(carry["records"]) == 1        # resumes at the second window
+    onecomp_core.quantize(model, out, refiners=["blockptq"], options=opts, **kw)
+    onecomp_core.quantize(model, tmp_path / "straight", refiners=["blockptq"], options=opts, **kw)
+    for f in sorted(p.name for p in (tmp_path / "straight").glob("*.safetensors")):
+        assert (out / f).read_bytes() == (tmp_path / "straight" / f).read_bytes(), f

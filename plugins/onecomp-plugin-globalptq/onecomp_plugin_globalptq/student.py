@@ -1,14 +1,13 @@
-"""The student: a loaded quantized model whose quantized modules are replaced by trainable views
-of their stored tensors, and the resumable per-epoch state of its training."""
+"""The student (a loaded quantized model whose quantized modules are replaced by trainable views
+of their stored tensors: ``sdk.attach_views``) and the resumable per-epoch state of its training."""
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import torch
 
-from onecomp_core.sdk import TrainableLinear
+from onecomp_core.sdk import atomic_torch_save, attach_views  # noqa: F401  (attach_views re-exported)
 
 _BLOCK = re.compile(r"\.(\d+)\.")
 
@@ -19,30 +18,10 @@ def block_of(name: str) -> int:
     return int(m.group(1)) if m else -1
 
 
-def attach_views(model: torch.nn.Module, qts: dict, plan, formats: dict) -> dict:
-    """Put a TrainableLinear over each stored tensor in place of the model's quantized module;
-    -> {module name: view}."""
-    views = {}
-    for name, qt in qts.items():
-        spec = plan[name]
-        view = formats[spec.format].trainable(qt, spec)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        old = getattr(parent, child)
-        bias = getattr(old, "bias", None)
-        setattr(parent, child, TrainableLinear(view, None if bias is None else bias.detach().float()))
-        views[name] = view
-    return views
-
-
 def save_state(path: Path, state: dict) -> None:
     """Atomically: a killed save leaves the previous state (or none), never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_torch_save(path, state)
 
 
 def load_state(path: Path | None) -> dict | None:
