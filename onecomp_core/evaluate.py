@@ -111,9 +111,9 @@ class ReferenceLogProbs:
         finally:
             if hook is not None:
                 hook.remove()
-        if self.model is None:
-            self.weight = head.weight.detach()
-            self.bias = head.bias.detach() if head.bias is not None else None
+        if self.model is None:   # copies: a view would keep the whole model's (mapped) weights resident
+            self.weight = head.weight.detach().clone()
+            self.bias = head.bias.detach().clone() if head.bias is not None else None
 
     def share_head(self, model) -> None:
         """Use the evaluated model's output head where it holds the same weights (a head left in
@@ -147,6 +147,28 @@ def evaluate(model, ids: torch.Tensor, ref=None, seq_len: int = 512, stride: int
     every window is that token then seq_len - 1 tokens of text, and the first text token is scored
     too (predicted from the BOS alone)."""
     device = device or next(model.parameters()).device
+    with _dense_weights_dropped(model):
+        return _evaluate(model, ids, ref, seq_len, stride, device, bos)
+
+
+class _dense_weights_dropped:
+    """While evaluating, quantized modules that keep a dequantized copy of their weight between
+    calls (``keep_dense``) dequantize per call instead: a float copy of every weight would
+    cost as much memory as the full-precision model, for a few seconds of dequantization saved."""
+
+    def __init__(self, model):
+        self.mods = [m for m in model.modules() if getattr(m, "keep_dense", False) is True]
+
+    def __enter__(self):
+        for m in self.mods:
+            m.keep_dense = False
+
+    def __exit__(self, *exc):
+        for m in self.mods:
+            del m.keep_dense            # back to the class default
+
+
+def _evaluate(model, ids, ref, seq_len, stride, device, bos) -> dict:
     if ref is not None and not isinstance(ref, ReferenceLogProbs):
         ref = ReferenceLogProbs(ref, ids, seq_len, stride, bos)
     if ref is not None:

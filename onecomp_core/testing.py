@@ -114,3 +114,9 @@ def cli(argv: list[str]) -> int:
     """The ``onecomp`` command in-process (for plugin tests): its exit status."""
     from .cli import main
     return main(argv)
+
+
+def pytest_configure(config):
+    """Markers of onecomp's tests (a plugin's conftest imports this hook with its fixtures)."""
+    config.addinivalue_line("markers", "whole_suite: heavy (a SIGKILL and a re-run); runs in the whole suite, "
+                                       "not again in each distribution's isolated check (scripts/check_dists.sh)")

@@ -83,3 +83,30 @@ def test_weights_digest_sees_a_rewrite_of_the_same_size_and_time(tmp_path):
     assert f.stat().st_size == st.st_size
     hashing.clear_memo()
     assert hashing.weights_digest(tmp_path) != before
+
+
+def test_every_command_works_on_local_inputs_with_the_network_blocked(tiny_llama, tmp_path):
+    """HF_HUB_OFFLINE=1 and a proxy that leads nowhere: quantize, eval, plugins and config run on
+    local inputs; a mistyped local path gets the local error, not a network one."""
+    import os
+    import subprocess
+    import sys
+    dead = "http://10.255.255.1:9"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HTTP_PROXY": dead, "HTTPS_PROXY": dead, "ALL_PROXY": dead,
+           "ONECOMP_PROGRESS": "0", "ONECOMP_CACHE": str(tmp_path / "cache")}
+    text = tmp_path / "t.txt"
+    text.write_text("Some local text for calibration and evaluation. " * 200)
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "onecomp_core.cli", *args], capture_output=True, text=True,
+                              env=env, cwd=tmp_path, timeout=600)
+
+    q = cli("quantize", str(tiny_llama), "--projector", "rtn", "--num-samples", "2", "--seq-len", "32",
+            "--calibration", str(text), "--out", str(tmp_path / "q"))
+    assert q.returncode == 0, q.stderr[-1500:]
+    e = cli("eval", str(tmp_path / "q"), "--text", str(text), "--ref", str(tiny_llama), "--json", "--max-tokens", "256")
+    assert e.returncode == 0 and '"kl"' in e.stdout, e.stderr[-1500:]
+    assert cli("plugins").returncode == 0
+    assert cli("config", "--show", str(tiny_llama)).returncode == 0
+    bad = cli("quantize", "./modls/tiny", "--out", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "does not exist" in bad.stderr and bad.stderr.strip().count("\n") == 0

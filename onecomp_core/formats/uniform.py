@@ -51,6 +51,7 @@ class QuantLinear(torch.nn.Module):
     """
 
     onecomp_quantized = True
+    keep_dense = True                # inference: keep the dequantized weight between calls (False: memory first)
 
     def __init__(self, qt: UniformTensor, bias: torch.Tensor | None = None):
         super().__init__()
@@ -86,7 +87,8 @@ class QuantLinear(torch.nn.Module):
                              self.bits, self.group_size, self.symmetric)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() or self.code_latent is not None:
+        if torch.is_grad_enabled() or self.code_latent is not None or not self.keep_dense:
+            self._dense = None if not self.keep_dense else self._dense
             w = self.weight_dequantized().to(x.dtype)
         else:   # inference: dequantize once, again only if the scales or zeros changed in place
             key = (self.scale._version, self.zero._version, x.dtype, self.scale.device)

@@ -1,1 +1,1 @@
-from onecomp_core.testing import tiny_llama, tiny_models  # noqa: F401  (pytest fixtures)
+from onecomp_core.testing import pytest_configure, tiny_llama, tiny_models  # noqa: F401  (fixtures, markers)

@@ -160,6 +160,7 @@ KILLER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.whole_suite
 def test_sigkill_during_blockptq_then_rerun_gives_the_same_bytes(tiny_models, tmp_path):
     model = tiny_models("qwen3")
     out = tmp_path / "killed"
@@ -305,6 +306,7 @@ WINDOW_KILLER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.whole_suite
 def test_sigkill_during_the_windows_then_rerun_gives_the_same_bytes(tmp_path):
     from onecomp_core.testing import make_model
     model = make_model("qwen3", tmp_path / "four", layers=4)       # three windows

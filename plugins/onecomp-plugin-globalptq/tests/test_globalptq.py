@@ -221,6 +221,7 @@ onecomp_core.quantize(sys.argv[1], sys.argv[2], refiners=["globalptq"], options=
 """
 
 
+@pytest.mark.whole_suite
 def test_sigkill_during_globalptq_leaves_the_pivot_and_a_rerun_resumes(tiny_llama, tmp_path):
     import json
     import os
