@@ -153,3 +153,35 @@ def test_reference_measured_first_then_dropped_gives_the_same_kl(tiny_models, ar
         ev._row_chunks = old
     with pytest.raises(OnecompError, match="other windows"):
         ev.evaluate(m, ids, ref=cache, seq_len=32)
+
+
+def test_evaluation_keeps_no_dense_copy_of_the_quantized_weights(tiny_llama, tmp_path):
+    """While evaluating, quantized modules dequantize per call (no float copy of every weight
+    resident); afterwards they cache again, and the numbers are those of a caching forward."""
+    import onecomp_core
+    from onecomp_core.formats.uniform import QuantLinear
+    onecomp_core.quantize(tiny_llama, tmp_path / "q", projector="rtn", num_samples=2, seq_len=32)
+    m = onecomp_core.load_quantized(tmp_path / "q", "cpu")
+    mods = [x for x in m.modules() if isinstance(x, QuantLinear)]
+    ids = torch.randint(3, 384, (100,))
+    seen = []
+    real = mods[0].forward
+
+    def spy(x):
+        out = real(x)
+        seen.append(mods[0]._dense)
+        return out
+
+    mods[0].forward = spy
+    r = evaluate(m, ids, seq_len=64)
+    assert seen and all(d is None for d in seen)
+    assert all(x.keep_dense for x in mods) and "keep_dense" not in vars(mods[1])
+    with torch.no_grad():                        # a caching forward gives the same perplexity
+        nll, n = 0.0, 0
+        for b in (0, 64):
+            x = ids[b:b + 64][None]
+            lp = torch.log_softmax(m(input_ids=x).logits[0, :-1], -1)
+            nll -= float(lp.gather(1, x[0, 1:, None]).sum())
+            n += x.shape[1] - 1
+    assert mods[1]._dense is not None
+    assert math.isclose(r["ppl"], math.exp(nll / n), rel_tol=1e-5)
