@@ -45,8 +45,10 @@ def load_quantized(folder, device: str = "auto", dtype: str = "auto", plugins=No
         bias = sk.weights.get(bias_key) if bias_key in sk.weights else None
         mod = formats[fname].module(qt, bias).to(sk.device)
         setattr(parent, child, mod)
-    sk.fill(sk.model, "")
-    if getattr(sk.config, "tie_word_embeddings", False) and "lm_head" not in meta["modules"]:
+    tied = getattr(sk.config, "tie_word_embeddings", False) and "lm_head" not in meta["modules"]
+    head = next((n for n, m in sk.model.named_modules() if m is sk.model.get_output_embeddings()), None)
+    sk.fill(sk.model, "", skip=(head,) if tied and head else ())    # a tied head is not read twice
+    if tied:
         sk.model.tie_weights()
     sk.model.to(sk.dtype).eval()
     return sk.model

@@ -64,12 +64,59 @@ def _row_chunks(n: int, vocab: int, budget_floats: int = 1 << 23):
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
-def _nll(logits: torch.Tensor, tgt: torch.Tensor) -> float:
-    """Summed negative log-likelihood of ``tgt`` under ``logits`` [n, V], a chunk of rows at a time."""
+class _Logits:
+    """A causal LM's logits for the scored rows of a window, a chunk of rows at a time. Where
+    the model's logits are its linear output head applied to its base model's last hidden
+    states (checked on the first window against the full forward: no softcapping, scaling,
+    ...), the base model runs and the head is applied per chunk, so no [rows, vocabulary] tensor
+    is ever whole; otherwise the full forward's logits are sliced."""
+
+    def __init__(self, model):
+        self.model = model
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        base = getattr(model, getattr(model, "base_model_prefix", "") or "", None)
+        self.head = head if isinstance(head, torch.nn.Linear) and isinstance(base, torch.nn.Module) else None
+        self.base = base if self.head is not None else None
+        self.checked = self.head is None
+        self.device = next(model.parameters()).device
+
+    def _hidden(self, x, lo):
+        return self.base(input_ids=x, use_cache=False).last_hidden_state[0, :-1][lo:]
+
+    def _head_alone_gives_logits(self, x: torch.Tensor) -> bool:
+        """The model's logits of a short prefix against its head applied to its base model's
+        hidden states of the same prefix (no [rows, vocabulary] tensor of a whole window)."""
+        x = x[:, :64]
+        logits = self.model(input_ids=x).logits[0].float()
+        again = self.head(self._hidden(x, 0, drop_last=False)).float()
+        return again.shape == logits.shape and torch.allclose(again, logits, rtol=1e-5,
+                                                              atol=1e-5 * (1.0 + float(logits.abs().max())))
+
+    def _hidden(self, x, lo, drop_last: bool = True):
+        h = self.base(input_ids=x, use_cache=False).last_hidden_state[0]
+        return (h[:-1] if drop_last else h)[lo:]
+
+    def window(self, x: torch.Tensor, lo: int):
+        """-> (the head's input for the scored rows, or None where the head is not used alone;
+        rows -> float32 logits of those rows)."""
+        x = x.to(self.device)
+        if not self.checked:                      # once: does the head alone give the model's logits?
+            self.checked = True
+            if not self._head_alone_gives_logits(x):
+                self.head = self.base = None
+        if self.head is not None:
+            h = self._hidden(x, lo)
+            return h, lambda c: self.head(h[c]).float()
+        logits = self.model(input_ids=x).logits[0, :-1][lo:]
+        return None, lambda c: logits[c].float()
+
+
+def _nll(rows, n: int, vocab: int, tgt: torch.Tensor) -> float:
+    """Summed negative log-likelihood of ``tgt`` under the logits ``rows(chunk)``, by chunks."""
     total = 0.0
-    for c in _row_chunks(logits.shape[0], logits.shape[-1]):
-        lp = F.log_softmax(logits[c].float(), -1)
-        total += float(-lp.gather(1, tgt[c, None]).sum())
+    for c in _row_chunks(n, vocab):
+        lp = F.log_softmax(rows(c), -1)
+        total += float(-lp.gather(1, tgt[c, None].to(lp.device)).sum())
     return total
 
 
@@ -77,43 +124,28 @@ class ReferenceLogProbs:
     """What evaluation needs of the reference model, measured in one pass over the windows so that
     the reference need not stay resident while the evaluated model runs: its summed NLL, and per
     window the input of its output head (hidden states of the scored rows, kept on the CPU) with
-    the head's weight and bias, from which its log-probabilities are recomputed exactly, a chunk of
-    rows at a time. A model whose logits are not its head's output (it post-processes them, or has
-    no plain linear head) is kept whole instead (``model``), as both models were before."""
+    a copy of the head's weight and bias, from which its log-probabilities are recomputed
+    exactly, a chunk of rows at a time. A model whose logits are not its head's output (it
+    post-processes them, or has no plain linear head) is kept whole instead (``model``)."""
 
     def __init__(self, ref, ids: torch.Tensor, seq_len: int, stride: int | None, bos: int | None):
         self.key = (ids.numel(), int(ids.sum()), seq_len, stride, bos)
         self.nll, self.count, self.hidden = 0.0, 0, []
         self.weight = self.bias = self.model = None
-        head = ref.get_output_embeddings() if hasattr(ref, "get_output_embeddings") else None
-        if not isinstance(head, torch.nn.Linear):
-            self.model = ref
-        captured = []
-        hook = head.register_forward_hook(lambda m, inp, out: captured.append(inp[0])) if self.model is None else None
-        device = next(ref.parameters()).device
-        try:
-            for x, lo in _window_inputs(ids, seq_len, stride, bos):
-                captured.clear()
-                x = x.to(device)
-                logits = ref(input_ids=x).logits[0, :-1]
-                tgt = x[0, 1:][lo:]
-                self.nll += _nll(logits[lo:], tgt)
-                self.count += tgt.numel()
-                if self.model is not None:
-                    continue
-                ok = bool(captured) and captured[0].shape[1] == x.shape[1]
-                if ok and not self.hidden:   # the head alone gives the logits (no softcapping, scaling, ...)
-                    ok = torch.equal(head(captured[0])[0, :-1].float(), logits.float())
-                if not ok:
-                    self.model, self.hidden = ref, []
-                    continue
-                self.hidden.append(captured[0][0, :-1][lo:].detach().cpu())
-        finally:
-            if hook is not None:
-                hook.remove()
-        if self.model is None:   # copies: a view would keep the whole model's (mapped) weights resident
-            self.weight = head.weight.detach().clone()
-            self.bias = head.bias.detach().clone() if head.bias is not None else None
+        logits = _Logits(ref)
+        vocab = int(ref.config.vocab_size) if hasattr(ref, "config") else None
+        for x, lo in _window_inputs(ids, seq_len, stride, bos):
+            h, rows = logits.window(x, lo)
+            tgt = x[0, 1:][lo:]
+            self.nll += _nll(rows, tgt.numel(), vocab or rows(slice(0, 1)).shape[-1], tgt)
+            self.count += tgt.numel()
+            if h is not None:
+                self.hidden.append(h.detach().cpu())
+        if logits.head is None:
+            self.model, self.hidden = ref, []
+        else:      # copies: a view would keep the reference's whole (memory-mapped) weights resident
+            self.weight = logits.head.weight.detach().clone()
+            self.bias = logits.head.bias.detach().clone() if logits.head.bias is not None else None
 
     def share_head(self, model) -> None:
         """Use the evaluated model's output head where it holds the same weights (a head left in
@@ -176,23 +208,23 @@ def _evaluate(model, ids, ref, seq_len, stride, device, bos) -> dict:
             raise OnecompError("the reference's log-probabilities were measured on other windows than this "
                                "evaluation's: measure them with the same ids, seq_len, stride and bos")
         ref.share_head(model)
+    logits, full_ref = _Logits(model), _Logits(ref.model) if ref is not None and ref.model is not None else None
     nll, kl, count = 0.0, 0.0, 0
     for w, (x, lo) in enumerate(_window_inputs(ids, seq_len, stride, bos)):
-        x = x.to(device)
-        logits = model(input_ids=x).logits[0, :-1][lo:]
-        tgt = x[0, 1:][lo:]
-        full_ref = None
-        if ref is not None and ref.model is not None:
-            full_ref = ref.model(input_ids=x.to(next(ref.model.parameters()).device)).logits[0, :-1][lo:]
-        for c in _row_chunks(logits.shape[0], logits.shape[-1]):
-            logp = F.log_softmax(logits[c].float(), -1)
-            nll += float(-logp.gather(1, tgt[c, None]).sum())
+        _, rows = logits.window(x, lo)
+        tgt = x[0, 1:][lo:].to(device)
+        ref_rows = full_ref.window(x, lo)[1] if full_ref is not None else None
+        n = tgt.numel()
+        vocab = rows(slice(0, 1)).shape[-1]
+        for c in _row_chunks(n, vocab):
+            logp = F.log_softmax(rows(c), -1)
+            nll += float(-logp.gather(1, tgt[c, None].to(logp.device)).sum())
             if ref is None:
                 continue
-            rl = (F.log_softmax(full_ref[c].float(), -1).to(logp.device) if full_ref is not None
+            rl = (F.log_softmax(ref_rows(c), -1).to(logp.device) if ref_rows is not None
                   else ref.log_probs(w, c, logp.device))
             kl += float((rl.exp() * (rl - logp)).sum())       # KL(P_ref || P_model), summed over rows
-        count += tgt.numel()
+        count += n
     out = {"ppl": math.exp(nll / count), "tokens": count}
     if ref is not None:
         out.update({"ppl_ref": math.exp(ref.nll / ref.count), "kl": kl / count})

@@ -73,10 +73,12 @@ class Skeleton:
     def block_prefix(self, i: int) -> str:
         return f"{self.adapter.blocks_path()}.{i}"
 
-    def fill(self, module: nn.Module, prefix: str) -> nn.Module:
+    def fill(self, module: nn.Module, prefix: str, skip: tuple = ()) -> nn.Module:
         """Allocate ``module`` on the device and load its tensors from the checkpoint. Submodules
-        already holding real tensors (quantized layers built by a format) are left alone."""
+        already holding real tensors (quantized layers built by a format) are left alone, and so
+        are those named in ``skip`` (e.g. a head about to be tied to the embedding)."""
         done = [n for n, m in module.named_modules(prefix=prefix) if getattr(m, "onecomp_quantized", False)]
+        done += list(skip)
         with torch.no_grad():
             for name, sub in module.named_modules(prefix=prefix):
                 if any(name == d or name.startswith(d + ".") for d in done):
