@@ -59,6 +59,7 @@ def refine_and_measure(src: Path, out: Path, refiners: list[str], eval_tokens: i
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=out.parent, env=env)
     if proc.returncode != 0:
         return {"refiners": refiners, "error": proc.stderr.strip().splitlines()[-1:]}
+    log = [line for line in proc.stdout.splitlines() if line.startswith("[")]    # refiners' own lines
     rep = json.loads((out / "report.json").read_text())
     ref = rep["summary"]["source_folder"]
     proc = subprocess.run([sys.executable, "-m", "onecomp_core.cli", "eval", str(out), "--ref", ref,
@@ -72,4 +73,4 @@ def refine_and_measure(src: Path, out: Path, refiners: list[str], eval_tokens: i
             "ppl_fp": round(e["ppl_ref"], 3), "kl": round(e["kl"], 4),
             "wall_s": round(sum(st["seconds"] for st in stages), 1),
             "peak_rss_mb": max((st["peak_rss_mb"] for st in stages), default=None),
-            "stage_table": stages, "refine_choice": rep.get("refine_choice")}
+            "stage_table": stages, "refine_choice": rep.get("refine_choice"), "log": log}

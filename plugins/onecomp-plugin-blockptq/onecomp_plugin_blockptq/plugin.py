@@ -123,10 +123,11 @@ class BlockPTQ(BlockRefiner, ModelRefiner):
         teacher = mctx.load_reference()
         student = mctx.load()
         views = attach_views(student, mctx.quantized(), mctx.plan, mctx.formats)
-        for p in student.parameters():
-            p.requires_grad_(False)
+        for p in student.parameters():        # the views' parameters train (the optimizer asks
+            p.requires_grad_(False)           # requires_grad), nothing else of the student
         for p in params_of(views):
             p.data = p.data.float()
+            p.requires_grad_(True)
         path = find_adapter(student.config, load_plugins().registry).blocks_path()
         s_blocks, t_blocks = student.get_submodule(path), teacher.get_submodule(path)
         block_views = [{n[len(f"{path}.{i}."):]: v for n, v in views.items() if n.startswith(f"{path}.{i}.")}

@@ -235,14 +235,18 @@ def test_estimate_scales_with_the_options():
 WIN = {"blockptq": {"epochs": 1, "windows": True, "window_epochs": 2, "lr_codes": 2e-2}}
 
 
-def test_windows_pass_on_the_pivot_keeps_format_and_bits(tiny_models, tmp_path):
+def test_windows_pass_on_the_pivot_keeps_format_and_bits(tiny_models, tmp_path, capsys):
     """Phase 2 runs as a model stage after the layer-wise pass: every window of two adjacent
     blocks is trained and kept only if its held-out error falls; the checkpoint keeps its bits."""
     from onecomp_plugin_blockptq.windows import refine_windows   # noqa: F401  (public module)
     model = tiny_models("qwen3")
     rep = onecomp_core.quantize(model, tmp_path / "w", refiners=["blockptq"], options=WIN, **KW)
     stage = [r for r in rep["refine"] if r["name"] == "blockptq"]
-    assert len(stage) == 1 and stage[0]["after"] <= stage[0]["before"] or not stage[0]["kept"]
+    assert len(stage) == 1 and (stage[0]["after"] < stage[0]["before"]) == stage[0]["kept"]
+    import re
+    lines = re.findall(r"window 0-1: held-out (\S+) -> (\S+), (kept|rolled back)", capsys.readouterr().out)
+    assert len(lines) == 1 and lines[0][0] != lines[0][1]            # the window trained
+    assert (float(lines[0][1]) < float(lines[0][0])) == (lines[0][2] == "kept")
     a = onecomp_core.quantize(model, tmp_path / "p", refiners=["blockptq"], options={"blockptq": {"epochs": 1}}, **KW)
     assert rep["summary"]["bpw"] == a["summary"]["bpw"] and "refine" not in a or not a["refine"]
     m = onecomp_core.load_quantized(tmp_path / "w")
