@@ -439,6 +439,7 @@ class Runner:
     def evaluate(self) -> None:
         run = self.run_cfg
         self.peak_quantize = peak_rss_mb()
+        self.tokenizer = None                        # calibration is done: the ids are all it needed
         release_memory()
         ref = reference_log_probs(load_reference(str(self.folder), run.device, run.dtype)[0], self.eval_ids,
                                   seq_len=run.eval_seq_len, bos=self.bos)    # one model resident at a time
