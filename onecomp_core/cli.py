@@ -241,6 +241,10 @@ class _UsageError(Exception):
 
 
 def main(argv=None) -> int:
+    import os
+    # tokenizers' thread pool leaves per-thread heap arenas behind: ~200 MB of a 1.1 GB evaluation
+    # peak on SmolLM2 (measured); one long text tokenizes no slower without it
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         args = parser().parse_args(argv)
     except _UsageError as exc:
