@@ -98,7 +98,7 @@ class _Logits:
 
     def window(self, x: torch.Tensor, lo: int):
         """-> (the head's input for the scored rows, or None where the head is not used alone;
-        rows -> float32 logits of those rows)."""
+        rows -> float32 logits of those rows); sets ``vocab``, the logits' width."""
         x = x.to(self.device)
         if not self.checked:                      # once: does the head alone give the model's logits?
             self.checked = True
@@ -106,8 +106,10 @@ class _Logits:
                 self.head = self.base = None
         if self.head is not None:
             h = self._hidden(x, lo)
+            self.vocab = self.head.out_features
             return h, lambda c: self.head(h[c]).float()
         logits = self.model(input_ids=x).logits[0, :-1][lo:]
+        self.vocab = logits.shape[-1]
         return None, lambda c: logits[c].float()
 
 
@@ -133,11 +135,10 @@ class ReferenceLogProbs:
         self.nll, self.count, self.hidden = 0.0, 0, []
         self.weight = self.bias = self.model = None
         logits = _Logits(ref)
-        vocab = int(ref.config.vocab_size) if hasattr(ref, "config") else None
         for x, lo in _window_inputs(ids, seq_len, stride, bos):
             h, rows = logits.window(x, lo)
             tgt = x[0, 1:][lo:]
-            self.nll += _nll(rows, tgt.numel(), vocab or rows(slice(0, 1)).shape[-1], tgt)
+            self.nll += _nll(rows, tgt.numel(), logits.vocab, tgt)
             self.count += tgt.numel()
             if h is not None:
                 self.hidden.append(h.detach().cpu())
@@ -215,8 +216,7 @@ def _evaluate(model, ids, ref, seq_len, stride, device, bos) -> dict:
         tgt = x[0, 1:][lo:].to(device)
         ref_rows = full_ref.window(x, lo)[1] if full_ref is not None else None
         n = tgt.numel()
-        vocab = rows(slice(0, 1)).shape[-1]
-        for c in _row_chunks(n, vocab):
+        for c in _row_chunks(n, logits.vocab):
             logp = F.log_softmax(rows(c), -1)
             nll += float(-logp.gather(1, tgt[c, None].to(logp.device)).sum())
             if ref is None:
