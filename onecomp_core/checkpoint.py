@@ -24,6 +24,7 @@ def read_meta(folder: Path) -> dict:
 def load_quantized(folder, device: str = "auto", dtype: str = "auto", plugins=None):
     """A runnable transformers model from an onecomp output folder, whatever its format."""
     from .plugins import load_plugins
+    from .resources import release_memory
     from .skeleton import Skeleton, pick_device
     folder = Path(folder)
     if not folder.is_dir():
@@ -51,6 +52,7 @@ def load_quantized(folder, device: str = "auto", dtype: str = "auto", plugins=No
     if tied:
         sk.model.tie_weights()
     sk.model.to(sk.dtype).eval()
+    release_memory()                 # the heap pages of what loading unpacked and dropped
     return sk.model
 
 

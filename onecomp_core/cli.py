@@ -124,7 +124,8 @@ def cmd_eval(a) -> int:
     from transformers import AutoTokenizer
     from .checkpoint import load_quantized, read_meta
     from .calibration import bos_id
-    from .evaluate import evaluate, load_reference, reference_log_probs, text_tokens
+    from .evaluate import evaluate, text_tokens
+    from .reference_pass import measure_reference
     from .resources import release_memory
     read_meta(a.dir)
     tok = AutoTokenizer.from_pretrained(a.dir)
@@ -133,8 +134,8 @@ def cmd_eval(a) -> int:
     del tok                 # (~100 MB for a 49k vocabulary) not needed once the text is tokens
     release_memory()
     ref = None
-    if a.ref:      # the reference's pass first, then only what KL needs of it stays resident
-        ref = reference_log_probs(load_reference(a.ref, a.device, a.dtype)[0], ids, a.seq_len, a.stride, bos)
+    if a.ref:      # the reference's pass first (block by block), then only what KL needs of it stays resident
+        ref = measure_reference(a.ref, ids, a.seq_len, a.stride, bos, a.device, a.dtype)
         release_memory()
     model = load_quantized(a.dir, a.device, a.dtype)
     result = evaluate(model, ids, ref=ref, seq_len=a.seq_len, stride=a.stride, bos=bos)

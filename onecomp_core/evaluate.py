@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from .errors import OnecompError
+from .hashing import tensor_digest
+from .resources import release_memory
 
 
 def text_tokens(tokenizer, path, max_tokens: int | None = None) -> torch.Tensor:
@@ -64,6 +66,14 @@ def _row_chunks(n: int, vocab: int, budget_floats: int = 1 << 23):
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
+def head_alone_gives_logits(logits: torch.Tensor, head_output: torch.Tensor) -> bool:
+    """Whether a model's logits are its output head's output as is (no softcapping, scaling, ...),
+    from both computed on the same short input."""
+    logits, again = logits.float(), head_output.float()
+    return again.shape == logits.shape and torch.allclose(again, logits, rtol=1e-5,
+                                                          atol=1e-5 * (1.0 + float(logits.abs().max())))
+
+
 class _Logits:
     """A causal LM's logits for the scored rows of a window, a chunk of rows at a time. Where
     the model's logits are its linear output head applied to its base model's last hidden
@@ -87,10 +97,8 @@ class _Logits:
         """The model's logits of a short prefix against its head applied to its base model's
         hidden states of the same prefix (no [rows, vocabulary] tensor of a whole window)."""
         x = x[:, :64]
-        logits = self.model(input_ids=x).logits[0].float()
-        again = self.head(self._hidden(x, 0, drop_last=False)).float()
-        return again.shape == logits.shape and torch.allclose(again, logits, rtol=1e-5,
-                                                              atol=1e-5 * (1.0 + float(logits.abs().max())))
+        return head_alone_gives_logits(self.model(input_ids=x).logits[0],
+                                       self.head(self._hidden(x, 0, drop_last=False)))
 
     def _hidden(self, x, lo, drop_last: bool = True):
         h = self.base(input_ids=x, use_cache=False).last_hidden_state[0]
@@ -122,31 +130,54 @@ def _nll(rows, n: int, vocab: int, tgt: torch.Tensor) -> float:
     return total
 
 
+def windows_key(ids: torch.Tensor, seq_len: int, stride: int | None, bos: int | None) -> tuple:
+    """What identifies the evaluation windows: the ids' digest and the windowing."""
+    return tensor_digest(ids), seq_len, stride, bos
+
+
 class ReferenceLogProbs:
     """What evaluation needs of the reference model, measured in one pass over the windows so that
     the reference need not stay resident while the evaluated model runs: its summed NLL, and per
     window the input of its output head (hidden states of the scored rows, kept on the CPU) with
     a copy of the head's weight and bias, from which its log-probabilities are recomputed
     exactly, a chunk of rows at a time. A model whose logits are not its head's output (it
-    post-processes them, or has no plain linear head) is kept whole instead (``model``)."""
+    post-processes them, or has no plain linear head) is kept whole instead (``model``).
+    Filled by :meth:`of_model` (the model in memory) or ``reference_pass.measure_reference``
+    (the checkpoint one block at a time)."""
 
-    def __init__(self, ref, ids: torch.Tensor, seq_len: int, stride: int | None, bos: int | None):
-        self.key = (ids.numel(), int(ids.sum()), seq_len, stride, bos)
+    def __init__(self, ids: torch.Tensor, seq_len: int, stride: int | None, bos: int | None):
+        self.key = windows_key(ids, seq_len, stride, bos)
         self.nll, self.count, self.hidden = 0.0, 0, []
         self.weight = self.bias = self.model = None
+
+    def add_window(self, rows, vocab: int, tgt: torch.Tensor, hidden: torch.Tensor | None) -> None:
+        """One window: the logits of its scored rows by chunks, their targets, the head's input."""
+        self.nll += _nll(rows, tgt.numel(), vocab, tgt)
+        self.count += tgt.numel()
+        if hidden is not None:
+            self.hidden.append(hidden.detach().cpu())
+
+    def keep_head(self, head: torch.nn.Linear, copy: bool = True) -> None:
+        """The head's weight and bias; copies where the model's tensors may be views of its
+        memory-mapped file (a view would keep the whole file resident)."""
+        keep = (lambda t: t.detach().clone()) if copy else (lambda t: t.detach())
+        self.weight = keep(head.weight)
+        self.bias = keep(head.bias) if head.bias is not None else None
+
+    @classmethod
+    @torch.no_grad()
+    def of_model(cls, ref, ids: torch.Tensor, seq_len: int, stride: int | None, bos: int | None):
+        """The pass of a reference model held in memory."""
+        self = cls(ids, seq_len, stride, bos)
         logits = _Logits(ref)
         for x, lo in _window_inputs(ids, seq_len, stride, bos):
             h, rows = logits.window(x, lo)
-            tgt = x[0, 1:][lo:]
-            self.nll += _nll(rows, tgt.numel(), logits.vocab, tgt)
-            self.count += tgt.numel()
-            if h is not None:
-                self.hidden.append(h.detach().cpu())
+            self.add_window(rows, logits.vocab, x[0, 1:][lo:], h)
         if logits.head is None:
             self.model, self.hidden = ref, []
-        else:      # copies: a view would keep the reference's whole (memory-mapped) weights resident
-            self.weight = logits.head.weight.detach().clone()
-            self.bias = logits.head.bias.detach().clone() if logits.head.bias is not None else None
+        else:
+            self.keep_head(logits.head)
+        return self
 
     def share_head(self, model) -> None:
         """Use the evaluated model's output head where it holds the same weights (a head left in
@@ -169,7 +200,7 @@ def reference_log_probs(ref, ids: torch.Tensor, seq_len: int = 512, stride: int 
                         bos: int | None = None) -> ReferenceLogProbs:
     """One pass of the reference model over the evaluation windows (see ReferenceLogProbs): the
     caller may then drop the reference and load the model to evaluate."""
-    return ReferenceLogProbs(ref, ids, seq_len, stride, bos)
+    return ReferenceLogProbs.of_model(ref, ids, seq_len, stride, bos)
 
 
 @torch.no_grad()
@@ -203,9 +234,9 @@ class _dense_weights_dropped:
 
 def _evaluate(model, ids, ref, seq_len, stride, device, bos) -> dict:
     if ref is not None and not isinstance(ref, ReferenceLogProbs):
-        ref = ReferenceLogProbs(ref, ids, seq_len, stride, bos)
+        ref = ReferenceLogProbs.of_model(ref, ids, seq_len, stride, bos)
     if ref is not None:
-        if ref.key != (ids.numel(), int(ids.sum()), seq_len, stride, bos):
+        if ref.key != windows_key(ids, seq_len, stride, bos):
             raise OnecompError("the reference's log-probabilities were measured on other windows than this "
                                "evaluation's: measure them with the same ids, seq_len, stride and bos")
         ref.share_head(model)
@@ -225,6 +256,7 @@ def _evaluate(model, ids, ref, seq_len, stride, device, bos) -> dict:
                   else ref.log_probs(w, c, logp.device))
             kl += float((rl.exp() * (rl - logp)).sum())       # KL(P_ref || P_model), summed over rows
         count += n
+        release_memory()        # per-call dequantization's freed pages would otherwise pile up in the heap
     out = {"ppl": math.exp(nll / count), "tokens": count}
     if ref is not None:
         out.update({"ppl_ref": math.exp(ref.nll / ref.count), "kl": kl / count})

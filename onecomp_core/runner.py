@@ -26,13 +26,14 @@ from .checkpoint import load_quantized, read_meta
 from .components import Transform
 from .contexts import EstimateContext, ExportContext, PlanContext, PreprocessContext
 from .errors import OnecompError
-from .evaluate import evaluate, load_reference, reference_log_probs, text_tokens
+from .evaluate import evaluate, load_reference, text_tokens
 from .hashing import weights_digest
 from .gather import input_diagonals, input_statistics
 from .block_pass import LayerwisePass
 from .model_source import resolve_model
 from .refine_stage import SUFFIX as REFINE_SUFFIX, RefineStore, run_model_refiners
 from .fit import RefineChoice
+from .reference_pass import measure_reference
 from .resources import release_memory
 from .report import markdown, peak_gpu_mb, peak_rss_mb, rss_mb
 from .planners import uniform_specs
@@ -441,8 +442,8 @@ class Runner:
         self.peak_quantize = peak_rss_mb()
         self.tokenizer = None                        # calibration is done: the ids are all it needed
         release_memory()
-        ref = reference_log_probs(load_reference(str(self.folder), run.device, run.dtype)[0], self.eval_ids,
-                                  seq_len=run.eval_seq_len, bos=self.bos)    # one model resident at a time
+        ref = measure_reference(str(self.folder), self.eval_ids, seq_len=run.eval_seq_len, bos=self.bos,
+                                device=run.device, dtype=run.dtype, plugins=self.res.plugins)   # block by block
         release_memory()
         qmodel = load_quantized(self.final, run.device, run.dtype, self.res.plugins)
         self.evaluation = evaluate(qmodel, self.eval_ids, ref=ref, seq_len=run.eval_seq_len, bos=self.bos)

@@ -93,20 +93,29 @@ class Skeleton:
                     if "." in pname:
                         continue
                     full = f"{name}.{pname}" if name else pname
-                    src = self._read(full)
-                    if src.shape != t.shape:
-                        raise OnecompError(f"checkpoint tensor for {full} has shape {tuple(src.shape)}, "
+                    key = self._key(full)
+                    shape = self.weights.shape_of(key)
+                    if shape != tuple(t.shape):
+                        raise OnecompError(f"checkpoint tensor for {full} has shape {shape}, "
                                            f"the model expects {tuple(t.shape)}")
-                    t.data.copy_(src.to(t.dtype))
+                    if t.device.type == "cpu" and t.is_contiguous() and self.weights.dtype_of(key) == t.dtype:
+                        self.weights.read_into(key, t.data)       # straight into place: no second copy
+                    else:
+                        t.data.copy_(self.weights.get(key).to(t.dtype))
         return module
 
-    def _read(self, key: str) -> torch.Tensor:
+    def _key(self, key: str) -> str:
+        """The checkpoint's name for the model's tensor ``key``."""
         for k in self.adapter.checkpoint_keys(key):
             if k in self.weights:
-                return self.weights.get(k)
-        if key.endswith("lm_head.weight") and getattr(self.config, "tie_word_embeddings", False):
-            return self.weights.get(self.embed_key)
-        return self.weights.get(key)   # raises the "missing tensor" error
+                return k
+        if key.endswith("lm_head.weight") and getattr(self.config, "tie_word_embeddings", False) \
+                and key not in self.weights:
+            return self.embed_key
+        return key                      # reading it raises the "missing tensor" error
+
+    def _read(self, key: str) -> torch.Tensor:
+        return self.weights.get(self._key(key))
 
     def block(self, i: int) -> nn.Module:
         """Block ``i`` loaded from the checkpoint, with the transforms applied in order."""

@@ -6,13 +6,24 @@ import torch
 import torch.nn as nn
 
 
-class _Recorder(nn.Module):
-    def __init__(self, index: int, sink: dict, original: nn.Module):
+class _StandIn(nn.Module):
+    """Takes a decoder block's place in the model's outer forward (embeddings, rotary, masks,
+    final norm), keeping the attributes that forward reads of its blocks."""
+
+    def __init__(self, original: nn.Module):
         super().__init__()
-        self.index, self.sink = index, sink
         for attr in ("attention_type", "is_sliding", "sliding_window"):
             if hasattr(original, attr):
                 setattr(self, attr, getattr(original, attr))
+
+
+class _Recorder(_StandIn):
+    """Records the call arguments of block ``index`` (and the hidden states entering block 0)
+    and passes its input on."""
+
+    def __init__(self, index: int, sink: dict, original: nn.Module):
+        super().__init__(original)
+        self.index, self.sink = index, sink
 
     def forward(self, hidden_states, *args, **kwargs):
         self.sink.setdefault("kwargs", {}).setdefault(self.index, kwargs)
@@ -21,25 +32,54 @@ class _Recorder(nn.Module):
         return hidden_states
 
 
+class _Replay(_StandIn):
+    """Returns ``self.output`` (hidden states computed block by block elsewhere) in place of
+    its input when set, its input otherwise."""
+
+    output: torch.Tensor | None = None
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states if self.output is None else self.output
+
+
+class blocks_replaced:
+    """``with blocks_replaced(sk, make) as stand_ins``: every block of the skeleton replaced by
+    ``make(index, original)`` for the duration, the originals put back on exit."""
+
+    def __init__(self, sk, make):
+        self.sk, self.make = sk, make
+
+    def __enter__(self) -> list[nn.Module]:
+        self.originals = [self.sk.blocks[i] for i in range(len(self.sk.blocks))]
+        for i, blk in enumerate(self.originals):
+            self.sk.blocks[i] = self.make(i, blk)
+        return [self.sk.blocks[i] for i in range(len(self.originals))]
+
+    def __exit__(self, *exc):
+        for i, blk in enumerate(self.originals):
+            self.sk.blocks[i] = blk
+
+
+def replaying(sk) -> blocks_replaced:
+    """Blocks replaced by :class:`_Replay` stand-ins: the outer forward with given final hidden
+    states (set ``stand_ins[0].output``), or with no block at all."""
+    return blocks_replaced(sk, lambda i, blk: _Replay(blk))
+
+
 def capture(sk, ids: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
     """-> (block-0 inputs (N, L, d), the keyword arguments every block is called with)."""
     sk.fill_outer()
     base = getattr(sk.model, sk.model.base_model_prefix)
-    originals = [sk.blocks[i] for i in range(len(sk.blocks))]
     sink: dict = {}
     try:
-        for i, blk in enumerate(originals):
-            sk.blocks[i] = _Recorder(i, sink, blk)
-        with torch.no_grad():
+        with blocks_replaced(sk, lambda i, blk: _Recorder(i, sink, blk)), torch.no_grad():
             for row in ids:
                 base(input_ids=row[None].to(sk.device), use_cache=False)
     finally:
-        for i, blk in enumerate(originals):
-            sk.blocks[i] = blk
         for name, mod in sk.outer_modules():
             mod.to("meta")
     kwargs = []
-    for i in range(len(originals)):
+    for i in range(len(sk.blocks)):
         kw = {k: v for k, v in sink["kwargs"][i].items() if k not in ("past_key_values", "past_key_value")}
         kw["use_cache"] = False
         kwargs.append(kw)

@@ -6,6 +6,7 @@ import torch
 from onecomp_core.errors import OnecompError
 
 from onecomp_core.evaluate import _windows, evaluate
+from onecomp_core.testing import ARCHS
 
 
 def test_windows_score_every_token_once():
@@ -187,3 +188,37 @@ def test_evaluation_keeps_no_dense_copy_of_the_quantized_weights(tiny_llama, tmp
             n += x.shape[1] - 1
     assert mods[1]._dense is not None
     assert math.isclose(r["ppl"], math.exp(nll / n), rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_reference_block_by_block_equals_the_model_whole(tiny_models, arch, monkeypatch):
+    """The streamed reference pass (one block resident at a time; windows of two lengths; strided
+    and BOS windows) measures what the model held whole does; gemma2's capped logits send it to
+    the whole model."""
+    from transformers import AutoModelForCausalLM
+    from onecomp_core import evaluate as ev
+    from onecomp_core.reference_pass import measure_reference
+    from onecomp_core.skeleton import Skeleton
+    real_block, resident = Skeleton.block, []
+
+    def block(sk, i):
+        resident.append(sum(any(not p.is_meta for p in b.parameters()) for b in sk.blocks))
+        return real_block(sk, i)
+
+    monkeypatch.setattr(Skeleton, "block", block)
+    folder = tiny_models(arch)
+    ref = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = torch.randint(3, 384, (200,))
+    capped = getattr(ref.config, "final_logit_softcapping", None) is not None
+    for stride, bos in [(None, None), (40, 1)]:
+        whole = ev.reference_log_probs(ref, ids, seq_len=64, stride=stride, bos=bos)
+        resident.clear()
+        got = measure_reference(str(folder), ids, seq_len=64, stride=stride, bos=bos, device="cpu")
+        assert resident and max(resident) == 0                  # every other block on meta when one loads
+        assert got.key == whole.key and got.count == whole.count
+        assert math.isclose(got.nll, whole.nll, rel_tol=1e-5)
+        assert (got.model is not None) == capped == (whole.model is not None)
+        if not capped:
+            assert torch.equal(got.weight, whole.weight) and len(got.hidden) == len(whole.hidden) >= 4
+            for a, b in zip(got.hidden, whole.hidden):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
