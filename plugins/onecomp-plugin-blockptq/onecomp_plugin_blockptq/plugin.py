@@ -1,7 +1,6 @@
 """Plugin glue: the ``blockptq`` block refiner (block-wise PTQ through trainable views)."""
 from __future__ import annotations
 
-import math
 import time
 
 import attrs
@@ -57,8 +56,8 @@ class BlockPTQ(BlockRefiner, ModelRefiner):
         """Phase 2's predicted peak: what is resident now (the teacher is loaded by then) + the
         student and, per quantized weight, its view (latent, materialised weight, estimator
         tensors, Adam moments: ~32 B) + two blocks' activations per step. Time: unknown."""
-        weights = sum(math.prod(getattr(qt, "shape", (0,))) for qt in mctx.quantized().values())
         teacher = mctx.load_reference()
+        weights = sum(teacher.get_submodule(name).weight.numel() for name in mctx.plan.specs)  # the plan's modules
         params = sum(p.numel() for p in teacher.parameters())
         cfg = teacher.config
         hidden = int(getattr(cfg, "hidden_size", 0))
