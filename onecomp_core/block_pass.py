@@ -18,6 +18,7 @@ import torch
 from .contexts import LayerContext
 from .gather import gather_group
 from .report import rss_mb
+from .skeleton import as_stored
 from .streams import block_error, run_block
 
 
@@ -198,7 +199,7 @@ class LayerwisePass:
 
     def _block_tensors(self, block, prefix, qts) -> dict:
         """The block as saved: quantized linears in their format's layout, the rest as is."""
-        dtype = self.sk.checkpoint_dtype
+        dtype = self.sk.store_dtype
         out = {}
         for name, qt in qts.items():
             spec = self.plan[name]
@@ -208,5 +209,5 @@ class LayerwisePass:
             owner = full.rsplit(".", 1)[0]
             if owner in qts and full.endswith(".weight"):
                 continue
-            out[full] = t.to(dtype) if t.is_floating_point() else t
+            out[full] = as_stored(t, dtype)
         return out

@@ -50,6 +50,9 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
                    help="a component option, e.g. gptq.damp=0.02 (value parsed as JSON when it can be)")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", help="auto or a torch dtype name")
+    p.add_argument("--store-dtype", choices=["auto", "float16", "bfloat16", "float32"],
+                   help="dtype of the tensors left unquantized (embeddings, norms, scales) in the checkpoint: "
+                        "auto keeps a 16-bit source's and writes float16 for a float32 source (default)")
     p.add_argument("--eval-text", help="after quantizing, measure perplexity and KL on this text")
     p.add_argument("--bos", choices=["auto", "yes", "no"],
                    help="calibration and evaluation sequences start with BOS: auto, as the tokenizer does (default)")
@@ -89,7 +92,8 @@ def _run_config(a):
                        strategy=a.strategy, seed=a.seed, batch_size=a.batch_size, exclude=a.exclude,
                        refine_samples=a.refine_samples, heldout=a.heldout, refine=a.refine,
                        max_memory=a.max_memory, time_budget=a.time_budget,
-                       device=a.device, dtype=a.dtype, eval_text=a.eval_text, overwrite=a.overwrite, bos=a.bos)
+                       device=a.device, dtype=a.dtype, store_dtype=a.store_dtype, eval_text=a.eval_text,
+                       overwrite=a.overwrite, bos=a.bos)
 
 
 def cmd_quantize(a) -> int:

@@ -41,6 +41,9 @@ def _int_in(lo: int, hi: int | None = None):
     return check
 
 
+STORE_DTYPES = ("auto", "float16", "bfloat16", "float32")
+
+
 def _one_of(options):
     def check(inst, attr, value):
         if value not in options:
@@ -158,6 +161,7 @@ class RunConfig:
     calibration: CalibrationConfig = attrs.field(factory=CalibrationConfig)
     device: str = attrs.field(default="auto", validator=_type(str, "auto, cpu, cuda or cuda:N"))
     dtype: str = attrs.field(default="auto", validator=_type(str, "auto or a torch dtype name"))
+    store_dtype: str = attrs.field(default="auto", validator=_one_of(STORE_DTYPES))   # unquantized tensors on disk
     overwrite: bool = attrs.field(default=False, validator=_type(bool, "true or false"))
     eval_text: str | None = attrs.field(default=None, validator=_opt_str)
     bos: str = attrs.field(default="auto", validator=_bos_mode)    # sequences start with BOS: as the tokenizer does

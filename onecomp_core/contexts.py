@@ -34,7 +34,7 @@ class PlanContext:
     run: object                       # the RunConfig
     formats: dict                     # format name -> format object (a planner may add to it through make)
     registry: object
-    checkpoint_dtype: torch.dtype
+    checkpoint_dtype: torch.dtype     # the dtype the output checkpoint stores its floating tensors in (store_dtype)
     weight: object                    # name -> float32 FP weight (after the preprocessors' transforms)
     input_diag: object                # () -> {name: diag(X X^T) / N}, one FP pass over the blocks
     input_grams: object = None        # (fn) -> {name: fn(H)}, H = X X^T / N, one FP pass, one block's Grams held
@@ -109,5 +109,5 @@ class ExportContext:
     config: dict                      # the model's config.json content, with the transforms' keys
     meta: dict                        # onecomp.json content besides "modules"
     source_folder: Path               # the source model folder (tokenizer files)
-    checkpoint_dtype: torch.dtype
+    checkpoint_dtype: torch.dtype     # the dtype the output checkpoint stores its floating tensors in (store_dtype)
     modules: dict = attrs.field(factory=dict)   # name -> spec dict with its shape (what onecomp.json lists)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from .checkpoint import load_quantized, quantized_tensors
+from .checkpoint import load_quantized, module_keys, quantized_tensors
 from .contexts import ModelContext
 from .errors import OnecompError
 from .evaluate import evaluate
@@ -54,11 +54,13 @@ def write_candidate(current: Path, nxt: Path, refiner: str, result: dict, plan, 
     """``nxt`` = ``current`` with ``result``'s tensors in place. Each must be stored exactly as
     the module's format stores it (same keys, shapes and dtypes), else a one-line error."""
     index = json.loads((current / "model.safetensors.index.json").read_text())["weight_map"]
-    dtype = LazyWeights(current).dtype()
+    weights = LazyWeights(current)
     files: dict[str, dict] = {}
     for name, qt in result.items():
         if name not in plan:
             raise OnecompError(f"model refiner {refiner!r} returned {name!r}, which is not a quantized module")
+        floats = [weights.dtype_of(k) for k in module_keys(weights.keys(), name) if weights.dtype_of(k).is_floating_point]
+        dtype = floats[0] if floats else weights.dtype()          # the dtype the module's floats are stored in
         for k, t in formats[plan[name].format].to_tensors(name, qt, dtype).items():
             f = index.get(k)
             if f is None:

@@ -33,7 +33,7 @@ def markdown(report: dict) -> str:
     lines = ["# onecomp run report", ""]
     s = report["summary"]
     for k in ("model", "format", "projector", "preprocessors", "refiners", "planner", "bits", "group_size", "symmetric",
-              "bpw", "quantized_params", "stage", "wall_seconds", "peak_rss_mb", "peak_gpu_mb", "resumed_from_block"):
+              "bpw", "quantized_params", "checkpoint_mb", "source_mb", "size_ratio", "stage", "wall_seconds", "peak_rss_mb", "peak_gpu_mb", "resumed_from_block"):
         if k in s:
             lines.append(f"- **{k}**: {s[k]}")
     predicted = {d["name"]: d for d in report.get("refine_choice", [])}

@@ -159,7 +159,7 @@ class Runner:
         self.folder = resolve_model(run.model)
         self.device = pick_device(run.device)
         self.batch = batch_size(run.calibration.batch_size, self.device)
-        self.sk = Skeleton(self.folder, self.res.plugins.registry, self.device, run.dtype)
+        self.sk = Skeleton(self.folder, self.res.plugins.registry, self.device, run.dtype, run.store_dtype)
         self.shapes = self.sk.linear_shapes()
         self.fingerprint = fingerprint(self.res, self.folder)
         out = Path(run.out)
@@ -196,7 +196,7 @@ class Runner:
                                    f"choose another --out")
             if run.planner == "uniform":         # the plan is known already: check it whole now
                 self.check_specs(uniform_specs(run, self.shapes, self.res.formats[run.format],
-                                               sk.checkpoint_dtype).values())
+                                               sk.store_dtype).values())
             if run.max_memory is not None:       # an explicit --max-memory the pivot cannot fit in
                 RefineChoice(run, (), self.device, time.time()).check_pivot(self.layerwise_need_bytes())
 
@@ -258,7 +258,7 @@ class Runner:
         groups = [[f"{sk.block_prefix(i)}.{n}" for n in g] for i, blk in enumerate(sk.blocks)
                   for g in sk.adapter.linear_groups(blk)]
         ctx = PlanContext(shapes=self.shapes, groups=groups, run=run, formats=res.formats,
-                          registry=res.plugins.registry, checkpoint_dtype=sk.checkpoint_dtype,
+                          registry=res.plugins.registry, checkpoint_dtype=sk.store_dtype,
                           weight=lambda n: sk.linear_weight(n).float(), input_diag=input_diag,
                           input_grams=lambda fn: input_statistics(sk, self.inputs, self.kwargs, fn, batch=batch),
                           model_folder=self.folder, calibration_ids=self.ids, device=self.device, make=res.component,
@@ -434,7 +434,7 @@ class Runner:
             meta={"onecomp_version": __version__, "config": self.res.describe(), "source_model": str(self.folder),
                   "fingerprint": self.fingerprint,
                   "transforms": [{"name": n, **t.describe()} for n, t in self.transforms]},
-            source_folder=self.folder, checkpoint_dtype=self.sk.checkpoint_dtype,
+            source_folder=self.folder, checkpoint_dtype=self.sk.store_dtype,
             modules={n: {**s.to_dict(), "shape": list(self.shapes[n])} for n, s in plan.specs.items()})
 
     def evaluate(self) -> None:
@@ -478,7 +478,7 @@ class Runner:
                    "peak_rss_mb": round(self.peak_quantize, 1), "peak_gpu_mb": peak_gpu_mb(),
                    "peak_rss_mb_with_eval": round(peak_rss_mb(), 1) if self.evaluation else None,
                    "resumed_from_block": self.start, "device": str(self.device),
-                   "stage": "refined" if any(r["kept"] for r in self.refined) else "pivot"}
+                   "stage": "refined" if any(r["kept"] for r in self.refined) else "pivot", **self.sizes()}
         return {"summary": summary, "stages": self.stages, "stage_memory": self.stage_memory,
                 "block_rss_mb": self.timing.get("block_rss_mb", []), "layers": layers, "evaluation": self.evaluation,
                 "preprocessors": [{"name": n, **t.describe()} for n, t in self.transforms],
@@ -486,6 +486,13 @@ class Runner:
                 "refine_choice": self.choice.decisions if hasattr(self, "choice") else [],
                 "config": res.describe(), "plan": {n: s.to_dict() for n, s in plan.specs.items()},
                 "plan_info": plan.info}
+
+    def sizes(self) -> dict:
+        """The checkpoint's tensor bytes next to the source model's."""
+        ck = sum(p.stat().st_size for p in Path(self.final).glob("*.safetensors"))
+        src = sum(p.stat().st_size for p in Path(self.folder).glob("*.safetensors"))
+        return {"checkpoint_mb": round(ck / 2**20, 1), "source_mb": round(src / 2**20, 1),
+                "size_ratio": round(ck / src, 4) if src else None}
 
     def refine_report(self, wall: float) -> dict:
         """The checkpoint's own report (the pivot's, or an earlier refine's) with this refine

@@ -37,6 +37,25 @@ def compute_dtype(checkpoint_dtype: torch.dtype, device: torch.device, requested
     return checkpoint_dtype if checkpoint_dtype.is_floating_point else torch.float32
 
 
+def storage_dtype(checkpoint_dtype: torch.dtype, requested: str = "auto") -> torch.dtype:
+    """The dtype of the unquantized floating tensors a checkpoint is written with: ``auto``
+    keeps a 16-bit source's dtype and writes float16 for a float32 one (half the bytes; the
+    quantized weights' scales are 16-bit values already)."""
+    if requested != "auto":
+        return getattr(torch, requested)
+    return checkpoint_dtype if checkpoint_dtype in (torch.float16, torch.bfloat16) else torch.float16
+
+
+def as_stored(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` as written: a floating tensor in ``dtype``, or in bfloat16 where float16 cannot hold
+    its values (beyond +-65504)."""
+    if not t.is_floating_point() or t.dtype == dtype:
+        return t
+    if dtype == torch.float16 and t.numel() and not bool(t.abs().max() <= torch.finfo(torch.float16).max):
+        return t.to(torch.bfloat16)
+    return t.to(dtype)
+
+
 def load_config(folder: Path):
     from transformers import AutoConfig
     try:
@@ -46,7 +65,7 @@ def load_config(folder: Path):
 
 
 class Skeleton:
-    def __init__(self, folder: Path, registry, device: torch.device, dtype: str = "auto"):
+    def __init__(self, folder: Path, registry, device: torch.device, dtype: str = "auto", store_dtype: str = "auto"):
         from transformers import AutoModelForCausalLM
         self.folder = Path(folder)
         self.config = load_config(self.folder)
@@ -57,6 +76,7 @@ class Skeleton:
         self.checkpoint_dtype = self.weights.dtype()
         self.device = device
         self.dtype = compute_dtype(self.checkpoint_dtype, device, dtype)
+        self.store_dtype = storage_dtype(self.checkpoint_dtype, store_dtype)
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.model = AutoModelForCausalLM.from_config(self.config,
@@ -174,21 +194,17 @@ class Skeleton:
             mod.to("meta")
 
     def outer_tensors(self, tied: bool) -> dict[str, torch.Tensor]:
-        """The tensors outside the blocks as they are saved, without the head when ``tied`` to the
-        embedding. Without transforms they are read straight from the checkpoint (nothing is
+        """The tensors outside the blocks as they are saved (floats in ``store_dtype``), without the
+        head when ``tied`` to the embedding. Without transforms they are read straight from the checkpoint (nothing is
         materialised twice); with transforms the outer modules are loaded, transformed and their
         tensors taken as they are."""
         keys = [f"{m}.{p}" for m, mod in self.outer_modules() for p in mod.state_dict()]
         keys = [k for k in keys if not (tied and k.endswith("lm_head.weight"))]
         if not self.transforms:
-            return {k: self._read(k) for k in keys}
+            return {k: as_stored(self._read(k), self.store_dtype) for k in keys}
         self.fill_outer()
         live = {f"{m}.{p}": t for m, mod in self.outer_modules() for p, t in mod.state_dict().items()}
-        out = {}
-        for k in keys:
-            t = live[k].detach()
-            stored = self.weights.dtype_of(k) if k in self.weights else self.checkpoint_dtype
-            out[k] = t.to(stored) if t.is_floating_point() else t
+        out = {k: as_stored(live[k].detach(), self.store_dtype) for k in keys}
         self.release_outer()                     # the modules go back to meta; ``out`` keeps the tensors
         return out
 

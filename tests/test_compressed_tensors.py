@@ -30,3 +30,42 @@ def test_config_groups_describe_each_module(tiny_llama, tmp_path):
     assert sizes == {16, 48}       # in=64: gcd(64, 48) = 16 on disk; in=96: 48 divides it
     meta = json.loads((out / "onecomp.json").read_text())
     assert {m["group_size"] for m in meta["modules"].values()} == {48}
+
+
+def _stored_dtypes(folder):
+    from onecomp_core.lazy_weights import LazyWeights
+    w = LazyWeights(folder)
+    return {k: w.dtype_of(k) for k in w.keys() if w.dtype_of(k).is_floating_point}
+
+
+def test_unquantized_tensors_are_stored_in_16_bits_unless_asked(tiny_llama, tmp_path):
+    """A float32 source gives float16 embeddings, norms and scales (float32 on request, bfloat16
+    for a tensor float16 cannot hold); the logits are those of the source's tensors rounded to
+    float16, transformers reads the same, and the report gives the sizes."""
+    import json
+    import shutil
+    from safetensors.torch import load_file, save_file
+    src = tmp_path / "src"
+    shutil.copytree(tiny_llama, src)
+    f = next(src.glob("*.safetensors"))
+    t = load_file(str(f))
+    t["model.norm.weight"][0] = 1e5                      # beyond float16's range
+    save_file(t, str(f), metadata={"format": "pt"})
+    for store, want in [("auto", torch.float16), ("float32", torch.float32)]:
+        out = tmp_path / store
+        onecomp_core.quantize(src, out, **quick(bits=4, group_size=32, symmetric=True, store_dtype=store))
+        dt = _stored_dtypes(out)
+        assert dt.pop("model.norm.weight") == (torch.bfloat16 if store == "auto" else torch.float32)
+        assert set(dt.values()) == {want}, set(dt.values())
+        s = json.loads((out / "report.json").read_text())["summary"]
+        assert s["source_mb"] > s["checkpoint_mb"] > 0 and s["size_ratio"] == pytest.approx(
+            sum(p.stat().st_size for p in out.glob("*.safetensors")) / f.stat().st_size, rel=1e-3)
+        ours = onecomp_core.load_quantized(out)
+        theirs = AutoModelForCausalLM.from_pretrained(out).eval()
+        ids = torch.randint(3, 384, (2, 30), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            assert torch.allclose(ours(ids).logits, theirs(ids).logits, atol=1e-5)
+        emb = ours.get_input_embeddings().weight
+        assert emb.dtype == torch.float32 and torch.equal(emb, t["model.embed_tokens.weight"].to(want).float())
+    sizes = {p.name: p.stat().st_size for p in (tmp_path / "auto").glob("*.safetensors")}
+    assert sizes["model-outer.safetensors"] < 0.6 * (tmp_path / "float32" / "model-outer.safetensors").stat().st_size
