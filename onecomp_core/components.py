@@ -181,6 +181,11 @@ class Exporter(Component):
             raise OnecompError(f"exporter {self.name!r} cannot carry format {fmt.name!r} ({spec.name}); "
                                f"exporters of {fmt.name!r}: {carried}. Drop --export {self.name} or pick a format it carries")
 
+    def check_model(self, config: dict, source_folder, shapes: dict) -> None:
+        """Before quantization starts, once: raise :class:`OnecompError` when this exporter cannot
+        write this model (its ``config.json`` content, source folder with the tokenizer files,
+        quantizable linears' (out, in) shapes). Default: nothing to check."""
+
     def export(self, ectx) -> list[str]:
         """Write into ``ectx.folder``; -> the files written (relative names)."""
         raise NotImplementedError

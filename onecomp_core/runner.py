@@ -194,6 +194,8 @@ class Runner:
             if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
                 raise OnecompError(f"cannot write the output folder {run.out}: {ancestor} is not a writable folder; "
                                    f"choose another --out")
+            for e in self.res.exporters:
+                e.check_model(sk.config_dict(), self.folder, self.shapes)
             if run.planner == "uniform":         # the plan is known already: check it whole now
                 self.check_specs(uniform_specs(run, self.shapes, self.res.formats[run.format],
                                                sk.store_dtype).values())

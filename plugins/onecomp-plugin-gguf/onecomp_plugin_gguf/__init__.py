@@ -1,0 +1,1 @@
+"""onecomp's GGUF exporter (``--export gguf``)."""

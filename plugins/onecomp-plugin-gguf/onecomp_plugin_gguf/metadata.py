@@ -1,0 +1,70 @@
+"""What llama.cpp reads besides the tensors: architecture keys, tensor names, the tokenizer."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from onecomp_core.sdk import OnecompError
+
+ARCHS = {"llama": "llama", "mistral": "llama"}          # Hugging Face model_type -> GGUF architecture
+
+
+def tensor_name(cfg: dict):
+    """-> name(hf_key) giving the GGUF tensor name (gguf-py's table for the architecture)."""
+    import gguf
+    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == ARCHS[cfg["model_type"]])
+    table = gguf.get_tensor_name_map(arch, int(cfg["num_hidden_layers"]))
+
+    def name(key: str) -> str:
+        got = table.get_name(key, try_suffixes=(".weight", ".bias"))
+        if got is None:
+            raise OnecompError(f"--export gguf has no GGUF name for tensor {key}; drop --export gguf")
+        return got
+    return name
+
+
+def check_tokenizer(source_folder: Path) -> None:
+    """A byte-level BPE tokenizer (tokenizer.json or vocab.json + merges.txt) is what this exporter
+    writes; say so before any work otherwise."""
+    from gguf.vocab import BpeVocab
+    try:
+        BpeVocab(Path(source_folder))
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        raise OnecompError(f"--export gguf writes byte-level BPE tokenizers; none usable in {source_folder} "
+                           f"({exc or type(exc).__name__}): drop --export gguf") from None
+
+
+def add_metadata(writer, cfg: dict, source_folder: Path, pre: str) -> None:
+    from gguf.vocab import BpeVocab, SpecialVocab
+    heads = int(cfg["num_attention_heads"])
+    hidden = int(cfg["hidden_size"])
+    head_dim = int(cfg.get("head_dim") or hidden // heads)
+    writer.add_name(str(cfg.get("_name_or_path") or "onecomp"))
+    writer.add_context_length(int(cfg.get("max_position_embeddings", 2048)))
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(int(cfg["num_hidden_layers"]))
+    writer.add_feed_forward_length(int(cfg["intermediate_size"]))
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(int(cfg.get("num_key_value_heads") or heads))
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)))
+    writer.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
+    if head_dim != hidden // heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    vocab = BpeVocab(Path(source_folder))
+    tokens, scores, types = [], [], []
+    for text, score, kind in vocab.all_tokens():
+        tokens.append(text)
+        scores.append(score)
+        types.append(kind)
+    n_vocab = int(cfg.get("vocab_size", len(tokens)))
+    while len(tokens) < n_vocab:                   # a padded embedding: name the padding rows
+        tokens.append(f"[PAD{len(tokens)}]".encode())
+        scores.append(-1000.0)
+        types.append(5)                            # USER_DEFINED, as llama.cpp's converter pads
+    writer.add_vocab_size(n_vocab)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    SpecialVocab(Path(source_folder), load_merges=True, n_vocab=n_vocab).add_to_gguf(writer)

@@ -1,0 +1,92 @@
+"""The gguf exporter: exact ggml blocks from onecomp's codes, read back by gguf-py and by
+transformers' GGUF loader; impossible settings refused before any work."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import onecomp_core
+from onecomp_core.testing import cli, quick
+from onecomp_plugin_gguf.blocks import decode, encode, gguf_type
+from onecomp_plugin_gguf.plugin import permute_rows
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from(["Q4_0", "Q4_1", "Q8_0"]), st.integers(1, 4), st.integers(1, 4),
+       st.sampled_from([32, 64, 128, -1]), st.integers(0, 2**31 - 1))
+def test_blocks_hold_the_grid_exactly(kind, rows, nblocks, group, seed):
+    """Codes and 16-bit scales in, ggml's own dequantization out = onecomp's s (q - z), up to the
+    float16 rounding of Q4_1's offset m = -s z."""
+    g = torch.Generator().manual_seed(seed)
+    cols = 32 * nblocks * (1 if group == -1 else max(1, group // 32))
+    bits = 8 if kind == "Q8_0" else 4
+    groups = 1 if group == -1 else -(-cols // group)
+    codes = torch.randint(0, 2**bits, (rows, cols), generator=g, dtype=torch.uint8)
+    scale = (torch.rand(rows, groups, generator=g) * 0.1 + 1e-3).half().float()
+    zero = (torch.randint(0, 16, (rows, groups), generator=g).float() if kind == "Q4_1"
+            else torch.full((rows, groups), 2.0 ** (bits - 1)))
+    raw = encode(codes, scale, zero, group, kind)
+    import gguf
+    qtype = getattr(gguf.GGMLQuantizationType, kind)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    assert raw.dtype == np.uint8 and raw.shape == (rows, cols // block * size)
+    g_of = torch.arange(cols) // (cols if group == -1 else group)          # onecomp's grid: s (q - z) per group
+    want = scale[:, g_of] * (codes.float() - zero[:, g_of])
+    theirs = torch.from_numpy(gguf.quants.dequantize(raw, qtype)).float().reshape(rows, cols)
+    assert torch.equal(decode(raw, cols, kind), theirs)
+    tol = 0.0 if kind != "Q4_1" else float((scale * zero).abs().max()) * 2**-10
+    assert float((theirs - want).abs().max()) <= tol
+
+
+def test_which_grids_have_an_exact_type():
+    assert gguf_type(4, False, 128) == "Q4_1" and gguf_type(4, True, 32) == "Q4_0"
+    assert gguf_type(8, True, -1) == "Q8_0"
+    assert gguf_type(3, False, 128) is None and gguf_type(4, False, 48) is None and gguf_type(8, False, 64) is None
+
+
+def test_permutation_is_llama_cpps():
+    w = torch.arange(24.0).reshape(8, 3)
+    ref = w.reshape(2, 2, 2, 3).swapaxes(1, 2).reshape(8, 3)       # llama.cpp's converter, written out
+    assert torch.equal(w[permute_rows(8, 2)], ref)
+
+
+@pytest.mark.parametrize("symmetric,bits,group", [(False, 4, 32), (True, 4, 64), (True, 8, -1)])
+def test_transformers_reads_the_gguf_as_onecomp_loads_the_checkpoint(tiny_llama, tmp_path, symmetric, bits, group):
+    import gguf
+    from transformers import AutoModelForCausalLM
+    out = tmp_path / "q"
+    onecomp_core.quantize(tiny_llama, out, exports=["gguf"],
+                          **quick(bits=bits, group_size=group, symmetric=symmetric))
+    reader = gguf.GGUFReader(str(out / "model.gguf"))
+    kinds = {t.name: t.tensor_type.name for t in reader.tensors}
+    want = {(4, False): "Q4_1", (4, True): "Q4_0", (8, True): "Q8_0"}[(bits, symmetric)]
+    assert kinds["blk.0.attn_q.weight"] == kinds["blk.1.ffn_down.weight"] == want
+    assert kinds["token_embd.weight"] == "F16" and kinds["blk.0.attn_norm.weight"] == "F32"
+    ours = onecomp_core.load_quantized(out)
+    theirs = AutoModelForCausalLM.from_pretrained(str(out), gguf_file="model.gguf", dtype=torch.float32).eval()
+    td, checked = theirs.state_dict(), 0
+    for name, mod in ours.named_modules():      # every weight as onecomp dequantizes it (float16 outer tensors)
+        w = mod.weight_dequantized() if hasattr(mod, "weight_dequantized") else getattr(mod, "weight", None)
+        if isinstance(w, torch.Tensor) and name + ".weight" in td:
+            d = float((w.detach().float() - td[name + ".weight"].float()).abs().max())
+            # Q4_1's offset m = -s z is float16: half an ulp of |m| <= 16 max s
+            tol = 0.0 if symmetric or not hasattr(mod, "weight_dequantized") else float(mod.scale.max()) * 16 * 2**-11
+            assert d <= tol, (name, d)
+            checked += 1
+    assert checked == 2 * 9 + 3                 # 7 linears + 2 norms per block, embedding, norm, head
+    ids = torch.randint(3, 384, (2, 30), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = ours(ids).logits, theirs(ids).logits
+    assert torch.allclose(a, b, atol=1e-4 if symmetric else 1e-2), float((a - b).abs().max())
+    tok = reader.fields["tokenizer.ggml.tokens"]
+    assert len(tok.data) == 384
+
+
+def test_impossible_settings_fail_before_any_work(tiny_llama, tmp_path, capsys):
+    for flags, msg in [(["--bits", "3"], "3-bit asymmetric group 32"), (["--group-size", "48"], "group 48"),
+                       (["--bits", "8"], "8-bit asymmetric")]:
+        rc = cli(["quantize", str(tiny_llama), "--out", str(tmp_path / "q"), "--export", "gguf",
+                  "--calibration", str(tmp_path / "missing.txt"), "--group-size", "32", *flags])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and msg in err and "--export gguf" in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "q").exists()
