@@ -43,8 +43,10 @@ def test_every_architecture_quantizes_and_loads(arch, tiny_models, tmp_path):
 
 
 def test_loaded_model_equals_the_dequantized_weights(tiny_llama, tmp_path):
-    """What the scheduler simulated in the quantized stream is what the checkpoint holds."""
-    onecomp_core.quantize(tiny_llama, tmp_path / "q", **quick(projector="gptq", bits=3, group_size=48))
+    """What the scheduler simulated in the quantized stream is what the checkpoint holds (the
+    unquantized tensors kept in float32 here, as the FP model they are compared with)."""
+    onecomp_core.quantize(tiny_llama, tmp_path / "q", **quick(projector="gptq", bits=3, group_size=48,
+                                                              store_dtype="float32"))
     qmodel = onecomp_core.load_quantized(tmp_path / "q")
     fp = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
     with torch.no_grad():
