@@ -25,6 +25,9 @@ def measure_reference(model_spec: str, ids: torch.Tensor, seq_len: int = 512, st
     """The reference's :class:`ReferenceLogProbs` for these windows, by the streamed pass where it
     applies, else with the model loaded whole."""
     sk = _skeleton(model_spec, device, dtype, plugins)
+    if sk is not None and (not isinstance(sk.model.get_output_embeddings(), torch.nn.Linear)
+                           or getattr(sk.config, "final_logit_softcapping", None) is not None):
+        sk = None                # known before the pass: its logits are not its head's output as is
     if sk is not None:
         ref = _streamed(sk, ids, seq_len, stride, bos)
         if ref is not None:
