@@ -10,6 +10,7 @@ tensor's name to its dtype, shape and [begin, end) byte offsets into the data th
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -109,26 +110,23 @@ class LazyWeights:
         if dtype is None:
             raise OnecompError(f"tensor {key} in {e.file} has dtype {e.dtype}, which onecomp cannot read "
                                f"(it reads {', '.join(_SAFETENSORS_DTYPES)})")
-        numel = 1
-        for d in e.shape:
-            numel *= d
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        numel = self.numel(key)
+        nbytes = numel * dtype.itemsize
         if nbytes != e.end - e.begin:
             raise OnecompError(f"corrupt safetensors file {e.file} (tensor {key}): {e.end - e.begin} bytes "
                                f"stored for a {e.dtype} tensor of shape {e.shape}")
+        if out is not None and (out.dtype != dtype or out.numel() != numel or out.device.type != "cpu"
+                                or not out.is_contiguous()):
+            raise ValueError(f"read_into: {key} is {e.dtype} {e.shape}, not {out.dtype} {tuple(out.shape)} "
+                             f"contiguous on the CPU")
         t = torch.empty(numel, dtype=dtype) if out is None else out.view(-1)
-        if out is not None and (out.dtype != dtype or out.numel() != numel or out.device.type != "cpu"):
-            raise ValueError(f"read_into: {key} is {e.dtype} {e.shape}, not {out.dtype} {tuple(out.shape)} on the CPU")
         if _read_into(e.file, e.begin, memoryview(t.view(torch.uint8).numpy())) != nbytes:
             raise OnecompError(f"corrupt safetensors file {e.file} (tensor {key}): truncated")
         return t.reshape(e.shape) if out is None else out
 
     def numel(self, key: str) -> int:
         """Element count of a tensor, from the header alone."""
-        n = 1
-        for d in self._entry(key).shape:
-            n *= d
-        return n
+        return math.prod(self._entry(key).shape)
 
     def shape_of(self, key: str) -> tuple[int, ...]:
         """The shape of a tensor, from the header alone."""
@@ -144,7 +142,4 @@ class LazyWeights:
         name = cfg.get("dtype") or cfg.get("torch_dtype")
         if isinstance(name, str) and hasattr(torch, name):
             return getattr(torch, name)
-        for k in self._entries:
-            if self.dtype_of(k).is_floating_point:
-                return self.dtype_of(k)
-        return torch.float32
+        return next((d for d in map(self.dtype_of, self._entries) if d.is_floating_point), torch.float32)

@@ -72,8 +72,8 @@ def _streamed(sk, ids, seq_len, stride, bos) -> ReferenceLogProbs | None:
 def _through_head(sk, windows, final, ids, seq_len, stride, bos) -> ReferenceLogProbs | None:
     """The outer forward (final norm, head) on each window's last block output; None where the
     model's logits are not its head's output (the caller then loads it whole)."""
-    model, head = sk.model, sk.model.get_output_embeddings()
-    tied = bool(getattr(sk.config, "tie_word_embeddings", False)) and isinstance(head, torch.nn.Linear)
+    model, head = sk.model, sk.model.get_output_embeddings()      # a Linear (measure_reference checked)
+    tied = bool(getattr(sk.config, "tie_word_embeddings", False))
     for name, mod in sk.outer_modules():          # a tied head is the embedding, not a second copy
         if not (tied and mod is head):
             sk.fill(mod, name)
@@ -82,8 +82,6 @@ def _through_head(sk, windows, final, ids, seq_len, stride, bos) -> ReferenceLog
     base = getattr(model, model.base_model_prefix)
     out = ReferenceLogProbs(ids, seq_len, stride, bos)
     try:
-        if not isinstance(head, torch.nn.Linear):
-            return None
         with replaying(sk) as stand_ins:
             for w, (x, lo) in enumerate(windows):
                 x = x.to(sk.device)
