@@ -60,20 +60,3 @@ def encode(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_s
         raise ValueError(f"unknown block type {kind}")
     return np.concatenate(parts, axis=-1).reshape(out, -1)
 
-
-def decode(raw: np.ndarray, cols: int, kind: str) -> torch.Tensor:
-    """uint8 (out, bytes) of ``kind`` blocks -> float32 (out, cols) weights (as ggml computes them)."""
-    out = raw.shape[0]
-    nb = cols // BLOCK
-    b = torch.from_numpy(np.ascontiguousarray(raw).reshape(out, nb, -1).copy())
-    d = b[..., 0:2].contiguous().view(torch.float16).float()
-    if kind == "Q8_0":
-        q = b[..., 2:].contiguous().view(torch.int8).float()
-        return (d * q).reshape(out, cols)
-    off = 4 if kind == "Q4_1" else 2
-    nib = b[..., off:].to(torch.int16)
-    q = torch.cat([nib & 15, nib >> 4], -1).float()
-    if kind == "Q4_0":
-        return (d * (q - 8)).reshape(out, cols)
-    m = b[..., 2:4].contiguous().view(torch.float16).float()
-    return (d * q + m).reshape(out, cols)

@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 
 import onecomp_core
 from onecomp_core.testing import cli, quick
-from onecomp_plugin_gguf.blocks import decode, encode, gguf_type
+from onecomp_plugin_gguf.blocks import encode, gguf_type
 from onecomp_plugin_gguf.plugin import permute_rows
 
 
@@ -33,7 +33,6 @@ def test_blocks_hold_the_grid_exactly(kind, rows, nblocks, group, seed):
     g_of = torch.arange(cols) // (cols if group == -1 else group)          # onecomp's grid: s (q - z) per group
     want = scale[:, g_of] * (codes.float() - zero[:, g_of])
     theirs = torch.from_numpy(gguf.quants.dequantize(raw, qtype)).float().reshape(rows, cols)
-    assert torch.equal(decode(raw, cols, kind), theirs)
     tol = 0.0 if kind != "Q4_1" else float((scale * zero).abs().max()) * 2**-10
     assert float((theirs - want).abs().max()) <= tol
 
