@@ -5,6 +5,8 @@ For each block: the FP block runs on the FP stream (the block's target); each gr
 that share an input (q/k/v -> o -> gate/up -> down) is quantized in turn on the quantized stream
 (:meth:`BlockContext.quantize_group`), block refiners may act before each group and after the
 last; then the quantized block runs on the quantized stream and the block is committed.
+When nothing in the run reads the streams (no statistics, layer corrections or block refiners:
+e.g. RTN), no block runs on calibration data at all: each block is only projected and committed.
 The pass itself knows nothing about repeated passes or roll-backs: block refiners do those
 through the :class:`BlockContext`.
 """
@@ -143,6 +145,8 @@ class LayerwisePass:
         self.needs, self.batch = set(needs), batch
         self.paired = bool({"cross", "residual"} & self.needs)
         self.keep_fp = any(r.needs_fp_weights for r in block_refiners)
+        # nothing reads the streams: the blocks never run on calibration data
+        self.data_free = not self.needs and not corrections and not block_refiners
 
     def run(self, fp: torch.Tensor, q: torch.Tensor, kwargs: list[dict], start: int) -> dict:
         sk = self.sk
@@ -151,7 +155,7 @@ class LayerwisePass:
         for i in range(start, total):
             t0 = time.time()
             block = sk.block(i)
-            fp_next = run_block(block, fp, kwargs[i], batch=self.batch)        # FP block on the FP stream
+            fp_next = fp if self.data_free else run_block(block, fp, kwargs[i], batch=self.batch)   # FP block, FP stream
             bctx = BlockContext(self, i, block, fp, q, fp_next, kwargs[i])
             self.hook.onecomp_block_start(index=i, total=total, layers=bctx.linears)
             for group in bctx.groups:
@@ -161,15 +165,16 @@ class LayerwisePass:
             for r in self.block_refiners:
                 r.refine_block(bctx)
             bctx.release()
-            q_next = run_block(block, q, kwargs[i], batch=self.batch)           # quantized block, quantized stream
+            q_next = q if self.data_free else run_block(block, q, kwargs[i], batch=self.batch)  # quantized block
             fp, q = fp_next, q_next
             tensors = self._block_tensors(block, bctx.prefix, bctx.qts)
-            self.store.commit_block(i, tensors, {"fp": fp, "q": q}, bctx.info)
+            streams = {k: v.new_empty((0, *v.shape[1:])) if self.data_free else v for k, v in (("fp", fp), ("q", q))}
+            self.store.commit_block(i, tensors, streams, bctx.info)
             sk.release_block(i)
             per_block_s.append(time.time() - t0)
             per_block_rss.append(round(rss_mb(), 1))
             self.hook.onecomp_block_done(index=i, total=total, info={"seconds": per_block_s[-1]})
-        return {"block_seconds": per_block_s, "block_rss_mb": per_block_rss}
+        return {"block_seconds": per_block_s, "block_rss_mb": per_block_rss, "calibration_forwards": not self.data_free}
 
     def quantize_linear(self, name, lin, block, stats: dict, pass_index: int = 0):
         spec = self.plan[name]

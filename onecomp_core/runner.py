@@ -480,6 +480,7 @@ class Runner:
                    "peak_rss_mb": round(self.peak_quantize, 1), "peak_gpu_mb": peak_gpu_mb(),
                    "peak_rss_mb_with_eval": round(peak_rss_mb(), 1) if self.evaluation else None,
                    "resumed_from_block": self.start, "device": str(self.device),
+                   "calibration_forwards": self.timing.get("calibration_forwards", True),
                    "stage": "refined" if any(r["kept"] for r in self.refined) else "pivot", **self.sizes()}
         return {"summary": summary, "stages": self.stages, "stage_memory": self.stage_memory,
                 "block_rss_mb": self.timing.get("block_rss_mb", []), "layers": layers, "evaluation": self.evaluation,

@@ -114,3 +114,25 @@ def test_block_error_is_zero_before_any_quantization_and_grows_after(tiny_llama,
     onecomp_core.quantize(tiny_llama, tmp_path / "q", plugins=[plugin(Measure)], refiners=["measure"], **KW)
     assert seen[0][0] == 0.0 and seen[0][1] > 0            # block 0: same stream, FP block = its own target
     assert seen[1][0] > 0                                  # block 1: the quantized stream has drifted
+
+
+def test_rtn_runs_no_block_on_calibration_data_and_writes_the_same_blocks(tiny_llama, tmp_path, monkeypatch):
+    class Idle(BlockRefiner):                              # any block refiner needs the streams
+        name = "idle"
+
+        def refine_block(self, bctx):
+            pass
+    with_data = onecomp_core.quantize(tiny_llama, tmp_path / "d", plugins=[plugin(Idle)], refiners=["idle"], **KW)
+    assert with_data["summary"]["calibration_forwards"] is True
+
+    def no_forward(*a, **k):
+        raise AssertionError("a block ran on calibration data")
+    monkeypatch.setattr("onecomp_core.block_pass.run_block", no_forward)
+    monkeypatch.setattr("onecomp_core.gather.run_block", no_forward)
+    free = onecomp_core.quantize(tiny_llama, tmp_path / "f", **KW)
+    assert free["summary"]["calibration_forwards"] is False
+    assert {n: li["rel_error"] for n, li in free["layers"].items()} == \
+        {n: li["rel_error"] for n, li in with_data["layers"].items()}
+    for b in ("00000", "00001"):
+        x, y = (load_file(str(tmp_path / d / f"model-block-{b}.safetensors")) for d in ("d", "f"))
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
