@@ -104,10 +104,13 @@ def cmd_quantize(a) -> int:
     if not run.out:
         raise OnecompError("no output folder: pass --out DIR")
     report = Runner(Resolved(run, load_plugins())).run()
-    s = report["summary"]
-    print(f"wrote {report['out']}: {s['bpw']} bits per weight, {s['wall_seconds']} s, peak RSS {s['peak_rss_mb']} MB")
-    if report.get("evaluation"):
-        print(json.dumps(report["evaluation"]))
+    s, ev = report["summary"], report.get("evaluation")
+    line = f"wrote {report['out']}: {s['bpw']} bits per weight, {s['wall_seconds']} s, peak RSS {s['peak_rss_mb']} MB"
+    if ev:
+        line += f", ppl {ev['ppl']:.3f}" + (f" (FP {ev['ppl_ref']:.3f}), KL {ev['kl']:.4f}" if "kl" in ev else "")
+    print(line)
+    if ev:
+        print(json.dumps(ev))
     return 0
 
 

@@ -1,4 +1,6 @@
+import json
 import math
+import re
 
 import pytest
 import torch
@@ -222,3 +224,16 @@ def test_reference_block_by_block_equals_the_model_whole(tiny_models, arch, monk
             assert torch.equal(got.weight, whole.weight) and len(got.hidden) == len(whole.hidden) >= 4
             for a, b in zip(got.hidden, whole.hidden):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_quantize_ends_with_one_summary_line(tiny_llama, tmp_path, capsys):
+    from onecomp_core.cli import main
+    text = tmp_path / "eval.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    assert main(["quantize", str(tiny_llama), "--out", str(tmp_path / "q"), "--projector", "rtn", "--num-samples", "2",
+                 "--seq-len", "32", "--eval-text", str(text)]) == 0
+    line, evaluation = capsys.readouterr().out.strip().splitlines()[-2:]
+    ev = json.loads(evaluation)
+    assert re.fullmatch(r"wrote .*/q: [0-9.]+ bits per weight, [0-9.]+ s, peak RSS [0-9.]+ MB, "
+                        r"ppl [0-9.]+ \(FP [0-9.]+\), KL [0-9.]+", line), line
+    assert f"ppl {ev['ppl']:.3f} (FP {ev['ppl_ref']:.3f}), KL {ev['kl']:.4f}" in line
