@@ -199,7 +199,7 @@ class LayerwisePass:
             lin.weight.copy_(Wq.to(lin.weight.dtype))
         return qt, {"rel_error": relative_error(W, Wq, H), "seconds": time.time() - t0,
                     "bits": spec.bits, "group_size": spec.group_size, "projector": spec.projector,
-                    "format": spec.format, "bpw": fmt.stored_bits_per_weight(spec, tuple(W.shape), qt),
+                    "format": spec.format, "shape": list(W.shape), "bpw": fmt.stored_bits_per_weight(spec, tuple(W.shape), qt),
                     "pass": pass_index + 1, **fmt.structure(qt)}
 
     def _block_tensors(self, block, prefix, qts) -> dict:

@@ -61,3 +61,18 @@ def markdown(report: dict) -> str:
         lines.append(f"| {name} | {li['bits']} | {li['group_size']} | {li['projector']} | {li['bpw']:.3f} | "
                      f"{li['rel_error']:.3e} | {li['seconds']:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def write_reports(folder, report: dict) -> None:
+    """report.json, report.md, report.html and the model card README.md into ``folder`` (each
+    written atomically)."""
+    from pathlib import Path
+
+    from .model_card import model_card
+    from .report_html import html_report
+    from .store import atomic_json, atomic_write_bytes
+    folder = Path(folder)
+    atomic_json(folder / "report.json", report)
+    atomic_write_bytes(folder / "report.md", markdown(report).encode())
+    atomic_write_bytes(folder / "report.html", html_report(report).encode())
+    atomic_write_bytes(folder / "README.md", model_card(report, folder).encode())

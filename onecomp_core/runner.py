@@ -35,12 +35,12 @@ from .refine_stage import SUFFIX as REFINE_SUFFIX, RefineStore, run_model_refine
 from .fit import RefineChoice
 from .reference_pass import measure_reference
 from .resources import release_memory
-from .report import markdown, peak_gpu_mb, peak_rss_mb, rss_mb
+from .report import peak_gpu_mb, peak_rss_mb, rss_mb, write_reports
 from .planners import uniform_specs
 from .resolve import Resolved
 from .spec import LayerSpec, Plan
 from .skeleton import Skeleton, pick_device
-from .store import RunStore, atomic_json, atomic_write_bytes
+from .store import RunStore, atomic_write_bytes
 from .streams import capture, cast_floats
 
 # config fields that do not change what the layer-wise pass computes: a re-run that differs
@@ -387,8 +387,7 @@ class Runner:
         work.mkdir(parents=True)
         report = self.report(wall)
         del self.peak_quantize                       # measured again when the run ends
-        atomic_json(self.final / "report.json", report)
-        atomic_write_bytes(self.final / "report.md", markdown(report).encode())
+        write_reports(self.final, report)
         self.store.publish(self.final)
         self.base_report = report
 
@@ -454,8 +453,7 @@ class Runner:
         if not hasattr(self, "peak_quantize"):
             self.peak_quantize = peak_rss_mb()
         report = self.report(wall)
-        atomic_json(self.final / "report.json", report)
-        atomic_write_bytes(self.final / "report.md", markdown(report).encode())
+        write_reports(self.final, report)
         if self.refine_store is not None:
             self.refine_store.publish()
         else:
