@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .errors import OnecompError
 
@@ -128,13 +129,29 @@ def cmd_refine(a) -> int:
 
 
 def cmd_eval(a) -> int:
+    from .checkpoint import read_meta
+    if not a.text and not a.tasks:
+        raise OnecompError("nothing to measure: pass --text FILE (perplexity, KL) and/or --tasks NAMES (lm-eval)")
+    read_meta(a.dir)
+    result = _perplexity(a) if a.text else {}
+    if a.tasks:
+        result["tasks"] = _tasks(a)
+        _add_to_report(Path(a.dir), result["tasks"])
+    if a.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k}: {v}")
+    return 0
+
+
+def _perplexity(a) -> dict:
     from transformers import AutoTokenizer
-    from .checkpoint import load_quantized, read_meta
+    from .checkpoint import load_quantized
     from .calibration import bos_id
     from .evaluate import evaluate, text_tokens
     from .reference_pass import measure_reference
     from .resources import release_memory
-    read_meta(a.dir)
     tok = AutoTokenizer.from_pretrained(a.dir)
     ids = text_tokens(tok, a.text, a.max_tokens)
     bos = bos_id(tok, a.bos)
@@ -145,13 +162,38 @@ def cmd_eval(a) -> int:
         ref = measure_reference(a.ref, ids, a.seq_len, a.stride, bos, a.device, a.dtype)
         release_memory()
     model = load_quantized(a.dir, a.device, a.dtype)
-    result = evaluate(model, ids, ref=ref, seq_len=a.seq_len, stride=a.stride, bos=bos)
-    if a.json:
-        print(json.dumps(result))
-    else:
-        for k, v in result.items():
-            print(f"{k}: {v}")
-    return 0
+    return evaluate(model, ids, ref=ref, seq_len=a.seq_len, stride=a.stride, bos=bos)
+
+
+def _tasks(a) -> dict:
+    """lm-eval scores of the quantized model and, with --ref, of the reference (one model resident at a time)."""
+    from transformers import AutoTokenizer
+    from .checkpoint import load_quantized
+    from .evaluate import load_reference
+    from .harness import run_tasks, task_names
+    from .resources import release_memory
+    specs = [t for arg in a.tasks for t in arg.split(",") if t]
+    task_names(specs)                                  # a bad task file fails before any model loads
+    tok = AutoTokenizer.from_pretrained(a.dir)
+    kw = dict(limit=a.limit, num_fewshot=a.num_fewshot)
+    out = {}
+    if a.ref:
+        ref = load_reference(a.ref, a.device, a.dtype)[0]
+        out["reference"] = run_tasks(ref, tok, specs, **kw)
+        del ref
+        release_memory()
+    out["model"] = run_tasks(load_quantized(a.dir, a.device, a.dtype), tok, specs, **kw)
+    return out
+
+
+def _add_to_report(folder: Path, tasks: dict) -> None:
+    """The lm-eval scores into the folder's report (json, md, html) and model card."""
+    from .report import write_reports
+    path = folder / "report.json"
+    if path.is_file():
+        report = json.loads(path.read_text())
+        report["lm_eval"] = tasks
+        write_reports(folder, report)
 
 
 def cmd_plugins(a) -> int:
@@ -213,7 +255,12 @@ def parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=cmd_refine)
     e = sub.add_parser("eval", help="perplexity (and KL with --ref) of a quantized folder")
     e.add_argument("dir")
-    e.add_argument("--text", required=True, help="text file to measure perplexity on")
+    e.add_argument("--text", help="text file to measure perplexity on")
+    e.add_argument("--tasks", action="append", default=[],
+                   help="lm-eval tasks: registered names or task YAML files, comma-separated or repeated "
+                        "(needs lm-eval; the scores go into the folder's report)")
+    e.add_argument("--limit", type=int, default=None, help="lm-eval: at most N examples per task")
+    e.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples per prompt")
     e.add_argument("--ref", help="full-precision model (folder, .gguf, hub id) for KL and its perplexity")
     e.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
     e.add_argument("--stride", type=int, default=None,

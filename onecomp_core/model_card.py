@@ -49,6 +49,9 @@ def model_card(report: dict, folder: Path) -> str:
             lines.append(f"- mean KL to the full-precision model per token: {ev['kl']:.4f}")
     else:
         lines.append("- not evaluated in this run: `onecomp eval DIR --ref MODEL --text FILE` measures it")
+    from .report import lm_eval_rows
+    for task, metric, value, ref in lm_eval_rows(report):
+        lines.append(f"- lm-eval {task} {metric}: {value:.4g}" + (f" (full precision: {ref:.4g})" if ref != "" else ""))
     lines += ["", "## Load it", "", "onecomp (every format):", "", "```python",
               "import onecomp_core", f'model = onecomp_core.load_quantized("{folder}")', "```", ""]
     if _plain_transformers(Path(folder)):

@@ -29,6 +29,13 @@ def peak_gpu_mb() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
 
 
+def lm_eval_rows(report: dict) -> list[tuple]:
+    """(task, metric, this model's value, the reference's or '') of the report's lm-eval scores."""
+    scores = report.get("lm_eval") or {}
+    ref = scores.get("reference", {})
+    return [(t, m, v, ref.get(t, {}).get(m, "")) for t, ms in scores.get("model", {}).items() for m, v in ms.items()]
+
+
 def markdown(report: dict) -> str:
     lines = ["# onecomp run report", ""]
     s = report["summary"]
@@ -53,6 +60,9 @@ def markdown(report: dict) -> str:
     if report.get("evaluation"):
         lines += ["", "## Evaluation", ""]
         lines += [f"- **{k}**: {v}" for k, v in report["evaluation"].items()]
+    if report.get("lm_eval"):
+        lines += ["", "## lm-eval", "", "| task | metric | this model | reference |", "|---|---|---|---|"]
+        lines += [f"| {t} | {m} | {v:.4g} | {r if r == '' else format(r, '.4g')} |" for t, m, v, r in lm_eval_rows(report)]
     lines += ["", "## Stages", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in report["stages"].items()]
     lines += ["", "## Layers", "", "| module | bits | group | projector | bpw | relative output error | seconds |",

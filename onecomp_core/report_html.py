@@ -104,6 +104,9 @@ def html_report(report: dict) -> str:
     parts.append(_table(["", ""], [[k, s[k]] for k in keys if k in s]))
     if report.get("evaluation"):
         parts += ["<h2>Evaluation</h2>", _table(["metric", "value"], list(report["evaluation"].items()))]
+    if report.get("lm_eval"):
+        from .report import lm_eval_rows
+        parts += ["<h2>lm-eval</h2>", _table(["task", "metric", "this model", "reference"], lm_eval_rows(report))]
     if report.get("refine"):
         rows = [[r["name"], r.get("modules"), r.get("before"), r.get("after"),
                  "skipped" if r.get("skipped") else ("kept" if r.get("kept") else "discarded"),
