@@ -29,7 +29,7 @@ def by_block(layers: dict, key: str) -> tuple[list[int], list[str], dict]:
         if b is not None and key in li:
             acc[(b, kind)].append(float(li[key]))
     blocks = sorted({b for b, _ in acc})
-    kinds = sorted({k for _, k in acc}, key=lambda k: min(n for n in layers if module_kind(n)[1] == k))
+    kinds = list(dict.fromkeys(module_kind(n)[1] for n in layers if module_kind(n)[1] in {k for _, k in acc}))
     return blocks, kinds, {k: sum(v) / len(v) for k, v in acc.items()}
 
 
@@ -62,7 +62,12 @@ def _plots(report: dict) -> list[tuple[str, str]]:
         import numpy as np
         grid = np.array([[bpw.get((b, k), np.nan) for k in kinds] for b in blocks])
         fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(kinds), 1.2 + 0.22 * len(blocks)))
-        im = ax.imshow(grid, aspect="auto", cmap="viridis")
+        lo = float(np.floor(np.nanmin(grid)))                            # whole bits: a uniform plan is one colour
+        im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=lo, vmax=max(float(np.ceil(np.nanmax(grid))), lo + 1))
+        if len(blocks) * len(kinds) <= 400:
+            for (r, c), v in np.ndenumerate(grid):
+                if v == v:
+                    ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=5, color="w")
         ax.set_xticks(range(len(kinds)), kinds, rotation=40, ha="right", fontsize=7)
         ax.set_yticks(range(len(blocks)), [str(b) for b in blocks], fontsize=6)
         ax.set_ylabel("block")
