@@ -45,6 +45,11 @@ class Transform:
     def apply_block(self, index: int, block: torch.nn.Module) -> None:
         """Rewrite block ``index`` in place (its weights are full precision, compute dtype)."""
 
+    def apply_final(self, norm: torch.nn.Module | None, head: torch.nn.Module | None) -> None:
+        """Rewrite the final norm and the output head in place, before ``apply_outer`` (e.g. fold
+        the norm's weight into the head). ``norm`` is None when the adapter names none; a head
+        tied to the embedding may be the same parameter: replace ``head.weight`` to untie it."""
+
     def apply_outer(self, embeddings: torch.nn.Module, head: torch.nn.Module | None) -> None:
         """Rewrite the input embedding and the output head in place (``head`` is None when the
         model has none; when the config ties them, keep them equal or untie them through

@@ -8,7 +8,7 @@ may also use :mod:`onecomp_core.testing`.
 """
 from __future__ import annotations
 
-from .adapters import ModelAdapter, find_adapter
+from .adapters import ModelAdapter, ResidualLayout, find_adapter
 from .block_pass import BlockContext
 from .checkpoint import quantized_tensors
 from .components import (BlockRefiner, Component, Correction, Exporter, ModelRefiner, Planner, Preprocessor,
@@ -41,7 +41,7 @@ from .validators import boolean, in_range, one_of, positive
 __all__ = [
     # hooks and component kinds
     "hookimpl", "Component", "Planner", "Preprocessor", "Transform", "Projector", "Refiner", "Correction",
-    "BlockRefiner", "ModelRefiner", "Exporter", "Format", "ModelAdapter",
+    "BlockRefiner", "ModelRefiner", "Exporter", "Format", "ModelAdapter", "ResidualLayout",
     # what the stages hand them
     "PlanContext", "PreprocessContext", "LayerContext", "BlockContext", "ModelContext", "ExportContext",
     "EstimateContext",

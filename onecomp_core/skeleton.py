@@ -186,8 +186,12 @@ class Skeleton:
         """Load the parts outside the blocks, with the transforms applied."""
         for name, mod in self.outer_modules():
             self.fill(mod, name)
+        head = self.model.get_output_embeddings()
+        path = self.adapter.final_norm_path()
+        norm = self.model.get_submodule(path) if path else None
         for t in self.transforms:
-            t.apply_outer(self.model.get_input_embeddings(), self.model.get_output_embeddings())
+            t.apply_final(norm, head)
+            t.apply_outer(self.model.get_input_embeddings(), head)
 
     def release_outer(self) -> None:
         for _, mod in self.outer_modules():

@@ -69,9 +69,37 @@ class ModelAdapter:
         """c in the norm's output x_hat * (c + w): 0 for Llama-style RMSNorm, 1 for Gemma's."""
         return 0.0
 
+    def final_norm_path(self) -> str | None:
+        """The norm between the last block and the head (None: the architecture has none)."""
+        return "model.norm"
+
+    def residual_layout(self, block: torch.nn.Module) -> "ResidualLayout | None":
+        """What a rotation of the residual stream must rewrite in ``block`` (see
+        :class:`ResidualLayout`), or None when the block cannot be rotated exactly (e.g. norms
+        applied to a writer's output before the residual add). Default: not known."""
+        return None
+
     def checkpoint_keys(self, key: str) -> list[str]:
         """Checkpoint keys to try, in order, for a parameter named ``key`` in the model."""
         return [key]
+
+
+@attrs.define(frozen=True)
+class ResidualLayout:
+    """A block as a residual-stream transform sees it (names relative to the block).
+
+    ``norms``: each norm feeding linear maps -> its readers (their columns index the stream);
+    ``offset``: c in the norms' x_hat * (c + w); ``writers``: the linears whose output is added
+    to the stream unnormalised (their rows index it); ``value``: (linear, first row) of the
+    value projection's rows (a fused qkv's v rows start after q and k); ``output``: the
+    attention output projection, whose columns are the heads' outputs; ``head_dim``: the width
+    of one attention head."""
+    norms: dict
+    offset: float
+    writers: list
+    value: tuple
+    output: str
+    head_dim: int
 
 
 def find_adapter(config, registry) -> ModelAdapter:

@@ -7,7 +7,7 @@ import re
 import torch
 import torch.nn as nn
 
-from .base import ModelAdapter
+from .base import ModelAdapter, ResidualLayout
 
 ATTN_IN = ("q_proj", "k_proj", "v_proj", "qkv_proj")
 ATTN_OUT = ("o_proj",)
@@ -101,6 +101,21 @@ class DecoderAdapter(ModelAdapter):
 
     def norm_offset(self, block, norm):
         return 1.0 if self.config.model_type in ("gemma2", "gemma3_text") else 0.0
+
+    def residual_layout(self, block):
+        if hasattr(block, "post_feedforward_layernorm"):      # Gemma: writers' outputs are normed before the add
+            return None
+        names = self._linears(block)
+        cfg = self.config
+        head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+        if "self_attn.v_proj" in names:
+            value = ("self_attn.v_proj", 0)
+        else:                                                  # fused qkv: v rows after q and k
+            kv = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+            value = ("self_attn.qkv_proj", (cfg.num_attention_heads + kv) * head_dim)
+        writers = [n for n in names if n.rsplit(".", 1)[-1] in ATTN_OUT + MLP_OUT]
+        return ResidualLayout(norms=self.norm_inputs(block), offset=self.norm_offset(block, "input_layernorm"),
+                              writers=writers, value=value, output="self_attn.o_proj", head_dim=head_dim)
 
     # transformers writes Mixtral checkpoints with the original expert names
     _MIXTRAL = [(r"\.mlp\.experts\.(\d+)\.gate_proj\.", r".block_sparse_moe.experts.\1.w1."),
