@@ -63,3 +63,23 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):      # not glibc: nothing to hand back this way
         pass
+
+
+def available_cores(cgroup_cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
+    """CPU cores this process may use: its affinity mask, capped by a cgroup v2 CPU quota."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = open(cgroup_cpu_max).read().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, -(-int(quota) // int(period))))          # ceil(quota / period)
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+def set_threads() -> int:
+    """torch's intra-op threads = the cores available, unless OMP_NUM_THREADS says otherwise
+    (a container's quota is not what torch sees by default); -> the threads in use."""
+    if not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(available_cores())
+    return torch.get_num_threads()

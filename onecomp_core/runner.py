@@ -34,7 +34,7 @@ from .model_source import resolve_model
 from .refine_stage import SUFFIX as REFINE_SUFFIX, RefineStore, run_model_refiners
 from .fit import RefineChoice
 from .reference_pass import measure_reference
-from .resources import release_memory
+from .resources import release_memory, set_threads
 from .report import peak_gpu_mb, peak_rss_mb, rss_mb, write_reports
 from .planners import uniform_specs
 from .resolve import Resolved
@@ -132,6 +132,7 @@ class Runner:
 
     def run(self) -> dict:
         t_start = time.time()
+        self.threads = set_threads()
         self.stage("open_model", self.open_model)
         self.preflight()
         self.stage("calibration", self.calibrate)
@@ -479,6 +480,7 @@ class Runner:
                    "peak_rss_mb_with_eval": round(peak_rss_mb(), 1) if self.evaluation else None,
                    "resumed_from_block": self.start, "device": str(self.device),
                    "calibration_forwards": self.timing.get("calibration_forwards", True),
+                   "threads": getattr(self, "threads", None),
                    "stage": "refined" if any(r["kept"] for r in self.refined) else "pivot", **self.sizes()}
         return {"summary": summary, "stages": self.stages, "stage_memory": self.stage_memory,
                 "block_rss_mb": self.timing.get("block_rss_mb", []), "layers": layers, "evaluation": self.evaluation,

@@ -117,3 +117,23 @@ def test_calibration_batch_size_is_validated():
     import torch
     from onecomp_core.runner import batch_size
     assert (batch_size(0, torch.device("cpu")), batch_size(0, torch.device("cuda")), batch_size(3, torch.device("cpu"))) == (1, 8, 3)
+
+
+def test_threads_follow_the_cores_available(tmp_path, monkeypatch):
+    import torch
+    from onecomp_core.resources import available_cores, set_threads
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("max 100000\n")
+    assert available_cores(str(cpu_max)) == len(__import__("os").sched_getaffinity(0))
+    cpu_max.write_text("150000 100000\n")                      # a 1.5-core quota -> 2 threads at most
+    assert available_cores(str(cpu_max)) == min(2, len(__import__("os").sched_getaffinity(0)))
+    assert available_cores(str(tmp_path / "missing")) >= 1
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+        assert set_threads() == 1                               # an explicit setting wins
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        assert set_threads() == available_cores()
+    finally:
+        torch.set_num_threads(before)
