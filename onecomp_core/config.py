@@ -238,6 +238,12 @@ def make_config(model=None, config=None, options=None, **fields) -> RunConfig:
     if options:
         merged = dict(base.get("options", {}))
         for comp, kv in options.items():
+            if "." in comp and not isinstance(kv, dict):          # {"gptq.damp": 0.05}, as --option writes it
+                comp, key = comp.split(".", 1)
+                kv = {key: kv}
+            if not isinstance(kv, dict):
+                raise OnecompError(f"options[{comp!r}] must be a table of that component's options, e.g. "
+                                   f"options={{{comp!r}: {{'name': value}}}} or {{'{comp}.name': value}}")
             merged[comp] = {**merged.get(comp, {}), **kv}
         base["options"] = merged
     for old, new in ALIASES.items():        # a keyword list replaces the file's, whichever name either uses

@@ -33,7 +33,7 @@ from .projectors import GridOptions
 from .resources import parse_duration, parse_size
 from .schedules import geometric, warmup_cosine
 from .spec import LayerSpec, Plan
-from .store import atomic_torch_save
+from .store import atomic_json, atomic_torch_save
 from .stats import Cross, Diag, Gram, OuterSum, Residual, Statistic
 from .streams import block_error, cast_floats, run_block
 from .validators import boolean, in_range, one_of, positive
@@ -58,7 +58,7 @@ __all__ = [
     "find_adapter", "excluded", "scale_dtype_for", "damp_hessian", "inverse_cholesky_upper", "cache_root", "block_error",
     "run_block", "load_plugins", "quantized_tensors", "parse_size", "parse_duration", "cast_floats", "rss_bytes",
     # a resume state written whole or not at all
-    "atomic_torch_save",
+    "atomic_json", "atomic_torch_save",
     # content digests for the keys of a plugin's on-disk caches
     "file_digest", "tensor_digest", "weights_digest",
     # mergeable statistics

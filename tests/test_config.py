@@ -137,3 +137,12 @@ def test_threads_follow_the_cores_available(tmp_path, monkeypatch):
         assert set_threads() == available_cores()
     finally:
         torch.set_num_threads(before)
+
+
+def test_api_options_take_tables_or_dotted_keys():
+    from onecomp_core.config import make_config
+    a = make_config("m", options={"gptq": {"damp": 0.05}})
+    b = make_config("m", options={"gptq.damp": 0.05})
+    assert a.options == b.options == {"gptq": {"damp": 0.05}}
+    with pytest.raises(OnecompError, match=r"options\['gptq'\] must be a table"):
+        make_config("m", options={"gptq": 0.05})

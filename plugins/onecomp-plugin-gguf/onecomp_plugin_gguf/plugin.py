@@ -2,19 +2,24 @@
 checkpoint from the committed blocks: every quantized linear in the ggml type that holds its
 grid exactly (blocks.py), built from onecomp's own codes, never re-quantized; the other tensors
 in float16 (``gguf.dtype``; 1-D ones in float32, as llama.cpp's converter writes them); the
-architecture and tokenizer metadata llama.cpp reads."""
+architecture and tokenizer metadata llama.cpp reads. With ``gguf.requantize=true`` a module whose
+own grid has no exact type is written lossily as a K-quant of its bits (rows of 256) or exactly in
+a wider legacy type, and each such module's type and error go into ``gguf_requantize.json``."""
 from __future__ import annotations
 
+import json
 import os
+import sys
 from pathlib import Path
 
 import attrs
 import torch
 from safetensors.torch import load_file
 
-from onecomp_core.sdk import Exporter, OnecompError, hookimpl, one_of
+from onecomp_core.sdk import Exporter, OnecompError, atomic_json, boolean, hookimpl, one_of
 
 from .blocks import BLOCK, encode, gguf_type
+from .kquants import FOR_BITS, QK, encode_k
 from .metadata import ARCHS, add_metadata, check_tokenizer, tensor_name
 
 
@@ -22,6 +27,7 @@ from .metadata import ARCHS, add_metadata, check_tokenizer, tensor_name
 class GGUFOptions:
     dtype: str = attrs.field(default="f16", validator=one_of("f16", "f32"))     # unquantized 2-D tensors
     tokenizer_pre: str = attrs.field(default="default")     # llama.cpp's pre-tokenizer name (tokenizer.ggml.pre)
+    requantize: bool = attrs.field(default=False, validator=boolean)    # lossy K-quants where no exact type exists
 
 
 def permute_rows(rows: int, heads: int) -> torch.Tensor:
@@ -37,7 +43,7 @@ class GGUFExporter(Exporter):
 
     def check(self, spec, fmt) -> None:
         kind = gguf_type(spec.bits, spec.symmetric, spec.group_size) if fmt.name == "uniform" else None
-        if kind is None:
+        if kind is None and not self.options.requantize:
             grid = (f"{fmt.name} format" if fmt.name != "uniform" else
                     f"{spec.bits}-bit {'symmetric' if spec.symmetric else 'asymmetric'} group {spec.group_size}")
             raise OnecompError(
@@ -66,6 +72,7 @@ class GGUFExporter(Exporter):
         names = tensor_name(cfg)
         heads = {"q_proj": cfg["num_attention_heads"],
                  "k_proj": cfg.get("num_key_value_heads") or cfg["num_attention_heads"]}
+        self.requantized = {}
         for f in ectx.block_files:
             self._add_block(writer, load_file(str(f)), ectx, names, heads)
         for key, t in ectx.outer_tensors().items():
@@ -77,7 +84,15 @@ class GGUFExporter(Exporter):
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, folder / "model.gguf")
-        return ["model.gguf"]
+        if not self.requantized:
+            return ["model.gguf"]
+        atomic_json(folder / "gguf_requantize.json", self.requantized)
+        worst = max(self.requantized.items(), key=lambda kv: kv[1]["rel_error"])
+        kinds = sorted({r["type"] for r in self.requantized.values()})
+        print(f"onecomp: note: gguf requantized {len(self.requantized)} modules ({', '.join(kinds)}); largest "
+              f"relative error {worst[1]['rel_error']:.4f} ({worst[0]}); per module in gguf_requantize.json",
+              file=sys.stderr)
+        return ["model.gguf", "gguf_requantize.json"]
 
     def _add_block(self, writer, tensors: dict, ectx, names, heads) -> None:
         import gguf
@@ -87,23 +102,58 @@ class GGUFExporter(Exporter):
                 continue
             keys = {k: v for k, v in tensors.items() if k.startswith(name + ".") and k != f"{name}.bias"}
             qt = ectx.formats[meta["format"]].from_tensors(name, keys, meta)
-            codes, scale, zero = qt.codes, qt.scale, qt.zero
             proj = name.rsplit(".", 1)[-1]
-            if proj in heads:                     # llama.cpp's rotary row order
-                idx = permute_rows(codes.shape[0], heads[proj])
-                codes, scale, zero = codes[idx], scale[idx], zero[idx]
-            kind = gguf_type(qt.bits, qt.symmetric, qt.group_size)
-            raw = encode(codes, scale, zero, qt.group_size, kind)
+            idx = permute_rows(int(meta["shape"][0]), heads[proj]) if proj in heads else None   # llama.cpp's rotary rows
+            uniform = meta["format"] == "uniform"
+            kind = gguf_type(qt.bits, qt.symmetric, qt.group_size) if uniform else None
+            if kind is not None:
+                raw = self._exact(qt, idx, kind)
+            else:
+                kind, raw = self._requantize(name, meta, qt, idx, uniform)
             writer.add_tensor(names(f"{name}.weight"), raw, raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
             done.update(keys)
         for key, t in tensors.items():
             if key not in done:
                 self._add_plain(writer, names(key), t)
 
+    @staticmethod
+    def _exact(qt, idx, kind: str):
+        codes, scale, zero = qt.codes, qt.scale, qt.zero
+        if idx is not None:
+            codes, scale, zero = codes[idx], scale[idx], zero[idx]
+        return encode(codes, scale, zero, qt.group_size, kind)
+
+    def _requantize(self, name: str, meta: dict, qt, idx, uniform: bool):
+        """A module with no exact type of its own bits: a K-quant of its bits when its rows are
+        whole super-blocks (lossy), else the wider legacy type that holds its grid exactly, else
+        Q8_0 (lossy, from the dequantized weights); -> (type, bytes), recorded in requantized."""
+        W = qt.dequantize(torch.float32)
+        if idx is not None:
+            W = W[idx]
+        bits = qt.bits if uniform else 2             # binary factors (1-2 bits per weight): Q2_K
+        wider = gguf_type(qt.bits, qt.symmetric, qt.group_size, wider=True) if uniform else None
+        if W.shape[1] % QK == 0 and bits in FOR_BITS:
+            kind, raw = FOR_BITS[bits], encode_k(W, FOR_BITS[bits])
+        elif wider is not None:
+            kind, raw = wider, self._exact(qt, idx, wider)
+        else:
+            import gguf
+            kind, raw = "Q8_0", gguf.quants.quantize(W.numpy(), gguf.GGMLQuantizationType.Q8_0)
+        back = dequantized(raw, kind, W.shape)
+        self.requantized[name] = {"type": kind, "bits_per_weight": round(raw.size * 8 / W.numel(), 4),
+                                  "rel_error": float((back - W).norm() / W.norm().clamp_min(1e-30))}
+        return kind, raw
+
     def _add_plain(self, writer, name: str, t: torch.Tensor) -> None:
         t = t.float()
         dtype = torch.float32 if t.dim() == 1 or self.options.dtype == "f32" else torch.float16
         writer.add_tensor(name, t.to(dtype).numpy())
+
+
+def dequantized(raw, kind: str, shape) -> torch.Tensor:
+    """ggml's own dequantization (gguf-py) of ``raw``: what llama.cpp will compute with."""
+    import gguf
+    return torch.from_numpy(gguf.quants.dequantize(raw, getattr(gguf.GGMLQuantizationType, kind)).copy()).reshape(shape)
 
 
 @hookimpl

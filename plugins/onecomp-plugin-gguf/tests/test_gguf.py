@@ -1,5 +1,7 @@
 """The gguf exporter: exact ggml blocks from onecomp's codes, read back by gguf-py and by
 transformers' GGUF loader; impossible settings refused before any work."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -11,20 +13,22 @@ from onecomp_plugin_gguf.blocks import encode, gguf_type
 from onecomp_plugin_gguf.plugin import permute_rows
 
 
-@settings(max_examples=40, deadline=None)
-@given(st.sampled_from(["Q4_0", "Q4_1", "Q8_0"]), st.integers(1, 4), st.integers(1, 4),
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from([("Q4_0", 4), ("Q4_1", 4), ("Q8_0", 8), ("Q4_0", 3), ("Q4_0", 2), ("Q4_1", 3), ("Q4_1", 2),
+                        ("Q8_0", 5), ("Q8_0", 6)]), st.integers(1, 4), st.integers(1, 4),
        st.sampled_from([32, 64, 128, -1]), st.integers(0, 2**31 - 1))
-def test_blocks_hold_the_grid_exactly(kind, rows, nblocks, group, seed):
+def test_blocks_hold_the_grid_exactly(kind_bits, rows, nblocks, group, seed):
     """Codes and 16-bit scales in, ggml's own dequantization out = onecomp's s (q - z), up to the
-    float16 rounding of Q4_1's offset m = -s z."""
+    float16 rounding of Q4_1's offset m = -s z; a grid of fewer bits in a wider type as well."""
+    kind, bits = kind_bits
     g = torch.Generator().manual_seed(seed)
     cols = 32 * nblocks * (1 if group == -1 else max(1, group // 32))
-    bits = 8 if kind == "Q8_0" else 4
     groups = 1 if group == -1 else -(-cols // group)
     codes = torch.randint(0, 2**bits, (rows, cols), generator=g, dtype=torch.uint8)
     scale = (torch.rand(rows, groups, generator=g) * 0.1 + 1e-3).half().float()
-    zero = (torch.randint(0, 16, (rows, groups), generator=g).float() if kind == "Q4_1"
+    zero = (torch.randint(0, 2**bits, (rows, groups), generator=g).float() if kind == "Q4_1"
             else torch.full((rows, groups), 2.0 ** (bits - 1)))
+    assert gguf_type(bits, kind != "Q4_1", group, wider=True) == kind
     raw = encode(codes, scale, zero, group, kind)
     import gguf
     qtype = getattr(gguf.GGMLQuantizationType, kind)
@@ -41,6 +45,9 @@ def test_which_grids_have_an_exact_type():
     assert gguf_type(4, False, 128) == "Q4_1" and gguf_type(4, True, 32) == "Q4_0"
     assert gguf_type(8, True, -1) == "Q8_0"
     assert gguf_type(3, False, 128) is None and gguf_type(4, False, 48) is None and gguf_type(8, False, 64) is None
+    assert gguf_type(3, False, 128, wider=True) == "Q4_1" and gguf_type(2, True, 64, wider=True) == "Q4_0"
+    assert gguf_type(6, True, -1, wider=True) == "Q8_0" and gguf_type(6, False, 64, wider=True) is None
+    assert gguf_type(3, False, 48, wider=True) is None
 
 
 def test_permutation_is_llama_cpps():
@@ -89,3 +96,47 @@ def test_impossible_settings_fail_before_any_work(tiny_llama, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert rc == 2 and msg in err and "--export gguf" in err and len(err.splitlines()) == 1, err
         assert not (tmp_path / "q").exists()
+
+
+def _model_256(folder):
+    """A tiny Llama whose linears' inputs are whole K-quant super-blocks (256, 512)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    from onecomp_core.testing import COMMON, tokenizer
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**{**COMMON, "hidden_size": 256, "intermediate_size": 512})
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+    tokenizer(folder)
+    return folder
+
+
+@pytest.mark.parametrize("bits, kind", [(3, "Q3_K"), (2, "Q2_K")])
+def test_requantize_writes_k_quants_and_reports_each_modules_error(tmp_path, bits, kind):
+    import gguf
+    from transformers import AutoModelForCausalLM
+    model = _model_256(tmp_path / "m")
+    out = tmp_path / "q"
+    rep = onecomp_core.quantize(model, out, exports=["gguf"], options={"gguf.requantize": True},
+                                **quick(bits=bits, group_size=64))
+    assert rep["exports"]["gguf"] == ["model.gguf", "gguf_requantize.json"]
+    kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out / "model.gguf")).tensors}
+    assert kinds["blk.0.attn_q.weight"] == kinds["blk.1.ffn_down.weight"] == kind
+    errs = json.loads((out / "gguf_requantize.json").read_text())
+    assert len(errs) == len(rep["layers"]) and all(e["type"] == kind for e in errs.values())
+    assert all(0 < e["rel_error"] < 0.5 for e in errs.values())
+    ours = onecomp_core.load_quantized(out)
+    theirs = AutoModelForCausalLM.from_pretrained(str(out), gguf_file="model.gguf", dtype=torch.float32).eval()
+    w = ours.model.layers[0].mlp.down_proj.weight_dequantized().detach().float()
+    t = theirs.model.layers[0].mlp.down_proj.weight.detach().float()
+    name = "model.layers.0.mlp.down_proj"
+    assert abs(float((t - w).norm() / w.norm()) - errs[name]["rel_error"]) < 1e-3   # the error it reports
+
+
+def test_requantize_without_whole_super_blocks_uses_the_wider_exact_type(tiny_llama, tmp_path):
+    import gguf
+    out = tmp_path / "q"
+    onecomp_core.quantize(tiny_llama, out, exports=["gguf"], options={"gguf.requantize": True},
+                          **quick(bits=3, group_size=32))
+    kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out / "model.gguf")).tensors}
+    assert kinds["blk.0.attn_q.weight"] == "Q4_1"                  # 64 inputs: no K-quant; 3 bits sit in Q4_1
+    errs = json.loads((out / "gguf_requantize.json").read_text())
+    assert all(e["type"] == "Q4_1" and e["rel_error"] < 1e-3 for e in errs.values())     # exact up to float16 m
