@@ -167,3 +167,26 @@ def test_a_tied_head_is_untied_only_when_the_final_norm_needs_folding(gain, tmp_
         ref = src.eval()(ids).logits
         got = onecomp_core.load_quantized(out, "cpu")(ids).logits
     assert ((got - ref).abs().max() / ref.abs().max()).item() < 0.05
+
+
+def test_refusal_happens_before_any_work_and_writes_nothing(tiny_models, tmp_path, capsys):
+    from onecomp_core.testing import cli
+    model = tiny_models("gemma2")
+    capsys.readouterr()
+    rc = cli(["quantize", str(model), "--out", str(tmp_path / "q"), "--preprocessor", "hadamard",
+              "--projector", "rtn", "--group-size", "32", "--num-samples", "2", "--seq-len", "32"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "hadamard cannot rotate gemma2 exactly" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "q").exists() and not any(tmp_path.glob("q*"))
+
+
+def test_symmetric_checkpoint_loads_in_plain_transformers_with_onecomps_logits(tiny_llama, tmp_path):
+    out = tmp_path / "q"
+    onecomp_core.quantize(tiny_llama, out, preprocessors=["hadamard"], bits=4, group_size=32, symmetric=True,
+                          projector="rtn", num_samples=2, seq_len=32)
+    plain = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    ours = onecomp_core.load_quantized(out, "cpu")
+    ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a, b = ours(ids).logits.float(), plain(ids).logits.float()
+    assert torch.allclose(a, b, atol=1e-4), float((a - b).abs().max())
