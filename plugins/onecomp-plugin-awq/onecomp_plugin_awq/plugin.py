@@ -1,0 +1,147 @@
+"""Plugin glue: the ``awq`` preprocessor. ``fit`` runs the FP model block by block on the
+calibration stream, gathers each input group's Gram matrix and mean |x|, searches each group's
+exponent (search.py) and keeps the scales; the transform folds them into each block as it loads."""
+from __future__ import annotations
+
+import attrs
+import torch
+
+from onecomp_core.sdk import Gram, Preprocessor, Transform, bar, hookimpl, in_range, run_block
+
+from .search import search
+
+
+@attrs.define(frozen=True)
+class AWQOptions:
+    steps: int = attrs.field(default=20, validator=in_range(1, 1000))       # alpha in {0, 1/steps, ...}
+    samples: int = attrs.field(default=0, validator=in_range(0, 1 << 20))   # calibration samples used (0: all)
+
+
+class _Inputs:
+    """Forward pre-hooks gathering H = X^T X / N and mean |x| of some modules' inputs."""
+
+    def __init__(self, modules: dict):
+        self.gram = {n: Gram.of(m.weight.shape[1], m.weight.device) for n, m in modules.items()}
+        self.abs = {n: torch.zeros(m.weight.shape[1], dtype=torch.float64, device=m.weight.device)
+                    for n, m in modules.items()}
+        self.count = dict.fromkeys(modules, 0)
+        self.handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in modules.items()]
+
+    def _hook(self, name):
+        def hook(mod, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            self.gram[name].add(x.float())
+            self.abs[name] += x.double().abs().sum(0)
+            self.count[name] += x.shape[0]
+        return hook
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+    def mean_abs(self, name):
+        return self.abs[name] / max(self.count[name], 1)
+
+
+def _up_down(block):
+    """(producer, first row, consumer) of the MLP's up -> down pair, or None (no dense MLP)."""
+    names = {n for n, _ in block.named_modules()}
+    if "mlp.down_proj" not in names:
+        return None
+    if "mlp.up_proj" in names:
+        return "mlp.up_proj", 0, "mlp.down_proj"
+    if "mlp.gate_up_proj" in names:                          # fused: up rows are the second half
+        return "mlp.gate_up_proj", block.get_submodule("mlp.gate_up_proj").out_features // 2, "mlp.down_proj"
+    return None
+
+
+class AWQScaling(Transform):
+    """Per block: (norm, readers, s) folds and (producer, first row, consumer, s) folds."""
+
+    def __init__(self, adapter, folds: dict, report: list):
+        self.adapter, self.folds, self.report = adapter, folds, report
+
+    def apply_block(self, index, block):
+        with torch.no_grad():
+            for kind, *rest in self.folds.get(index, []):
+                if kind == "norm":                          # (c + w) <- (c + w) / s; W <- W diag(s)
+                    norm, readers, s = rest
+                    w = block.get_submodule(norm).weight
+                    c = self.adapter.norm_offset(block, norm)
+                    s = s.to(w.device)
+                    w.copy_(((c + w.double()) / s - c).to(w.dtype))
+                    for r in readers:
+                        W = block.get_submodule(r).weight
+                        W.copy_((W.double() * s[None, :]).to(W.dtype))
+                else:                                       # producer rows / s; consumer columns * s
+                    producer, first, consumer, s = rest
+                    p = block.get_submodule(producer)
+                    s = s.to(p.weight.device)
+                    rows = slice(first, first + s.numel())
+                    p.weight[rows] = (p.weight[rows].double() / s[:, None]).to(p.weight.dtype)
+                    if p.bias is not None:
+                        p.bias[rows] = (p.bias[rows].double() / s).to(p.bias.dtype)
+                    W = block.get_submodule(consumer).weight
+                    W.copy_((W.double() * s[None, :]).to(W.dtype))
+
+    def describe(self):
+        alphas = [r["alpha"] for r in self.report]
+        gain = [1 - r["error"] / r["error_none"] for r in self.report if r["error_none"] > 0]
+        return {"groups": len(self.report), "mean_alpha": round(sum(alphas) / max(len(alphas), 1), 4),
+                "mean_error_reduction": round(sum(gain) / max(len(gain), 1), 4)}
+
+
+class AWQ(Preprocessor):
+    """Activation-aware scaling (Lin et al.): per input channel of each linear group, the scale
+    whose exponent minimises the group's output error after quantization to the run's grid."""
+    name = "awq"
+    Options = AWQOptions
+
+    def fit(self, ctx):
+        o, run, adapter = self.options, ctx.run, ctx.adapter
+        x, kwargs = ctx.inputs()
+        if o.samples:
+            x = x[:o.samples]
+        quantized = set()
+        folds, report = {}, []
+        with bar(ctx.num_blocks, "awq", "block") as progress:
+            for i in range(ctx.num_blocks):
+                block = ctx.block(i)
+                quantized = {n for g in adapter.linear_groups(block) for n in g}
+                groups = {norm: readers for norm, readers in adapter.norm_inputs(block).items()}
+                pair = _up_down(block)
+                heads = {norm: readers[0] for norm, readers in groups.items()}
+                watch = {r: block.get_submodule(r) for r in heads.values()}
+                if pair:
+                    watch[pair[2]] = block.get_submodule(pair[2])
+                col = _Inputs(watch)
+                try:
+                    x = run_block(block, x, kwargs[i], batch=ctx.batch)         # FP: the scales change nothing
+                finally:
+                    col.close()
+                fold = []
+                for norm, readers in groups.items():
+                    ws = [block.get_submodule(r).weight.detach() for r in readers if r in quantized]
+                    if not ws:
+                        continue
+                    h = heads[norm]
+                    s, alpha, err, none = search(ws, col.gram[h].H, col.mean_abs(h), run.bits, run.group_size,
+                                                 run.symmetric, o.steps)
+                    fold.append(("norm", norm, list(readers), s))
+                    report.append({"block": i, "group": norm, "alpha": alpha, "error": err, "error_none": none})
+                if pair and pair[2] in quantized:
+                    producer, first, consumer = pair
+                    s, alpha, err, none = search([block.get_submodule(consumer).weight.detach()], col.gram[consumer].H,
+                                                 col.mean_abs(consumer), run.bits, run.group_size, run.symmetric,
+                                                 o.steps)
+                    fold.append(("rows", producer, first, consumer, s))
+                    report.append({"block": i, "group": consumer, "alpha": alpha, "error": err, "error_none": none})
+                folds[i] = fold
+                ctx.release(i)
+                progress.update()
+        return AWQScaling(adapter, folds, report)
+
+
+@hookimpl
+def onecomp_register_preprocessors(registry):
+    registry.add_preprocessor(AWQ)

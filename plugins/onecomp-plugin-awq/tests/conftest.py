@@ -1,0 +1,1 @@
+from onecomp_core.testing import tiny_llama, tiny_models  # noqa: F401  (pytest fixtures)

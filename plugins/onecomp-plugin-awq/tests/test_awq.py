@@ -1,0 +1,85 @@
+"""The awq preprocessor: the searched scales never raise the group's objective above no scaling,
+and the fitted transform keeps the FP model's function on every supported architecture."""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from transformers import AutoModelForCausalLM
+
+import onecomp_core
+from onecomp_core.sdk import find_adapter, hookimpl, load_plugins
+from onecomp_core.testing import ARCHS
+from onecomp_plugin_awq.plugin import AWQ
+from onecomp_plugin_awq.search import group_error, scales_for, search
+
+
+def test_found_by_name_through_entry_point():
+    reg = load_plugins().registry
+    assert reg.get("preprocessor", "awq") is AWQ and reg.source("preprocessor", "awq") == "awq"
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10_000), st.sampled_from([(3, 32, False), (4, -1, True), (2, 16, False)]))
+def test_search_never_worse_than_no_scaling(seed, grid_):
+    bits, group, sym = grid_
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(256, 32, generator=g) * (torch.rand(32, generator=g) * 10 + 0.1)       # outlier channels
+    H = X.T @ X / X.shape[0]
+    Ws = [torch.randn(24, 32, generator=g) for _ in range(2)]
+    s, alpha, err, none = search(Ws, H, X.abs().mean(0), bits, group, sym, steps=10)
+    assert torch.equal(scales_for(X.abs().mean(0), 0.0), torch.ones(32, dtype=torch.float64))
+    assert none == pytest.approx(group_error(Ws, H, torch.ones(32, dtype=torch.float64), bits, group, sym))
+    assert err <= none and err == pytest.approx(group_error(Ws, H, s, bits, group, sym))
+    assert 0.0 <= alpha < 1.0
+
+
+def _spy_plugin(seen):
+    class Spy(AWQ):
+        name = "spyawq"
+
+        def fit(self, ctx):
+            t = super().fit(ctx)
+            seen.append(t)
+            return t
+
+    class P:
+        @hookimpl
+        def onecomp_register_preprocessors(self, registry):
+            registry.add_preprocessor(Spy)
+    return P()
+
+
+def _prepared(model):
+    adapter = find_adapter(model.config, load_plugins().registry)
+    layers = model.get_submodule(adapter.blocks_path())
+    for i in range(len(layers)):
+        fused = getattr(getattr(layers[i], "mlp", None), "experts", None)
+        layers[i] = adapter.prepare_block(layers[i])
+        split = layers[i].mlp.experts if fused is not None else None
+        if split is not None and split is not fused:
+            with torch.no_grad():
+                for e, ex in enumerate(split):
+                    gate, up = fused.gate_up_proj[e].chunk(2, 0)
+                    ex.gate_proj.weight.copy_(gate)
+                    ex.up_proj.weight.copy_(up)
+                    ex.down_proj.weight.copy_(fused.down_proj[e])
+    return model, layers
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fitted_scales_keep_the_fp_function_on_every_architecture(arch, tiny_models, tmp_path):
+    seen = []
+    folder = tiny_models(arch)
+    rep = onecomp_core.quantize(folder, tmp_path / "q", plugins=[_spy_plugin(seen)], preprocessors=["spyawq"],
+                                bits=3, group_size=32, projector="rtn", num_samples=2, seq_len=32)
+    t = seen[0]
+    assert rep["preprocessors"][0]["groups"] == len(t.report) >= 2 * 2
+    assert all(r["error"] <= r["error_none"] for r in t.report)
+    assert any(r["alpha"] > 0 for r in t.report)                       # it did scale something
+    ref = AutoModelForCausalLM.from_pretrained(folder).eval()
+    model, layers = _prepared(AutoModelForCausalLM.from_pretrained(folder).eval())
+    for i, block in enumerate(layers):
+        t.apply_block(i, block)
+    ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = ref(ids).logits, model(ids).logits
+    assert ((a - b).abs().max() / a.abs().max()).item() < 1e-5, arch
