@@ -139,10 +139,11 @@ class BlockContext:
 
 class LayerwisePass:
     def __init__(self, sk, plan, projectors, formats, corrections, block_refiners, store, hook,
-                 needs: set, batch: int = 1):
+                 needs: set, batch: int = 1, spill=None):
         self.sk, self.plan, self.projectors, self.formats = sk, plan, projectors, formats
         self.corrections, self.block_refiners, self.store, self.hook = corrections, block_refiners, store, hook
         self.needs, self.batch = set(needs), batch
+        self.spill = spill                                # SpilledStreams: outputs go to files on disk
         self.paired = bool({"cross", "residual"} & self.needs)
         self.keep_fp = any(r.needs_fp_weights for r in block_refiners)
         # nothing reads the streams: the blocks never run on calibration data
@@ -155,7 +156,8 @@ class LayerwisePass:
         for i in range(start, total):
             t0 = time.time()
             block = sk.block(i)
-            fp_next = fp if self.data_free else run_block(block, fp, kwargs[i], batch=self.batch)   # FP block, FP stream
+            fp_next = fp if self.data_free else run_block(block, fp, kwargs[i], out=self._out("fp"),
+                                                          batch=self.batch)             # FP block, FP stream
             bctx = BlockContext(self, i, block, fp, q, fp_next, kwargs[i])
             self.hook.onecomp_block_start(index=i, total=total, layers=bctx.linears)
             for group in bctx.groups:
@@ -165,7 +167,8 @@ class LayerwisePass:
             for r in self.block_refiners:
                 r.refine_block(bctx)
             bctx.release()
-            q_next = q if self.data_free else run_block(block, q, kwargs[i], batch=self.batch)  # quantized block
+            q_next = q if self.data_free else run_block(block, q, kwargs[i], out=self._out("q"),
+                                                        batch=self.batch)               # quantized block
             fp, q = fp_next, q_next
             tensors = self._block_tensors(block, bctx.prefix, bctx.qts)
             streams = {k: v.new_empty((0, *v.shape[1:])) if self.data_free else v for k, v in (("fp", fp), ("q", q))}
@@ -175,6 +178,9 @@ class LayerwisePass:
             per_block_rss.append(round(rss_mb(), 1))
             self.hook.onecomp_block_done(index=i, total=total, info={"seconds": per_block_s[-1]})
         return {"block_seconds": per_block_s, "block_rss_mb": per_block_rss, "calibration_forwards": not self.data_free}
+
+    def _out(self, kind: str):
+        return self.spill.out(kind) if self.spill is not None else None
 
     def quantize_linear(self, name, lin, block, stats: dict, pass_index: int = 0):
         spec = self.plan[name]

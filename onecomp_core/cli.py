@@ -29,6 +29,9 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refine", choices=["manual", "auto"],
                    help="auto: add the refiners (blockptq, globalptq) that fit --max-memory and --time-budget")
     p.add_argument("--max-memory", help="memory the run may use, e.g. 8GB (default: the machine's; the GPU's on CUDA)")
+    p.add_argument("--spill-streams", choices=["auto", "always", "never"],
+                   help="keep the layer-wise pass's hidden-state streams in files on disk: auto (default) when "
+                        "--max-memory says they do not fit")
     p.add_argument("--time-budget", help="time the whole run may take, e.g. 45m or 2h (--refine auto skips what would not fit)")
     p.add_argument("--planner", help="planner name (uniform, autobit, ...)")
     p.add_argument("--target-bpw", type=float, help="budget: average bits per weight of the quantized linears")
@@ -92,7 +95,7 @@ def _run_config(a):
                        calibration=a.calibration, num_samples=a.num_samples, seq_len=a.seq_len,
                        strategy=a.strategy, seed=a.seed, batch_size=a.batch_size, exclude=a.exclude,
                        refine_samples=a.refine_samples, heldout=a.heldout, refine=a.refine,
-                       max_memory=a.max_memory, time_budget=a.time_budget,
+                       max_memory=a.max_memory, time_budget=a.time_budget, spill_streams=a.spill_streams,
                        device=a.device, dtype=a.dtype, store_dtype=a.store_dtype, eval_text=a.eval_text,
                        overwrite=a.overwrite, bos=a.bos)
 

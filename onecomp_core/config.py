@@ -153,6 +153,7 @@ class RunConfig:
     refine: str = attrs.field(default="manual", validator=_refine_mode)    # auto: add the refiners that fit
     max_memory: str | int | None = attrs.field(default=None, validator=_size)         # default: the machine's
     time_budget: str | int | float | None = attrs.field(default=None, validator=_duration)
+    spill_streams: str = attrs.field(default="auto", validator=_one_of(("auto", "always", "never")))   # to disk
     planner: str = attrs.field(default="uniform", validator=_type(str, "a planner name"))
     budget: BudgetConfig = attrs.field(factory=BudgetConfig)
     exports: tuple = attrs.field(default=(), converter=tuple, validator=_names)

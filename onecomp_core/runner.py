@@ -34,14 +34,14 @@ from .model_source import resolve_model
 from .refine_stage import SUFFIX as REFINE_SUFFIX, RefineStore, run_model_refiners
 from .fit import RefineChoice
 from .reference_pass import measure_reference
-from .resources import release_memory, set_threads
+from .resources import parse_size, release_memory, set_threads
 from .report import peak_gpu_mb, peak_rss_mb, rss_mb, write_reports
 from .planners import uniform_specs
 from .resolve import Resolved
 from .spec import LayerSpec, Plan
 from .skeleton import Skeleton, pick_device
 from .store import RunStore, atomic_write_bytes
-from .streams import capture, cast_floats
+from .streams import SpilledStreams, capture, cast_floats
 
 # config fields that do not change what the layer-wise pass computes: a re-run that differs
 # only in them resumes
@@ -294,9 +294,16 @@ class Runner:
             fp, q = self.inputs, self.inputs.clone()
         self.inputs = None
         block_refiners = [r for r in res.refiners_of("block") if r.name not in self.skipped]
+        if not hasattr(self, "spilled"):
+            self.layerwise_need_bytes()
+        spill = SpilledStreams(self.store.work / "spill", fp.shape, fp.dtype) if self.spilled else None
         lw = LayerwisePass(self.sk, self.plan_, res.projectors, res.formats, res.refiners_of("layer"),
-                           block_refiners, self.store, self.hook, self.needs, self.batch)
-        self.timing = lw.run(fp, q, self.kwargs, self.start)
+                           block_refiners, self.store, self.hook, self.needs, self.batch, spill=spill)
+        try:
+            self.timing = lw.run(fp, q, self.kwargs, self.start)
+        finally:
+            if spill is not None:
+                spill.remove()
 
     # -- the resource-adaptive choice (--refine auto, --max-memory, --time-budget) ---------------
     def layerwise_need_bytes(self) -> int:
@@ -310,7 +317,12 @@ class Runner:
         stream = cal.num_samples * cal.seq_len * int(getattr(sk.config, "hidden_size", 0)) * width
         widest = max(s[1] for s in self.shapes.values())
         stats = widest * widest * 4 * (2 if {"cross", "residual"} & self.statistics_needed() else 1)
-        return int(rss_mb() * 2**20 + 3 * block * width + 2 * stream + stats)
+        base = int(rss_mb() * 2**20 + 3 * block * width + stats)
+        run = self.run_cfg
+        # the two streams go to files on disk when asked, or when an explicit --max-memory leaves no room for them
+        self.spilled = run.spill_streams == "always" or (
+            run.spill_streams == "auto" and run.max_memory is not None and base + 2 * stream > parse_size(run.max_memory))
+        return base + (0 if self.spilled else 2 * stream)
 
     def statistics_needed(self) -> set:
         """The input statistics the layer-wise pass gathers: H where a projector needs it, and
@@ -480,7 +492,7 @@ class Runner:
                    "peak_rss_mb_with_eval": round(peak_rss_mb(), 1) if self.evaluation else None,
                    "resumed_from_block": self.start, "device": str(self.device),
                    "calibration_forwards": self.timing.get("calibration_forwards", True),
-                   "threads": getattr(self, "threads", None),
+                   "threads": getattr(self, "threads", None), "streams_on_disk": bool(getattr(self, "spilled", False)),
                    "stage": "refined" if any(r["kept"] for r in self.refined) else "pivot", **self.sizes()}
         return {"summary": summary, "stages": self.stages, "stage_memory": self.stage_memory,
                 "block_rss_mb": self.timing.get("block_rss_mb", []), "layers": layers, "evaluation": self.evaluation,

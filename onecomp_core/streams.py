@@ -109,6 +109,31 @@ def batches(n: int, size: int):
         yield slice(b, min(b + size, n))
 
 
+class SpilledStreams:
+    """The layer-wise pass's hidden-state streams in files (memory-mapped, so the OS pages them
+    out): two buffers per stream, a block reading one while writing the other."""
+
+    def __init__(self, folder, shape, dtype):
+        import shutil
+        from pathlib import Path
+        self.folder = Path(folder)
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder.mkdir(parents=True)
+        self.shape, self.dtype = tuple(shape), dtype
+        self.turn: dict = {}
+
+    def out(self, kind: str) -> torch.Tensor:
+        """The next output buffer of stream ``kind`` (never the one the block is reading)."""
+        k = self.turn[kind] = 1 - self.turn.get(kind, 1)
+        path = self.folder / f"{kind}-{k}.bin"
+        numel = int(torch.Size(self.shape).numel())
+        return torch.from_file(str(path), shared=True, size=numel, dtype=self.dtype).view(self.shape)
+
+    def remove(self) -> None:
+        import shutil
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, out: torch.Tensor | None = None,
               batch: int = 1) -> torch.Tensor:
     """The block applied to ``hidden`` (N, L, d), ``batch`` samples per forward."""

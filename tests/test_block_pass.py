@@ -136,3 +136,17 @@ def test_rtn_runs_no_block_on_calibration_data_and_writes_the_same_blocks(tiny_l
     for b in ("00000", "00001"):
         x, y = (load_file(str(tmp_path / d / f"model-block-{b}.safetensors")) for d in ("d", "f"))
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_streams_on_disk_give_the_same_bytes_as_streams_in_memory(tiny_llama, tmp_path):
+    kw = dict(KW, projector="gptq", bits=3, num_samples=3)
+    mem = onecomp_core.quantize(tiny_llama, tmp_path / "m", spill_streams="never", **kw)
+    disk = onecomp_core.quantize(tiny_llama, tmp_path / "d", spill_streams="always", **kw)
+    assert disk["summary"]["streams_on_disk"] is True and mem["summary"]["streams_on_disk"] is False
+    assert {n: li["rel_error"] for n, li in mem["layers"].items()} == {n: li["rel_error"] for n, li in disk["layers"].items()}
+    for b in ("00000", "00001"):
+        x, y = (load_file(str(tmp_path / d / f"model-block-{b}.safetensors")) for d in ("m", "d"))
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    assert not list((tmp_path / "d").rglob("spill"))                    # the stream files are gone
+    roomy = onecomp_core.quantize(tiny_llama, tmp_path / "a", max_memory="64GiB", **kw)
+    assert roomy["summary"]["streams_on_disk"] is False                # auto: they fit
