@@ -62,6 +62,9 @@ class PreprocessContext:
     device: torch.device
     batch: int                        # calibration samples per block forward
     model_config: object = None
+    outer: object = None              # () -> (final norm, head) loaded (earlier transforms applied); None: no head
+    release_outer: object = None      # () -> free them again
+    max_memory: int | None = None     # bytes the run may use (--max-memory, else the machine's)
 
 
 @attrs.define

@@ -240,13 +240,25 @@ class Runner:
             ctx = PreprocessContext(run=run, adapter=sk.adapter, num_blocks=len(sk.blocks), block=sk.block,
                                     release=sk.release_block, block_prefix=sk.block_prefix, inputs=inputs,
                                     calibration_ids=self.ids, device=self.device,
-                                    batch=self.batch, model_config=sk.config)
+                                    batch=self.batch, model_config=sk.config, outer=self.outer_for_fit,
+                                    release_outer=sk.release_outer, max_memory=self.memory_budget())
             t = pre.fit(ctx)
             if not isinstance(t, Transform):
                 raise OnecompError(f"preprocessor {pre.name!r}: fit() returned {type(t).__name__}, not a Transform")
             sk.transforms.append(t)
             self.transforms.append((pre.name, t))
         self.inputs, self.kwargs = capture(sk, self.ids)          # block-0 inputs under every transform
+
+    def outer_for_fit(self):
+        """(final norm, head) of the model, loaded with the transforms so far (a preprocessor's fit)."""
+        sk = self.sk
+        sk.fill_outer()
+        path = sk.adapter.final_norm_path()
+        return (sk.model.get_submodule(path) if path else None), sk.model.get_output_embeddings()
+
+    def memory_budget(self) -> int:
+        """--max-memory in bytes, else what the machine (or the GPU) has."""
+        return RefineChoice(self.run_cfg, (), self.device, time.time()).budget
 
     def plan(self) -> None:
         res, run, sk = self.res, self.run_cfg, self.sk

@@ -65,7 +65,8 @@ class HadamardRotation(Transform):
 
     def describe(self):
         return {"hidden": self.R1.shape[0], "head_dim": None if self.R2 is None else self.R2.shape[0],
-                "hadamard_order": largest_order(self.R1.shape[0]), "untied_head": self.untied}
+                "hadamard_order": largest_order(self.R1.shape[0]), "untied_head": self.untied,
+                **getattr(self, "learned", {})}
 
 
 def layout_of(adapter, block, arch: str):
@@ -99,6 +100,125 @@ class Hadamard(Preprocessor):
         return HadamardRotation(ctx.adapter, R1, R2, bool(getattr(cfg, "tie_word_embeddings", False)), arch)
 
 
+
+
+@attrs.define(frozen=True)
+class SpinQuantOptions:
+    seed: int = attrs.field(default=0, validator=in_range(0, 2**31 - 1))
+    steps: int = attrs.field(default=40, validator=in_range(1, 100_000))
+    lr: float = attrs.field(default=1.5, validator=in_range(0.0, 100.0))
+    samples: int = attrs.field(default=8, validator=in_range(1, 1 << 20))    # calibration samples it learns on
+    r2: bool = attrs.field(default=True, validator=boolean)
+
+
+def _learn_bytes(cfg, samples_len: int) -> int:
+    """Rough peak of SpinQuant's learning: the whole model in float32 twice (weights and their
+    rotated, fake-quantized copies per block in turn), each block's checkpointed input, logits."""
+    d, layers = int(cfg.hidden_size), int(cfg.num_hidden_layers)
+    inter = int(getattr(cfg, "intermediate_size", 4 * d)) * int(getattr(cfg, "num_local_experts", 1) or 1)
+    per_block = 4 * d * d + 3 * d * inter
+    vocab = int(cfg.vocab_size)
+    return 4 * (layers * per_block + 2 * vocab * d) + 4 * 12 * layers * samples_len * d + 4 * 3 * samples_len * vocab
+
+
+class SpinQuant(Preprocessor):
+    """SpinQuant (Liu et al.): R1 and R2 learned by Cayley SGD against the cross-entropy of the
+    model with its weights rotated and fake-quantized to the run's grid, from the Hadamard
+    rotations; the learned rotations are fused like ``hadamard``'s. Needs the whole model."""
+    name = "spinquant"
+    Options = SpinQuantOptions
+
+    def fit(self, ctx):
+        from .spinquant import cayley_step, effective_params, orthonormalise
+        o, run, cfg, adapter = self.options, ctx.run, ctx.model_config, ctx.adapter
+        arch = getattr(cfg, "model_type", "?")
+        x0, kwargs = ctx.inputs()
+        ids = ctx.calibration_ids
+        n = min(o.samples, x0.shape[0])
+        need = _learn_bytes(cfg, x0.shape[1])
+        if ctx.max_memory is not None and need > ctx.max_memory:
+            raise OnecompError(f"spinquant needs ~{need / 2**30:.1f} GB to learn its rotations (the whole model "
+                               f"resident), max-memory {ctx.max_memory / 2**30:.1f} GB: raise --max-memory or use "
+                               f"--preprocessor hadamard")
+        blocks = [ctx.block(i) for i in range(ctx.num_blocks)]
+        try:
+            return self._learn(ctx, blocks, x0[:n].float(), kwargs, ids[:n], arch, cayley_step, effective_params,
+                               orthonormalise)
+        finally:
+            for i in range(ctx.num_blocks):
+                ctx.release(i)
+            if ctx.release_outer is not None:
+                ctx.release_outer()
+
+    def _learn(self, ctx, blocks, x0, kwargs, ids, arch, cayley_step, effective_params, orthonormalise):
+        import torch.nn.functional as F
+        from torch.func import functional_call
+        from torch.utils.checkpoint import checkpoint
+        from onecomp_core.sdk import bar
+        o, run, cfg, adapter = self.options, ctx.run, ctx.model_config, ctx.adapter
+        lays = [layout_of(adapter, b, arch) for b in blocks]
+        quantized = [{n for g in adapter.linear_groups(b) for n in g} for b in blocks]
+        for b in blocks:
+            b.float().requires_grad_(False)
+        if ctx.outer is None:
+            raise OnecompError(f"spinquant: no final norm and head to measure the loss with ({arch})")
+        norm, head = ctx.outer()
+        c = adapter.norm_offset(None, "norm")
+        Wh = (head.weight.detach().float() * (c + norm.weight.detach().float())[None, :])
+        flat = {"weight": torch.full_like(norm.weight.detach().float(), 1.0 - c)}
+        grid_args = (run.bits, run.group_size, run.symmetric)
+        dev = x0.device
+
+        def loss_of(R1, R2, k):
+            x = x0[k:k + 1] @ R1
+            for i, blk in enumerate(blocks):
+                def step(x, R1, R2, i=i, blk=blk):
+                    p = effective_params(blk, lays[i], R1, R2, quantized[i], grid_args)
+                    y = functional_call(blk, p, (x,), cast(kwargs[i]))
+                    return y[0] if isinstance(y, tuple) else y
+                x = checkpoint(step, x, R1, R2, use_reentrant=False)
+            h = functional_call(norm.float(), flat, (x,))
+            logits = h @ (Wh @ R1).T
+            return F.cross_entropy(logits[0, :-1], ids[k, 1:].to(dev))
+
+        def objective(R1, R2):
+            with torch.no_grad():
+                return sum(float(loss_of(R1, R2, k)) for k in range(x0.shape[0])) / x0.shape[0]
+
+        R1 = rotation(int(cfg.hidden_size), o.seed).float().to(dev)
+        R2 = rotation(lays[0].head_dim, o.seed + 1).float().to(dev) if o.r2 else None
+        start = (R1.clone(), None if R2 is None else R2.clone())
+        loss_start = objective(R1, R2)
+        with bar(o.steps, "spinquant", "step") as progress:
+            for t in range(o.steps):
+                lr = o.lr * (1 - t / o.steps)                                     # linear decay
+                r1 = R1.clone().requires_grad_(True)
+                r2 = None if R2 is None else R2.clone().requires_grad_(True)
+                with torch.enable_grad():
+                    loss = loss_of(r1, r2, t % x0.shape[0])
+                    grads = torch.autograd.grad(loss, [r for r in (r1, r2) if r is not None])
+                R1 = cayley_step(R1, grads[0], lr)
+                if R2 is not None:
+                    R2 = cayley_step(R2, grads[1], lr)
+                progress.update()
+        R1, R2 = orthonormalise(R1).float(), None if R2 is None else orthonormalise(R2).float()
+        loss_end = objective(R1, R2)
+        kept = loss_end < loss_start
+        if not kept:                                  # never worse than the Hadamard start on its own objective
+            R1, R2 = start
+        t = HadamardRotation(adapter, R1.double(), None if R2 is None else R2.double(),
+                             bool(getattr(cfg, "tie_word_embeddings", False)), arch)
+        t.learned = {"steps": o.steps, "loss_start": round(loss_start, 5), "loss_end": round(loss_end, 5),
+                     "kept_learned": kept}
+        return t
+
+
+def cast(kw: dict) -> dict:
+    from onecomp_core.sdk import cast_floats
+    return cast_floats(kw, torch.float32)
+
+
 @hookimpl
 def onecomp_register_preprocessors(registry):
     registry.add_preprocessor(Hadamard)
+    registry.add_preprocessor(SpinQuant)

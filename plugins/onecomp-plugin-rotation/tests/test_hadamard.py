@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 from transformers import AutoModelForCausalLM
 
 import onecomp_core
-from onecomp_core.sdk import OnecompError, find_adapter, load_plugins
+from onecomp_core.sdk import OnecompError, find_adapter, hookimpl, load_plugins
 from onecomp_core.testing import ARCHS
 from onecomp_plugin_rotation.fuse import fold_norm, rotate_heads_columns, rotate_heads_rows
 from onecomp_plugin_rotation.hadamard import hadamard, largest_order, paley, recipe, rotation
@@ -190,3 +190,67 @@ def test_symmetric_checkpoint_loads_in_plain_transformers_with_onecomps_logits(t
     with torch.no_grad():
         a, b = ours(ids).logits.float(), plain(ids).logits.float()
     assert torch.allclose(a, b, atol=1e-4), float((a - b).abs().max())
+
+
+def test_cayley_step_keeps_rotations_orthogonal():
+    from onecomp_plugin_rotation.spinquant import cayley_step
+    g = torch.Generator().manual_seed(0)
+    R = rotation(12, 0)
+    for _ in range(5):
+        R = cayley_step(R, torch.randn(12, 12, generator=g, dtype=torch.float64), 0.5)
+    assert torch.allclose(R @ R.T, torch.eye(12, dtype=torch.float64), atol=1e-10)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_spinquant_learns_rotations_that_keep_the_function_and_lower_its_loss(arch, tiny_models, tmp_path):
+    seen = []
+    from onecomp_plugin_rotation.plugin import SpinQuant
+
+    class Spy(SpinQuant):
+        name = "spyspin"
+
+        def fit(self, ctx):
+            t = super().fit(ctx)
+            seen.append(t)
+            return t
+
+    class P:
+        @hookimpl
+        def onecomp_register_preprocessors(self, registry):
+            registry.add_preprocessor(Spy)
+    folder = tiny_models(arch)
+    rep = onecomp_core.quantize(folder, tmp_path / "q", plugins=[P()], preprocessors=["spyspin"],
+                                options={"spyspin": {"steps": 4, "samples": 2, "lr": 0.5}},
+                                bits=3, group_size=32, projector="rtn", num_samples=2, seq_len=32)
+    d = rep["preprocessors"][0]
+    assert d["steps"] == 4 and d["loss_end"] >= 0 and (d["kept_learned"] == (d["loss_end"] < d["loss_start"]))
+    t = seen[0]
+    eye = torch.eye(t.R1.shape[0], dtype=torch.float64)
+    assert torch.allclose(t.R1 @ t.R1.T, eye, atol=1e-6)
+    ref = AutoModelForCausalLM.from_pretrained(folder).eval()
+    model = _prepared(AutoModelForCausalLM.from_pretrained(folder).eval())
+    layers = model.get_submodule("model.layers")
+    for i, block in enumerate(layers):
+        t.apply_block(i, block)
+    head = model.get_output_embeddings()
+    t.apply_final(model.model.norm, head)
+    t.apply_outer(model.get_input_embeddings(), head)
+    ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = ref(ids).logits, model(ids).logits
+    assert ((a - b).abs().max() / a.abs().max()).item() < 1e-5
+
+
+def test_spinquant_refuses_a_memory_budget_it_cannot_fit():
+    from transformers import LlamaConfig
+    from onecomp_core.testing import COMMON
+    from onecomp_plugin_rotation.plugin import SpinQuant, SpinQuantOptions, _learn_bytes
+    cfg = LlamaConfig(**COMMON)
+    need = _learn_bytes(cfg, 32)
+    ctx = SimpleNamespace(model_config=cfg, run=None, adapter=None, inputs=lambda: (torch.zeros(2, 32, 64), [{}, {}]),
+                          calibration_ids=torch.zeros(2, 32, dtype=torch.long), max_memory=need - 1)
+    with pytest.raises(OnecompError, match=r"spinquant needs ~.* GB to learn its rotations .* max-memory"):
+        SpinQuant(SpinQuantOptions()).fit(ctx)
+    smol = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                       num_key_value_heads=3, vocab_size=49152)
+    assert 1e9 < _learn_bytes(smol, 512) < 4e9                      # SmolLM2: fits the 8 GB
