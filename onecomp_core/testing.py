@@ -67,6 +67,28 @@ def make_model(arch: str, folder: Path, dtype=torch.float32, seed: int = 0, laye
     return folder
 
 
+def as_pipeline_sees_it(model):
+    """An in-memory transformers model with its blocks as onecomp's pipeline sees them (the
+    adapter's ``prepare_block``: fused MoE experts split into one linear per expert, carrying the
+    fused weights), to apply a preprocessor's transform to and compare logits. -> the model."""
+    from .adapters import find_adapter
+    from .plugins import load_plugins
+    adapter = find_adapter(model.config, load_plugins().registry)
+    layers = model.get_submodule(adapter.blocks_path())
+    for i in range(len(layers)):
+        fused = getattr(getattr(layers[i], "mlp", None), "experts", None)
+        layers[i] = adapter.prepare_block(layers[i])
+        split = layers[i].mlp.experts if fused is not None else None
+        if split is not None and split is not fused:
+            with torch.no_grad():
+                for e, ex in enumerate(split):
+                    gate, up = fused.gate_up_proj[e].chunk(2, 0)
+                    ex.gate_proj.weight.copy_(gate)
+                    ex.up_proj.weight.copy_(up)
+                    ex.down_proj.weight.copy_(fused.down_proj[e])
+    return model
+
+
 def quick(**kw) -> dict:
     """Keyword arguments for a fast ``onecomp_core.quantize`` call on a tiny model."""
     base = dict(bits=4, group_size=32, projector="rtn", num_samples=2, seq_len=32)

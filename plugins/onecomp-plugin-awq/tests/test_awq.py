@@ -6,8 +6,8 @@ from hypothesis import given, settings, strategies as st
 from transformers import AutoModelForCausalLM
 
 import onecomp_core
-from onecomp_core.sdk import find_adapter, hookimpl, load_plugins
-from onecomp_core.testing import ARCHS
+from onecomp_core.sdk import hookimpl, load_plugins
+from onecomp_core.testing import ARCHS, as_pipeline_sees_it
 from onecomp_plugin_awq.plugin import AWQ
 from onecomp_plugin_awq.search import group_error, scales_for, search
 
@@ -48,23 +48,6 @@ def _spy_plugin(seen):
     return P()
 
 
-def _prepared(model):
-    adapter = find_adapter(model.config, load_plugins().registry)
-    layers = model.get_submodule(adapter.blocks_path())
-    for i in range(len(layers)):
-        fused = getattr(getattr(layers[i], "mlp", None), "experts", None)
-        layers[i] = adapter.prepare_block(layers[i])
-        split = layers[i].mlp.experts if fused is not None else None
-        if split is not None and split is not fused:
-            with torch.no_grad():
-                for e, ex in enumerate(split):
-                    gate, up = fused.gate_up_proj[e].chunk(2, 0)
-                    ex.gate_proj.weight.copy_(gate)
-                    ex.up_proj.weight.copy_(up)
-                    ex.down_proj.weight.copy_(fused.down_proj[e])
-    return model, layers
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_fitted_scales_keep_the_fp_function_on_every_architecture(arch, tiny_models, tmp_path):
     seen = []
@@ -76,7 +59,8 @@ def test_fitted_scales_keep_the_fp_function_on_every_architecture(arch, tiny_mod
     assert all(r["error"] <= r["error_none"] for r in t.report)
     assert any(r["alpha"] > 0 for r in t.report)                       # it did scale something
     ref = AutoModelForCausalLM.from_pretrained(folder).eval()
-    model, layers = _prepared(AutoModelForCausalLM.from_pretrained(folder).eval())
+    model = as_pipeline_sees_it(AutoModelForCausalLM.from_pretrained(folder).eval())
+    layers = model.model.layers
     for i, block in enumerate(layers):
         t.apply_block(i, block)
     ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import onecomp_core
 from onecomp_core.sdk import OnecompError, find_adapter, hookimpl, load_plugins
-from onecomp_core.testing import ARCHS
+from onecomp_core.testing import ARCHS, as_pipeline_sees_it
 from onecomp_plugin_rotation.fuse import fold_norm, rotate_heads_columns, rotate_heads_rows
 from onecomp_plugin_rotation.hadamard import hadamard, largest_order, paley, recipe, rotation
 from onecomp_plugin_rotation.plugin import Hadamard, HadamardOptions
@@ -67,24 +67,6 @@ def test_fused_rotation_preserves_a_norm_reader_writer_chain(seed, offset):
     assert torch.allclose(after @ R1.T, before, atol=1e-10)
 
 
-def _prepared(model):
-    """The model with its blocks as the pipeline sees them (MoE experts split into linears)."""
-    adapter = find_adapter(model.config, load_plugins().registry)
-    layers = model.get_submodule(adapter.blocks_path())
-    for i in range(len(layers)):
-        fused = getattr(getattr(layers[i], "mlp", None), "experts", None)
-        layers[i] = adapter.prepare_block(layers[i])
-        split = layers[i].mlp.experts if fused is not None else None
-        if split is not None and split is not fused:      # the split linears get the fused weights
-            with torch.no_grad():
-                for e, ex in enumerate(split):
-                    gate, up = fused.gate_up_proj[e].chunk(2, 0)
-                    ex.gate_proj.weight.copy_(gate)
-                    ex.up_proj.weight.copy_(up)
-                    ex.down_proj.weight.copy_(fused.down_proj[e])
-    return model
-
-
 def _transform(model, seed=0, r2=True):
     adapter = find_adapter(model.config, load_plugins().registry)
     layers = model.get_submodule(adapter.blocks_path())
@@ -102,7 +84,7 @@ def _transform(model, seed=0, r2=True):
 def test_fp_logits_unchanged_on_every_rotatable_architecture(arch, tiny_models):
     folder = tiny_models(arch)
     ref = AutoModelForCausalLM.from_pretrained(folder).eval()
-    model = _prepared(AutoModelForCausalLM.from_pretrained(folder).eval())
+    model = as_pipeline_sees_it(AutoModelForCausalLM.from_pretrained(folder).eval())
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     t = _transform(model)
     changed = [n for n, p in model.named_parameters() if not torch.equal(before[n], p)]
@@ -228,7 +210,7 @@ def test_spinquant_learns_rotations_that_keep_the_function_and_lower_its_loss(ar
     eye = torch.eye(t.R1.shape[0], dtype=torch.float64)
     assert torch.allclose(t.R1 @ t.R1.T, eye, atol=1e-6)
     ref = AutoModelForCausalLM.from_pretrained(folder).eval()
-    model = _prepared(AutoModelForCausalLM.from_pretrained(folder).eval())
+    model = as_pipeline_sees_it(AutoModelForCausalLM.from_pretrained(folder).eval())
     layers = model.get_submodule("model.layers")
     for i, block in enumerate(layers):
         t.apply_block(i, block)
