@@ -4,7 +4,7 @@ from __future__ import annotations
 import attrs
 import torch
 
-from onecomp_core.sdk import OnecompError, Preprocessor, Transform, boolean, hookimpl, in_range
+from onecomp_core.sdk import OnecompError, Preprocessor, Transform, boolean, hookimpl, in_range, rss_bytes
 
 from .fuse import columns_times, fold_norm, rotate_heads_columns, rotate_heads_rows, rows_times
 from .hadamard import largest_order, rotation
@@ -135,7 +135,7 @@ class SpinQuant(Preprocessor):
         x0, kwargs = ctx.inputs()
         ids = ctx.calibration_ids
         n = min(o.samples, x0.shape[0])
-        need = _learn_bytes(cfg, x0.shape[1])
+        need = rss_bytes() + _learn_bytes(cfg, x0.shape[1])          # what the process holds now, plus the learning
         if ctx.max_memory is not None and need > ctx.max_memory:
             raise OnecompError(f"spinquant needs ~{need / 2**30:.1f} GB to learn its rotations (the whole model "
                                f"resident), max-memory {ctx.max_memory / 2**30:.1f} GB: raise --max-memory or use "

@@ -228,9 +228,10 @@ def test_spinquant_refuses_a_memory_budget_it_cannot_fit():
     from onecomp_core.testing import COMMON
     from onecomp_plugin_rotation.plugin import SpinQuant, SpinQuantOptions, _learn_bytes
     cfg = LlamaConfig(**COMMON)
-    need = _learn_bytes(cfg, 32)
+    from onecomp_core.sdk import rss_bytes
+    need = _learn_bytes(cfg, 32) + rss_bytes()
     ctx = SimpleNamespace(model_config=cfg, run=None, adapter=None, inputs=lambda: (torch.zeros(2, 32, 64), [{}, {}]),
-                          calibration_ids=torch.zeros(2, 32, dtype=torch.long), max_memory=need - 1)
+                          calibration_ids=torch.zeros(2, 32, dtype=torch.long), max_memory=need - 2**20)
     with pytest.raises(OnecompError, match=r"spinquant needs ~.* GB to learn its rotations .* max-memory"):
         SpinQuant(SpinQuantOptions()).fit(ctx)
     smol = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
