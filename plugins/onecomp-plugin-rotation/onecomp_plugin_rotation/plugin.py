@@ -142,8 +142,10 @@ class SpinQuant(Preprocessor):
                                f"--preprocessor hadamard")
         blocks = [ctx.block(i) for i in range(ctx.num_blocks)]
         try:
-            return self._learn(ctx, blocks, x0[:n].float(), kwargs, ids[:n], arch, cayley_step, effective_params,
+            t = self._learn(ctx, blocks, x0[:n].float(), kwargs, ids[:n], arch, cayley_step, effective_params,
                                orthonormalise)
+            t.learned["predicted_peak_mb"] = round(need / 2**20, 1)
+            return t
         finally:
             for i in range(ctx.num_blocks):
                 ctx.release(i)
