@@ -56,8 +56,9 @@ def model_card(report: dict, folder: Path) -> str:
               "import onecomp_core", f'model = onecomp_core.load_quantized("{folder}")', "```", ""]
     if _plain_transformers(Path(folder)):
         note = ("" if s.get("symmetric") or s.get("format") != "uniform" else
-                " (asymmetric zero points: needs a compressed-tensors version that loads packed zero points; "
-                "onecomp's loader always does)")
+                " (asymmetric zero points: tested to load bit-identically with transformers 5.17 and "
+                "compressed-tensors 0.19; transformers 5.24 misreads the packed zero points; onecomp's loader "
+                "always reads them)")
         lines += [f"transformers (with `compressed-tensors` installed){note}:", "", "```python",
                   "from transformers import AutoModelForCausalLM",
                   f'model = AutoModelForCausalLM.from_pretrained("{folder}")', "```", "",
