@@ -5,7 +5,8 @@ from pathlib import Path
 
 from onecomp_core.sdk import OnecompError
 
-ARCHS = {"llama": "llama", "mistral": "llama"}          # Hugging Face model_type -> GGUF architecture
+ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}   # model_type -> GGUF architecture
+PERMUTED = {"llama"}       # GGUF architectures whose q/k rows llama.cpp wants in its interleaved rotary order
 
 
 def tensor_name(cfg: dict):
@@ -48,9 +49,8 @@ def add_metadata(writer, cfg: dict, source_folder: Path, pre: str) -> None:
     writer.add_rope_dimension_count(head_dim)
     writer.add_rope_freq_base(float(cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)))
     writer.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
-    if head_dim != hidden // heads:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
+    writer.add_key_length(head_dim)                # always: readers default it per architecture (Qwen3: 128)
+    writer.add_value_length(head_dim)
     vocab = BpeVocab(Path(source_folder))
     tokens, scores, types = [], [], []
     for text, score, kind in vocab.all_tokens():

@@ -20,7 +20,7 @@ from onecomp_core.sdk import Exporter, OnecompError, atomic_json, boolean, hooki
 
 from .blocks import BLOCK, encode, gguf_type
 from .kquants import FOR_BITS, QK, encode_k
-from .metadata import ARCHS, add_metadata, check_tokenizer, tensor_name
+from .metadata import ARCHS, PERMUTED, add_metadata, check_tokenizer, tensor_name
 
 
 @attrs.define(frozen=True)
@@ -71,7 +71,8 @@ class GGUFExporter(Exporter):
         add_metadata(writer, cfg, Path(ectx.source_folder), self.options.tokenizer_pre)
         names = tensor_name(cfg)
         heads = {"q_proj": cfg["num_attention_heads"],
-                 "k_proj": cfg.get("num_key_value_heads") or cfg["num_attention_heads"]}
+                 "k_proj": cfg.get("num_key_value_heads") or cfg["num_attention_heads"]} \
+            if ARCHS[cfg["model_type"]] in PERMUTED else {}                  # NEOX-rotary archs keep HF's rows
         self.requantized = {}
         for f in ectx.block_files:
             self._add_block(writer, load_file(str(f)), ectx, names, heads)

@@ -140,3 +140,28 @@ def test_requantize_without_whole_super_blocks_uses_the_wider_exact_type(tiny_ll
     assert kinds["blk.0.attn_q.weight"] == "Q4_1"                  # 64 inputs: no K-quant; 3 bits sit in Q4_1
     errs = json.loads((out / "gguf_requantize.json").read_text())
     assert all(e["type"] == "Q4_1" and e["rel_error"] < 1e-3 for e in errs.values())     # exact up to float16 m
+
+
+def _qwen3_head_128(folder):
+    """A tiny Qwen3 with head_dim 128: transformers' GGUF loader ignores attention.key_length for
+    qwen3 and assumes 128 (llama.cpp reads it)."""
+    from transformers import AutoModelForCausalLM, Qwen3Config
+    from onecomp_core.testing import COMMON, tokenizer
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(Qwen3Config(**COMMON, head_dim=128)).save_pretrained(folder)
+    tokenizer(folder)
+    return folder
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3"])
+def test_other_architectures_read_back_by_transformers_gguf_loader(arch, tiny_models, tmp_path):
+    from transformers import AutoModelForCausalLM
+    out = tmp_path / "q"
+    src = _qwen3_head_128(tmp_path / "m") if arch == "qwen3" else tiny_models(arch)
+    onecomp_core.quantize(src, out, exports=["gguf"], **quick(bits=4, group_size=32, symmetric=True))
+    ours = onecomp_core.load_quantized(out)
+    theirs = AutoModelForCausalLM.from_pretrained(str(out), gguf_file="model.gguf", dtype=torch.float32).eval()
+    ids = torch.randint(3, 384, (2, 30), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = ours(ids).logits, theirs(ids).logits
+    assert torch.allclose(a, b, atol=1e-4), float((a - b).abs().max())
