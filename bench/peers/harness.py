@@ -60,7 +60,9 @@ def peer_run(tool: str, peers: Path, model: str, tokens: Path, out: Path, bits: 
         return {"error": [f"{py} missing: run bench/peers/setup.sh {tool}"]}
     proc = subprocess.run([str(py), str(HERE / f"run_{tool}.py"), model, str(tokens), str(out), "--bits", str(bits),
                            "--group-size", str(group), *(["--sym"] if sym else [])],
-                          capture_output=True, text=True, env={**os.environ, "PYTHONNOUSERSITE": "1"})
+                          capture_output=True, text=True,
+                          env={**os.environ, "PYTHONNOUSERSITE": "1",       # GPTQModel sizes its pools from this
+                               "GPTQMODEL_CPU_WORKERS": os.environ.get("OMP_NUM_THREADS", "2")})
     if proc.returncode:
         return {"error": (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-1:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
