@@ -165,3 +165,36 @@ def test_other_architectures_read_back_by_transformers_gguf_loader(arch, tiny_mo
     with torch.no_grad():
         a, b = ours(ids).logits, theirs(ids).logits
     assert torch.allclose(a, b, atol=1e-4), float((a - b).abs().max())
+
+
+def test_a_mixed_plan_within_exact_types_exports_as_mixed_type_gguf(tiny_llama, tmp_path):
+    """A planner giving down_proj 8 bits and the rest 4 (symmetric): Q8_0 and Q4_0 in one file,
+    read back by transformers' GGUF loader with onecomp's logits."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+    from onecomp_core.sdk import LayerSpec, Plan, Planner, hookimpl
+
+    class EightBitDown(Planner):
+        name = "eightbit-down-gguf"
+
+        def plan(self, ctx):
+            r = ctx.run
+            return Plan({n: LayerSpec(name=n, format=r.format, projector=r.projector,
+                                      bits=8 if n.endswith("down_proj") else r.bits, group_size=r.group_size,
+                                      symmetric=r.symmetric) for n in ctx.shapes}, planner=self.name)
+
+    class P:
+        @hookimpl
+        def onecomp_register_planners(self, registry):
+            registry.add_planner(EightBitDown)
+    out = tmp_path / "q"
+    onecomp_core.quantize(tiny_llama, out, plugins=[P()], planner="eightbit-down-gguf", exports=["gguf"],
+                          **quick(bits=4, group_size=32, symmetric=True))
+    kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out / "model.gguf")).tensors}
+    assert kinds["blk.0.ffn_down.weight"] == "Q8_0" and kinds["blk.0.attn_q.weight"] == "Q4_0"
+    ours = onecomp_core.load_quantized(out)
+    theirs = AutoModelForCausalLM.from_pretrained(str(out), gguf_file="model.gguf", dtype=torch.float32).eval()
+    ids = torch.randint(3, 384, (2, 30), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = ours(ids).logits, theirs(ids).logits
+    assert torch.allclose(a, b, atol=1e-4), float((a - b).abs().max())
