@@ -62,9 +62,11 @@ def peer_run(tool: str, peers: Path, model: str, tokens: Path, out: Path, bits: 
                            "--group-size", str(group), *(["--sym"] if sym else [])],
                           capture_output=True, text=True,
                           env={**os.environ, "PYTHONNOUSERSITE": "1",       # GPTQModel sizes its pools from this
-                               "GPTQMODEL_CPU_WORKERS": os.environ.get("OMP_NUM_THREADS", "2")})
+                               "GPTQMODEL_CPU_WORKERS": str(max(2, int(os.environ.get("OMP_NUM_THREADS", "2"))))})
     if proc.returncode:
-        return {"error": (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-1:]}
+        lines = (proc.stderr.strip() or proc.stdout.strip()).splitlines()
+        said = [ln for ln in lines if "Error" in ln or "error" in ln][-1:]          # the tool's own error line
+        return {"error": said + lines[-1:] if said and said[-1] != lines[-1] else lines[-1:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
