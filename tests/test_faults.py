@@ -65,7 +65,8 @@ def child(model, out, k, mode):
 def files(folder):
     """Every file's bytes; onecomp.json without the output path it records."""
     import json
-    out = {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name not in ("report.json", "report.md")}
+    out = {p.name: p.read_bytes() for p in sorted(folder.iterdir())
+           if p.name not in ("report.json", "report.md", "report.html", "README.md")}      # reports: times, paths
     meta = json.loads(out.pop("onecomp.json"))
     meta["config"].pop("out")
     out["onecomp.json"] = json.dumps(meta, sort_keys=True).encode()
