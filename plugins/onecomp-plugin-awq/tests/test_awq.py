@@ -48,6 +48,7 @@ def _spy_plugin(seen):
     return P()
 
 
+@pytest.mark.whole_suite                 # eight pipeline runs: in the whole suite, not the isolated check
 @pytest.mark.parametrize("arch", ARCHS)
 def test_fitted_scales_keep_the_fp_function_on_every_architecture(arch, tiny_models, tmp_path):
     seen = []

@@ -127,6 +127,7 @@ def test_pipeline_writes_an_ordinary_checkpoint_that_computes_the_same_function(
     assert ((out_q - ref).abs().max() / ref.abs().max()).item() < 0.05          # 8 bits of the rotated weights
 
 
+@pytest.mark.whole_suite                 # pipeline runs: in the whole suite, not the isolated check
 @pytest.mark.parametrize("gain", [None, "random"])
 def test_a_tied_head_is_untied_only_when_the_final_norm_needs_folding(gain, tmp_path):
     from transformers import LlamaConfig
@@ -183,6 +184,7 @@ def test_cayley_step_keeps_rotations_orthogonal():
     assert torch.allclose(R @ R.T, torch.eye(12, dtype=torch.float64), atol=1e-10)
 
 
+@pytest.mark.whole_suite                 # pipeline runs: in the whole suite, not the isolated check
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_spinquant_learns_rotations_that_keep_the_function_and_lower_its_loss(arch, tiny_models, tmp_path):
     seen = []
