@@ -9,14 +9,14 @@ import sys
 import time
 
 from .errors import OnecompError
-from .resources import human_bytes, human_seconds, machine_memory, parse_duration, parse_size
+from .resources import human_bytes, human_seconds, memory_budget, parse_duration
 
 
 class RefineChoice:
     def __init__(self, run, auto_refiners, device, t_start: float):
         self.auto = set(auto_refiners)
         self.explicit = run.max_memory is not None
-        self.budget = parse_size(run.max_memory) if self.explicit else machine_memory(device)
+        self.budget = memory_budget(run.max_memory, device)
         self.deadline = t_start + parse_duration(run.time_budget) if run.time_budget is not None else None
         self.decisions: list[dict] = []
 

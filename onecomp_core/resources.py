@@ -65,6 +65,11 @@ def release_memory() -> None:
         pass
 
 
+def memory_budget(max_memory, device: torch.device) -> int:
+    """Bytes a run may use: ``--max-memory`` when given, else what the machine (or the GPU) has."""
+    return parse_size(max_memory) if max_memory is not None else machine_memory(device)
+
+
 def available_cores(cgroup_cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
     """CPU cores this process may use: its affinity mask, capped by a cgroup v2 CPU quota."""
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

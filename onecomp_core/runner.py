@@ -34,7 +34,7 @@ from .model_source import resolve_model
 from .refine_stage import SUFFIX as REFINE_SUFFIX, RefineStore, run_model_refiners
 from .fit import RefineChoice
 from .reference_pass import measure_reference
-from .resources import parse_size, release_memory, set_threads
+from .resources import memory_budget, parse_size, release_memory, set_threads
 from .report import peak_gpu_mb, peak_rss_mb, rss_mb, write_reports
 from .planners import uniform_specs
 from .resolve import Resolved
@@ -241,7 +241,8 @@ class Runner:
                                     release=sk.release_block, block_prefix=sk.block_prefix, inputs=inputs,
                                     calibration_ids=self.ids, device=self.device,
                                     batch=self.batch, model_config=sk.config, outer=self.outer_for_fit,
-                                    release_outer=sk.release_outer, max_memory=self.memory_budget())
+                                    release_outer=sk.release_outer,
+                                    max_memory=memory_budget(run.max_memory, self.device))
             t = pre.fit(ctx)
             if not isinstance(t, Transform):
                 raise OnecompError(f"preprocessor {pre.name!r}: fit() returned {type(t).__name__}, not a Transform")
@@ -251,14 +252,8 @@ class Runner:
 
     def outer_for_fit(self):
         """(final norm, head) of the model, loaded with the transforms so far (a preprocessor's fit)."""
-        sk = self.sk
-        sk.fill_outer()
-        path = sk.adapter.final_norm_path()
-        return (sk.model.get_submodule(path) if path else None), sk.model.get_output_embeddings()
-
-    def memory_budget(self) -> int:
-        """--max-memory in bytes, else what the machine (or the GPU) has."""
-        return RefineChoice(self.run_cfg, (), self.device, time.time()).budget
+        self.sk.fill_outer()
+        return self.sk.final_norm(), self.sk.model.get_output_embeddings()
 
     def plan(self) -> None:
         res, run, sk = self.res, self.run_cfg, self.sk
@@ -306,8 +301,7 @@ class Runner:
             fp, q = self.inputs, self.inputs.clone()
         self.inputs = None
         block_refiners = [r for r in res.refiners_of("block") if r.name not in self.skipped]
-        if not hasattr(self, "spilled"):
-            self.layerwise_need_bytes()
+        self.spilled = self.streams_spill(*self.layerwise_parts())
         spill = SpilledStreams(self.store.work / "spill", fp.shape, fp.dtype) if self.spilled else None
         lw = LayerwisePass(self.sk, self.plan_, res.projectors, res.formats, res.refiners_of("layer"),
                            block_refiners, self.store, self.hook, self.needs, self.batch, spill=spill)
@@ -319,9 +313,14 @@ class Runner:
 
     # -- the resource-adaptive choice (--refine auto, --max-memory, --time-budget) ---------------
     def layerwise_need_bytes(self) -> int:
-        """Rough peak of the layer-wise pass: what is resident now (skeleton, calibration
-        inputs), three copies of the largest block (live, FP copy, loading), two more streams and
-        the largest input statistics (H, and C when paired)."""
+        """Rough peak of the layer-wise pass (the streams not counted when they go to disk)."""
+        base, streams = self.layerwise_parts()
+        return base if self.streams_spill(base, streams) else base + streams
+
+    def layerwise_parts(self) -> tuple[int, int]:
+        """(bytes of the layer-wise pass besides its streams, bytes of the two streams). The first:
+        what is resident now (skeleton, calibration inputs), three copies of the largest block
+        (live, FP copy, loading) and the largest input statistics (H, and C when paired)."""
         sk = self.sk
         width = torch.finfo(sk.dtype).bits // 8
         block = self.largest_block_params()
@@ -329,12 +328,14 @@ class Runner:
         stream = cal.num_samples * cal.seq_len * int(getattr(sk.config, "hidden_size", 0)) * width
         widest = max(s[1] for s in self.shapes.values())
         stats = widest * widest * 4 * (2 if {"cross", "residual"} & self.statistics_needed() else 1)
-        base = int(rss_mb() * 2**20 + 3 * block * width + stats)
+        return int(rss_mb() * 2**20 + 3 * block * width + stats), 2 * stream
+
+    def streams_spill(self, base: int, streams: int) -> bool:
+        """The two streams go to files on disk when asked, or when an explicit --max-memory leaves
+        no room for them beside the rest of the pass (``base`` bytes)."""
         run = self.run_cfg
-        # the two streams go to files on disk when asked, or when an explicit --max-memory leaves no room for them
-        self.spilled = run.spill_streams == "always" or (
-            run.spill_streams == "auto" and run.max_memory is not None and base + 2 * stream > parse_size(run.max_memory))
-        return base + (0 if self.spilled else 2 * stream)
+        return run.spill_streams == "always" or (
+            run.spill_streams == "auto" and run.max_memory is not None and base + streams > parse_size(run.max_memory))
 
     def statistics_needed(self) -> set:
         """The input statistics the layer-wise pass gathers: H where a projector needs it, and

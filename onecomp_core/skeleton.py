@@ -186,12 +186,15 @@ class Skeleton:
         """Load the parts outside the blocks, with the transforms applied."""
         for name, mod in self.outer_modules():
             self.fill(mod, name)
-        head = self.model.get_output_embeddings()
-        path = self.adapter.final_norm_path()
-        norm = self.model.get_submodule(path) if path else None
+        head, norm = self.model.get_output_embeddings(), self.final_norm()
         for t in self.transforms:
             t.apply_final(norm, head)
             t.apply_outer(self.model.get_input_embeddings(), head)
+
+    def final_norm(self) -> nn.Module | None:
+        """The norm between the last block and the head (the adapter's ``final_norm_path``)."""
+        path = self.adapter.final_norm_path()
+        return self.model.get_submodule(path) if path else None
 
     def release_outer(self) -> None:
         for _, mod in self.outer_modules():
