@@ -29,7 +29,8 @@ def by_block(layers: dict, key: str) -> tuple[list[int], list[str], dict]:
         if b is not None and key in li:
             acc[(b, kind)].append(float(li[key]))
     blocks = sorted({b for b, _ in acc})
-    kinds = list(dict.fromkeys(module_kind(n)[1] for n in layers if module_kind(n)[1] in {k for _, k in acc}))
+    present = {k for _, k in acc}
+    kinds = [k for k in dict.fromkeys(module_kind(n)[1] for n in layers) if k in present]   # report order
     return blocks, kinds, {k: sum(v) / len(v) for k, v in acc.items()}
 
 

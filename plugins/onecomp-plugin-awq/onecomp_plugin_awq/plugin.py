@@ -102,13 +102,12 @@ class AWQ(Preprocessor):
         x, kwargs = ctx.inputs()
         if o.samples:
             x = x[:o.samples]
-        quantized = set()
         folds, report = {}, []
         with bar(ctx.num_blocks, "awq", "block") as progress:
             for i in range(ctx.num_blocks):
                 block = ctx.block(i)
                 quantized = {n for g in adapter.linear_groups(block) for n in g}
-                groups = {norm: readers for norm, readers in adapter.norm_inputs(block).items()}
+                groups = adapter.norm_inputs(block)
                 pair = _up_down(block)
                 heads = {norm: readers[0] for norm, readers in groups.items()}
                 watch = {r: block.get_submodule(r) for r in heads.values()}

@@ -4,10 +4,11 @@ from __future__ import annotations
 import attrs
 import torch
 
-from onecomp_core.sdk import OnecompError, Preprocessor, Transform, boolean, hookimpl, in_range, rss_bytes
+from onecomp_core.sdk import OnecompError, Preprocessor, Transform, boolean, cast_floats, hookimpl, in_range, rss_bytes
 
 from .fuse import columns_times, fold_norm, rotate_heads_columns, rotate_heads_rows, rows_times
 from .hadamard import largest_order, rotation
+from .spinquant import cayley_step, effective_params, orthonormalise
 
 
 @attrs.define(frozen=True)
@@ -129,7 +130,6 @@ class SpinQuant(Preprocessor):
     Options = SpinQuantOptions
 
     def fit(self, ctx):
-        from .spinquant import cayley_step, effective_params, orthonormalise
         o, run, cfg, adapter = self.options, ctx.run, ctx.model_config, ctx.adapter
         arch = getattr(cfg, "model_type", "?")
         x0, kwargs = ctx.inputs()
@@ -142,8 +142,7 @@ class SpinQuant(Preprocessor):
                                f"--preprocessor hadamard")
         blocks = [ctx.block(i) for i in range(ctx.num_blocks)]
         try:
-            t = self._learn(ctx, blocks, x0[:n].float(), kwargs, ids[:n], arch, cayley_step, effective_params,
-                               orthonormalise)
+            t = self._learn(ctx, blocks, x0[:n].float(), kwargs, ids[:n], arch)
             t.learned["predicted_peak_mb"] = round(need / 2**20, 1)
             return t
         finally:
@@ -152,7 +151,7 @@ class SpinQuant(Preprocessor):
             if ctx.release_outer is not None:
                 ctx.release_outer()
 
-    def _learn(self, ctx, blocks, x0, kwargs, ids, arch, cayley_step, effective_params, orthonormalise):
+    def _learn(self, ctx, blocks, x0, kwargs, ids, arch):
         import torch.nn.functional as F
         from torch.func import functional_call
         from torch.utils.checkpoint import checkpoint
@@ -176,7 +175,7 @@ class SpinQuant(Preprocessor):
             for i, blk in enumerate(blocks):
                 def step(x, R1, R2, i=i, blk=blk):
                     p = effective_params(blk, lays[i], R1, R2, quantized[i], grid_args)
-                    y = functional_call(blk, p, (x,), cast(kwargs[i]))
+                    y = functional_call(blk, p, (x,), cast_floats(kwargs[i], torch.float32))
                     return y[0] if isinstance(y, tuple) else y
                 x = checkpoint(step, x, R1, R2, use_reentrant=False)
             h = functional_call(norm.float(), flat, (x,))
@@ -213,11 +212,6 @@ class SpinQuant(Preprocessor):
         t.learned = {"steps": o.steps, "loss_start": round(loss_start, 5), "loss_end": round(loss_end, 5),
                      "kept_learned": kept}
         return t
-
-
-def cast(kw: dict) -> dict:
-    from onecomp_core.sdk import cast_floats
-    return cast_floats(kw, torch.float32)
 
 
 @hookimpl
