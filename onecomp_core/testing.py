@@ -89,6 +89,26 @@ def as_pipeline_sees_it(model):
     return model
 
 
+def spying(preprocessor: type, name: str):
+    """A plugin registering ``preprocessor`` under ``name``, recording each transform its ``fit``
+    returns: -> (plugin, list of fitted transforms). For tests that apply or inspect the
+    transform a pipeline run fitted."""
+    from .sdk import hookimpl
+    seen: list = []
+
+    def fit(self, ctx):
+        t = preprocessor.fit(self, ctx)
+        seen.append(t)
+        return t
+    spy = type(f"Spy{preprocessor.__name__}", (preprocessor,), {"name": name, "fit": fit})
+
+    class Plugin:
+        @hookimpl
+        def onecomp_register_preprocessors(self, registry):
+            registry.add_preprocessor(spy)
+    return Plugin(), seen
+
+
 def quick(**kw) -> dict:
     """Keyword arguments for a fast ``onecomp_core.quantize`` call on a tiny model."""
     base = dict(bits=4, group_size=32, projector="rtn", num_samples=2, seq_len=32)

@@ -5,12 +5,12 @@ OUT/dense.safetensors. Prints one JSON line: seconds, peak RSS.
 
     python run_gptqmodel.py MODEL_DIR TOKENS.pt OUT --bits 4 --group-size 128 [--sym]
 """
-import argparse
 import json
-import resource
 import time
 
 import torch
+
+import peer_cli
 
 
 def dump_dense(out: str) -> None:
@@ -30,14 +30,7 @@ def dump_dense(out: str) -> None:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("model")
-    ap.add_argument("tokens")
-    ap.add_argument("out")
-    ap.add_argument("--bits", type=int, default=4)
-    ap.add_argument("--group-size", type=int, default=128)
-    ap.add_argument("--sym", action="store_true")
-    a = ap.parse_args()
+    a = peer_cli.args()
     from gptqmodel import GPTQModel, QuantizeConfig
     ids = torch.load(a.tokens)
     calib = [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in ids]
@@ -47,10 +40,10 @@ def main():
     model.quantize(calib, batch_size=1)
     secs = time.time() - t0
     model.save(a.out)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peer_cli.peak_rss_mb()
     del model
     dump_dense(a.out)
-    print(json.dumps({"tool": "gptqmodel", "seconds": round(secs, 1), "peak_rss_mb": round(peak, 1)}))
+    print(json.dumps({"tool": "gptqmodel", "seconds": round(secs, 1), "peak_rss_mb": peak}))
 
 
 if __name__ == "__main__":

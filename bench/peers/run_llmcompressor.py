@@ -3,23 +3,16 @@ Compressor saves it (compressed-tensors). Prints one JSON line: seconds, peak RS
 
     python run_llmcompressor.py MODEL_DIR TOKENS.pt OUT --bits 4 --group-size 128 --sym|--asym
 """
-import argparse
 import json
-import resource
 import time
 
 import torch
 
+import peer_cli
+
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("model")
-    ap.add_argument("tokens")
-    ap.add_argument("out")
-    ap.add_argument("--bits", type=int, default=4)
-    ap.add_argument("--group-size", type=int, default=128)
-    ap.add_argument("--sym", action="store_true")
-    a = ap.parse_args()
+    a = peer_cli.args()
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from datasets import Dataset
     from llmcompressor import oneshot
@@ -37,10 +30,10 @@ def main():
     oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=ids.shape[1], num_calibration_samples=ids.shape[0])
     secs = time.time() - t0
     model.save_pretrained(a.out, save_compressed=True)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024          # quantize and save, not the check
+    peak = peer_cli.peak_rss_mb()          # quantize and save, not the check
     del model
     dump_dense(a.out)
-    print(json.dumps({"tool": "llmcompressor", "seconds": round(secs, 1), "peak_rss_mb": round(peak, 1)}))
+    print(json.dumps({"tool": "llmcompressor", "seconds": round(secs, 1), "peak_rss_mb": peak}))
 
 
 def dump_dense(out: str) -> None:

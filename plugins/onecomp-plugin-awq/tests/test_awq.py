@@ -6,8 +6,8 @@ from hypothesis import given, settings, strategies as st
 from transformers import AutoModelForCausalLM
 
 import onecomp_core
-from onecomp_core.sdk import hookimpl, load_plugins
-from onecomp_core.testing import ARCHS, as_pipeline_sees_it
+from onecomp_core.sdk import load_plugins
+from onecomp_core.testing import ARCHS, as_pipeline_sees_it, spying
 from onecomp_plugin_awq.plugin import AWQ
 from onecomp_plugin_awq.search import group_error, scales_for, search
 
@@ -32,28 +32,12 @@ def test_search_never_worse_than_no_scaling(seed, grid_):
     assert 0.0 <= alpha < 1.0
 
 
-def _spy_plugin(seen):
-    class Spy(AWQ):
-        name = "spyawq"
-
-        def fit(self, ctx):
-            t = super().fit(ctx)
-            seen.append(t)
-            return t
-
-    class P:
-        @hookimpl
-        def onecomp_register_preprocessors(self, registry):
-            registry.add_preprocessor(Spy)
-    return P()
-
-
 @pytest.mark.whole_suite                 # eight pipeline runs: in the whole suite, not the isolated check
 @pytest.mark.parametrize("arch", ARCHS)
 def test_fitted_scales_keep_the_fp_function_on_every_architecture(arch, tiny_models, tmp_path):
-    seen = []
+    plugin, seen = spying(AWQ, "spyawq")
     folder = tiny_models(arch)
-    rep = onecomp_core.quantize(folder, tmp_path / "q", plugins=[_spy_plugin(seen)], preprocessors=["spyawq"],
+    rep = onecomp_core.quantize(folder, tmp_path / "q", plugins=[plugin], preprocessors=["spyawq"],
                                 bits=3, group_size=32, projector="rtn", num_samples=2, seq_len=32)
     t = seen[0]
     assert rep["preprocessors"][0]["groups"] == len(t.report) >= 2 * 2

@@ -142,6 +142,17 @@ def test_requantize_without_whole_super_blocks_uses_the_wider_exact_type(tiny_ll
     assert all(e["type"] == "Q4_1" and e["rel_error"] < 1e-3 for e in errs.values())     # exact up to float16 m
 
 
+def _same_logits_in_transformers(out):
+    """transformers' GGUF loader gives onecomp's logits (1e-4) for the checkpoint in ``out``."""
+    from transformers import AutoModelForCausalLM
+    ours = onecomp_core.load_quantized(out)
+    theirs = AutoModelForCausalLM.from_pretrained(str(out), gguf_file="model.gguf", dtype=torch.float32).eval()
+    ids = torch.randint(3, 384, (2, 30), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = ours(ids).logits, theirs(ids).logits
+    assert torch.allclose(a, b, atol=1e-4), float((a - b).abs().max())
+
+
 def _qwen3_head_128(folder):
     """A tiny Qwen3 with head_dim 128: transformers' GGUF loader ignores attention.key_length for
     qwen3 and assumes 128 (llama.cpp reads it)."""
@@ -155,23 +166,16 @@ def _qwen3_head_128(folder):
 
 @pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3"])
 def test_other_architectures_read_back_by_transformers_gguf_loader(arch, tiny_models, tmp_path):
-    from transformers import AutoModelForCausalLM
     out = tmp_path / "q"
     src = _qwen3_head_128(tmp_path / "m") if arch == "qwen3" else tiny_models(arch)
     onecomp_core.quantize(src, out, exports=["gguf"], **quick(bits=4, group_size=32, symmetric=True))
-    ours = onecomp_core.load_quantized(out)
-    theirs = AutoModelForCausalLM.from_pretrained(str(out), gguf_file="model.gguf", dtype=torch.float32).eval()
-    ids = torch.randint(3, 384, (2, 30), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        a, b = ours(ids).logits, theirs(ids).logits
-    assert torch.allclose(a, b, atol=1e-4), float((a - b).abs().max())
+    _same_logits_in_transformers(out)
 
 
 def test_a_mixed_plan_within_exact_types_exports_as_mixed_type_gguf(tiny_llama, tmp_path):
     """A planner giving down_proj 8 bits and the rest 4 (symmetric): Q8_0 and Q4_0 in one file,
     read back by transformers' GGUF loader with onecomp's logits."""
     import gguf
-    from transformers import AutoModelForCausalLM
     from onecomp_core.sdk import LayerSpec, Plan, Planner, hookimpl
 
     class EightBitDown(Planner):
@@ -192,9 +196,4 @@ def test_a_mixed_plan_within_exact_types_exports_as_mixed_type_gguf(tiny_llama, 
                           **quick(bits=4, group_size=32, symmetric=True))
     kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out / "model.gguf")).tensors}
     assert kinds["blk.0.ffn_down.weight"] == "Q8_0" and kinds["blk.0.attn_q.weight"] == "Q4_0"
-    ours = onecomp_core.load_quantized(out)
-    theirs = AutoModelForCausalLM.from_pretrained(str(out), gguf_file="model.gguf", dtype=torch.float32).eval()
-    ids = torch.randint(3, 384, (2, 30), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        a, b = ours(ids).logits, theirs(ids).logits
-    assert torch.allclose(a, b, atol=1e-4), float((a - b).abs().max())
+    _same_logits_in_transformers(out)

@@ -10,8 +10,8 @@ from hypothesis import given, settings, strategies as st
 from transformers import AutoModelForCausalLM
 
 import onecomp_core
-from onecomp_core.sdk import OnecompError, find_adapter, hookimpl, load_plugins
-from onecomp_core.testing import ARCHS, as_pipeline_sees_it
+from onecomp_core.sdk import OnecompError, find_adapter, load_plugins
+from onecomp_core.testing import ARCHS, as_pipeline_sees_it, spying
 from onecomp_plugin_rotation.fuse import fold_norm, rotate_heads_columns, rotate_heads_rows
 from onecomp_plugin_rotation.hadamard import hadamard, largest_order, paley, recipe, rotation
 from onecomp_plugin_rotation.plugin import Hadamard, HadamardOptions
@@ -187,23 +187,10 @@ def test_cayley_step_keeps_rotations_orthogonal():
 @pytest.mark.whole_suite                 # pipeline runs: in the whole suite, not the isolated check
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_spinquant_learns_rotations_that_keep_the_function_and_lower_its_loss(arch, tiny_models, tmp_path):
-    seen = []
     from onecomp_plugin_rotation.plugin import SpinQuant
-
-    class Spy(SpinQuant):
-        name = "spyspin"
-
-        def fit(self, ctx):
-            t = super().fit(ctx)
-            seen.append(t)
-            return t
-
-    class P:
-        @hookimpl
-        def onecomp_register_preprocessors(self, registry):
-            registry.add_preprocessor(Spy)
+    plugin, seen = spying(SpinQuant, "spyspin")
     folder = tiny_models(arch)
-    rep = onecomp_core.quantize(folder, tmp_path / "q", plugins=[P()], preprocessors=["spyspin"],
+    rep = onecomp_core.quantize(folder, tmp_path / "q", plugins=[plugin], preprocessors=["spyspin"],
                                 options={"spyspin": {"steps": 4, "samples": 2, "lr": 0.5}},
                                 bits=3, group_size=32, projector="rtn", num_samples=2, seq_len=32)
     d = rep["preprocessors"][0]

@@ -1,0 +1,20 @@
+"""What every run_<tool>.py shares (each runs in its tool's own venv, beside this file): the
+command line and the peak-memory reading."""
+import argparse
+import resource
+
+
+def args():
+    """MODEL_DIR TOKENS.pt OUT --bits N --group-size N [--sym]."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("tokens")
+    ap.add_argument("out")
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--sym", action="store_true")
+    return ap.parse_args()
+
+
+def peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
