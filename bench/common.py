@@ -16,20 +16,23 @@ EVAL = ROOT / "data" / "enwiki_eval.txt"
 
 def quantize_and_measure(model: str, flags: list[str], eval_tokens: int = 16384, calibration: Path = CALIB,
                          keep_report: Path | None = None, python: str = sys.executable,
-                         keep_out: Path | None = None) -> dict:
+                         keep_out: Path | None = None, launcher: list[str] | None = None,
+                         env: dict | None = None) -> dict:
     """One `onecomp quantize ... --eval-text` run -> its summary numbers. ``keep_report``: also
     copy the run's report.json there (per-module errors and times); ``python``: the interpreter
     (of another environment, e.g. an older onecomp) that runs it; ``keep_out``: write the
-    checkpoint there (kept) instead of a temporary folder."""
+    checkpoint there (kept) instead of a temporary folder; ``launcher``: what runs the onecomp
+    command instead of ``python -m onecomp_core.cli`` (e.g. torchrun); ``env``: extra environment."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(keep_out) if keep_out is not None else Path(tmp) / "q"
         cfg = Path(tmp) / "c.json"
         cfg.write_text(json.dumps({"eval_tokens": eval_tokens}))
-        cmd = [python, "-m", "onecomp_core.cli", "quantize", model, "--out", str(out),
+        cmd = [*(launcher or [python, "-m", "onecomp_core.cli"]), "quantize", model, "--out", str(out),
                "--calibration", str(calibration), "--eval-text", str(EVAL), "--config", str(cfg), *flags]
         # run in a neutral folder: `python -m` puts the working directory first on sys.path, where a
         # checkout's onecomp_core would shadow the interpreter's own installation
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, env={**os.environ, "ONECOMP_PROGRESS": "0"})
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp,
+                              env={**os.environ, "ONECOMP_PROGRESS": "0", **(env or {})})
         if proc.returncode != 0:
             return {"flags": flags, "error": proc.stderr.strip().splitlines()[-1:]}
         rep = json.loads((out / "report.json").read_text())

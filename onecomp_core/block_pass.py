@@ -18,6 +18,7 @@ import time
 import torch
 
 from .contexts import LayerContext
+from .distributed import Ranks, assign_owners, map_tensors
 from .gather import gather_group
 from .report import rss_mb
 from .skeleton import as_stored
@@ -126,11 +127,27 @@ class BlockContext:
         lw = self._lw
         mods = {n: self.module(n) for n in group}
         stats = gather_group(self.block, mods, self.q_inputs, self.kwargs, lw.needs, lw.batch,
-                             fp_block=self._fp_block, fp=self.fp_inputs, taps=self.taps)
+                             fp_block=self._fp_block, fp=self.fp_inputs, taps=self.taps, dtype=lw.stats_dtype)
+        ranks = lw.ranks
+        ranks.where = f"block {self.index}"
+        ranks.all_reduce_stats(stats)                    # data-parallel: every rank's samples summed
+        for per in stats.values():                       # components read float32 sums
+            for st in per.values():
+                st.sum = st.sum.float()
+        # each linear projected once, by its owner rank (cost ~ GPTQ's out x in^2 + in^3)
+        owners = assign_owners({rel: m.out_features * m.in_features ** 2 + m.in_features ** 3
+                                for rel, m in mods.items()}, ranks.load) if ranks.active else dict.fromkeys(mods, 0)
+        mine = {rel: lw.quantize_linear(self.full(rel), lin, self.block, stats[rel], pass_index)
+                for rel, lin in mods.items() if owners[rel] == ranks.rank}
         for rel, lin in mods.items():
             name = self.full(rel)
-            self.qts[name], self.info[name] = lw.quantize_linear(name, lin, self.block, stats[rel], pass_index)
-            lw.hook.onecomp_layer_done(block=self.index, name=name, info=self.info[name])
+            qt, info = ranks.broadcast(mine.get(rel), src=owners[rel])
+            if rel not in mine:
+                qt = map_tensors(qt, lambda t: t.to(lin.weight.device))
+                with torch.no_grad():
+                    lin.weight.copy_(qt.dequantize(torch.float32).to(lin.weight.dtype))
+            self.qts[name], self.info[name] = qt, info
+            lw.hook.onecomp_layer_done(block=self.index, name=name, info=info)
         self.quantized.update(group)
 
     def release(self) -> None:
@@ -139,8 +156,11 @@ class BlockContext:
 
 class LayerwisePass:
     def __init__(self, sk, plan, projectors, formats, corrections, block_refiners, store, hook,
-                 needs: set, batch: int = 1, spill=None):
+                 needs: set, batch: int = 1, spill=None, ranks: Ranks | None = None,
+                 stats_dtype: torch.dtype = torch.float32):
         self.sk, self.plan, self.projectors, self.formats = sk, plan, projectors, formats
+        self.ranks = ranks or Ranks()                     # data-parallel: this rank holds a shard of the samples
+        self.stats_dtype = stats_dtype
         self.corrections, self.block_refiners, self.store, self.hook = corrections, block_refiners, store, hook
         self.needs, self.batch = set(needs), batch
         self.spill = spill                                # SpilledStreams: outputs go to files on disk
@@ -149,8 +169,10 @@ class LayerwisePass:
         # nothing reads the streams: the blocks never run on calibration data
         self.data_free = not self.needs and not corrections and not block_refiners
 
-    def run(self, fp: torch.Tensor, q: torch.Tensor, kwargs: list[dict], start: int) -> dict:
+    def run(self, fp: torch.Tensor, q: torch.Tensor, kwargs: list[dict], start: int, samples: int | None = None) -> dict:
+        """Blocks ``start``.. on the streams ``fp``, ``q`` (this rank's shard of ``samples`` rows)."""
         sk = self.sk
+        samples = fp.shape[0] if samples is None else samples
         total = len(sk.blocks)
         per_block_s, per_block_rss = [], []
         for i in range(start, total):
@@ -171,8 +193,9 @@ class LayerwisePass:
                                                         batch=self.batch)               # quantized block
             fp, q = fp_next, q_next
             tensors = self._block_tensors(block, bctx.prefix, bctx.qts)
-            streams = {k: v.new_empty((0, *v.shape[1:])) if self.data_free else v for k, v in (("fp", fp), ("q", q))}
-            self.store.commit_block(i, tensors, streams, bctx.info)
+            streams = {k: v.new_empty((0, *v.shape[1:])) if self.data_free else self.ranks.gather_rows(v, samples)
+                       for k, v in (("fp", fp), ("q", q))}
+            self.store.commit_block(i, tensors, streams, bctx.info)     # a no-op store on ranks other than 0
             sk.release_block(i)
             per_block_s.append(time.time() - t0)
             per_block_rss.append(round(rss_mb(), 1))

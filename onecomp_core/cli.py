@@ -48,6 +48,9 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", help="concat_chunk, drop_head or drop_rand")
     p.add_argument("--seed", type=int, help="seed of the calibration sampling (default 0)")
     p.add_argument("--batch-size", type=int, help="calibration samples per block forward (default: 1 on a CPU, 8 on CUDA)")
+    p.add_argument("--stats-dtype", choices=["float32", "float64"],
+                   help="dtype the calibration statistics are summed in (float64: the same sums whatever the "
+                        "order, e.g. across data-parallel ranks)")
     _add_refine_sample_flags(p)
     p.add_argument("--exclude", action="append", help="module name pattern to keep in full precision")
     p.add_argument("--option", action="append", default=[], metavar="COMPONENT.KEY=VALUE",
@@ -93,7 +96,8 @@ def _run_config(a):
                        target_bpw=a.target_bpw, budget_bytes=a.budget_bytes, fit_memory=a.fit_memory,
                        context=a.context, batch=a.batch, format=a.format, exports=a.exports,
                        calibration=a.calibration, num_samples=a.num_samples, seq_len=a.seq_len,
-                       strategy=a.strategy, seed=a.seed, batch_size=a.batch_size, exclude=a.exclude,
+                       strategy=a.strategy, seed=a.seed, batch_size=a.batch_size, stats_dtype=a.stats_dtype,
+                       exclude=a.exclude,
                        refine_samples=a.refine_samples, heldout=a.heldout, refine=a.refine,
                        max_memory=a.max_memory, time_budget=a.time_budget, spill_streams=a.spill_streams,
                        device=a.device, dtype=a.dtype, store_dtype=a.store_dtype, eval_text=a.eval_text,
@@ -108,6 +112,8 @@ def cmd_quantize(a) -> int:
     if not run.out:
         raise OnecompError("no output folder: pass --out DIR")
     report = Runner(Resolved(run, load_plugins())).run()
+    if report.get("rank"):                           # a data-parallel rank other than 0: rank 0 reports
+        return 0
     s, ev = report["summary"], report.get("evaluation")
     line = f"wrote {report['out']}: {s['bpw']} bits per weight, {s['wall_seconds']} s, peak RSS {s['peak_rss_mb']} MB"
     if ev:

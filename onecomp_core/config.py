@@ -76,6 +76,7 @@ class CalibrationConfig:
     batch_size: int = attrs.field(default=0, validator=_int_in(0, 4096))    # samples per block forward; 0: by device
     refine_samples: int = attrs.field(default=0, validator=_int_in(0, 1 << 20))  # model refiners train on; 0: num_samples
     heldout: int = attrs.field(default=0, validator=_int_in(0, 4096))       # samples judging model refiners; 0: 10%
+    stats_dtype: str = attrs.field(default="float32", validator=_one_of(("float32", "float64")))  # statistics' sums
 
 
 def _names(inst, attr, value):

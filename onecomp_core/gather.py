@@ -76,11 +76,13 @@ def inputs_of(block, modules: dict, hidden: torch.Tensor, kwargs: dict) -> dict:
 
 
 def gather_group(block, mods: dict, q: torch.Tensor, kwargs: dict, needs: set, batch: int,
-                 fp_block=None, fp: torch.Tensor | None = None, taps: dict | None = None) -> dict:
+                 fp_block=None, fp: torch.Tensor | None = None, taps: dict | None = None,
+                 dtype: torch.dtype = torch.float32) -> dict:
     """Statistics of the linears ``mods`` (relative name -> module) of ``block`` on the quantized
     stream ``q`` (N, L, d): -> {name: {kind: Statistic}} for the kinds in ``needs``.
 
-    ``cross`` and ``residual`` also run the FP copy ``fp_block`` on the FP stream ``fp`` (same
+    Sums are kept in ``dtype`` (float64 makes them independent of summation order to float32
+    precision, e.g. data-parallel shards). ``cross`` and ``residual`` also run the FP copy ``fp_block`` on the FP stream ``fp`` (same
     samples); ``taps`` maps residual writers to the module whose input is the residual stream at
     their add (the adapter's ``residual_taps``). Routed experts whose FP and quantized inputs hold
     different tokens get no ``cross`` term for that batch."""
@@ -92,11 +94,11 @@ def gather_group(block, mods: dict, q: torch.Tensor, kwargs: dict, needs: set, b
     paired = fp_block is not None and fp is not None and bool({"cross", "residual"} & needs)
     for n, m in mods.items():
         if "gram" in needs:
-            out[n]["gram"] = Gram.of(m.in_features, dev)
+            out[n]["gram"] = Gram.of(m.in_features, dev, dtype)
         if paired and "cross" in needs:
-            out[n]["cross"] = Cross.of(m.in_features, dev)
+            out[n]["cross"] = Cross.of(m.in_features, dev, dtype)
     for w in taps:
-        out[w]["residual"] = Residual.of(mods[w].out_features, mods[w].in_features, dev)
+        out[w]["residual"] = Residual.of(mods[w].out_features, mods[w].in_features, dev, dtype)
     tap_keys = {f"tap:{t}": t for t in taps.values()}
     q_mods = {**mods, **{k: block.get_submodule(t) for k, t in tap_keys.items()}}
     fp_mods = {**{n: fp_block.get_submodule(n) for n in mods},

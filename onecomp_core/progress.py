@@ -14,7 +14,8 @@ class Progress:
 
     @property
     def enabled(self) -> bool:
-        return os.environ.get("ONECOMP_PROGRESS", "1") not in ("0", "false", "no")
+        # in a data-parallel run only rank 0 reports
+        return os.environ.get("ONECOMP_PROGRESS", "1") not in ("0", "false", "no") and os.environ.get("RANK", "0") == "0"
 
     def stage_start(self, stage, info):
         if self.enabled and stage != "layerwise":

@@ -40,7 +40,8 @@ from .planners import uniform_specs
 from .resolve import Resolved
 from .spec import LayerSpec, Plan
 from .skeleton import Skeleton, pick_device
-from .store import RunStore, atomic_write_bytes
+from .distributed import rank_device, start_ranks
+from .store import FollowerStore, RunStore, atomic_write_bytes
 from .streams import SpilledStreams, capture, cast_floats
 
 # config fields that do not change what the layer-wise pass computes: a re-run that differs
@@ -131,6 +132,9 @@ class Runner:
         return result
 
     def run(self) -> dict:
+        self.ranks = start_ranks(self.run_cfg.device)    # one process unless torchrun launched several
+        if self.ranks.active:
+            self.check_data_parallel()
         t_start = time.time()
         self.threads = set_threads()
         self.stage("open_model", self.open_model)
@@ -145,6 +149,8 @@ class Runner:
             self.stage("plan", self.plan)
             if self.start < len(self.sk.blocks):
                 self.stage("layerwise", self.layerwise, total=len(self.sk.blocks))
+            if not self.ranks.leader:                # the leader alone exports, refines, evaluates
+                return self.follower_report(time.time() - t_start)
             self.stage("export", self.export)
         if self.res.refiners_of("model"):
             if not self.refine_only:
@@ -158,7 +164,7 @@ class Runner:
     def open_model(self) -> None:
         run = self.run_cfg
         self.folder = resolve_model(run.model)
-        self.device = pick_device(run.device)
+        self.device = rank_device(pick_device(run.device))
         self.batch = batch_size(run.calibration.batch_size, self.device)
         self.sk = Skeleton(self.folder, self.res.plugins.registry, self.device, run.dtype, run.store_dtype)
         self.shapes = self.sk.linear_shapes()
@@ -166,11 +172,15 @@ class Runner:
         out = Path(run.out)
         if not self.refine_only and not run.overwrite and refine_pending(out, self.fingerprint):
             self.refine_only = True                  # killed during the refine stage: resume it
+        if self.refine_only and self.ranks.active:
+            raise OnecompError("refining a finished checkpoint runs in one process: run `onecomp refine` "
+                               "without torchrun")
         if self.refine_only:
             self.base_report = json.loads((out / "report.json").read_text()) if (out / "report.json").is_file() else {}
-        else:
-            self.store = RunStore(out, self.fingerprint, run.overwrite)
-            self.start = self.store.finished
+        else:                                        # only the leader writes; it says where to resume
+            self.store = self.ranks.leader_does(lambda: RunStore(out, self.fingerprint, run.overwrite), share=False) \
+                or FollowerStore(out, self.ranks.rank)
+            self.start = self.ranks.broadcast(self.store.finished if self.ranks.leader else None)
         from transformers import AutoTokenizer
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder))
         # read the evaluation text now: a wrong path should stop the run before the long work
@@ -202,6 +212,18 @@ class Runner:
                                                sk.store_dtype).values())
             if run.max_memory is not None:       # an explicit --max-memory the pivot cannot fit in
                 RefineChoice(run, (), self.device, time.time()).check_pivot(self.layerwise_need_bytes())
+
+    def check_data_parallel(self) -> None:
+        """What a data-parallel run can do: the layer-wise pass with its statistics and corrections
+        is sharded; block refiners are not yet; model refiners run on the leader alone."""
+        inner = [r.name for r in self.res.refiners_of("block")]
+        if inner:
+            raise OnecompError(f"{inner[0]} refines blocks inside the layer-wise pass, which does not run data-parallel "
+                               f"yet: run it in one process (without torchrun), or drop --refiner {inner[0]}")
+        model = [r.name for r in self.res.refiners_of("model")]
+        if model and self.ranks.leader:
+            print(f"onecomp: note: {', '.join(model)} will run on rank 0 alone after the data-parallel pivot "
+                  f"(model refiners do not run data-parallel yet)", file=sys.stderr)
 
     def check_specs(self, specs) -> None:
         """Every module's spec against its format, its projector, the exporters and the refiners."""
@@ -273,7 +295,7 @@ class Runner:
                           input_grams=lambda fn: input_statistics(sk, self.inputs, self.kwargs, fn, batch=batch),
                           model_folder=self.folder, calibration_ids=self.ids, device=self.device, make=res.component,
                           model_config=sk.config, param_count=sum(sk.weights.numel(k) for k in sk.weights.keys()))
-        self.plan_ = res.planner.plan(ctx)
+        self.plan_ = self.ranks.leader_does(lambda: res.planner.plan(ctx))     # one plan for every rank
         self.check_specs(self.plan_.specs.values())   # the whole plan, before any block is quantized
         if not self.transforms:                      # under transforms the block pass checks each weight
             stored = set(sk.weights.keys())          # (so does it for weights stored fused, e.g. MoE experts)
@@ -294,19 +316,23 @@ class Runner:
 
     def layerwise(self) -> None:
         res = self.res
+        n = self.run_cfg.calibration.num_samples
+        mine = self.ranks.shard(n)                   # data-parallel: this rank's samples of both streams
         if self.start > 0:
-            streams = self.store.streams()
-            fp, q = streams["fp"].to(self.device), streams["q"].to(self.device)
+            streams = self.ranks.leader_does(lambda: self.store.streams())
+            fp, q = streams["fp"][mine].to(self.device), streams["q"][mine].to(self.device)
         else:
-            fp, q = self.inputs, self.inputs.clone()
-        self.inputs = None
+            fp = self.inputs[mine].clone() if self.ranks.active else self.inputs
+            q = fp.clone()
+        self.inputs = streams = None
         block_refiners = [r for r in res.refiners_of("block") if r.name not in self.skipped]
         self.spilled = self.streams_spill(*self.layerwise_parts())
         spill = SpilledStreams(self.store.work / "spill", fp.shape, fp.dtype) if self.spilled else None
         lw = LayerwisePass(self.sk, self.plan_, res.projectors, res.formats, res.refiners_of("layer"),
-                           block_refiners, self.store, self.hook, self.needs, self.batch, spill=spill)
+                           block_refiners, self.store, self.hook, self.needs, self.batch, spill=spill,
+                           ranks=self.ranks, stats_dtype=getattr(torch, self.run_cfg.calibration.stats_dtype))
         try:
-            self.timing = lw.run(fp, q, self.kwargs, self.start)
+            self.timing = lw.run(fp, q, self.kwargs, self.start, samples=n)
         finally:
             if spill is not None:
                 spill.remove()
@@ -475,6 +501,14 @@ class Runner:
         qmodel = load_quantized(self.final, run.device, run.dtype, self.res.plugins)
         self.evaluation = evaluate(qmodel, self.eval_ids, ref=ref, seq_len=run.eval_seq_len, bos=self.bos)
 
+    def follower_report(self, wall: float) -> dict:
+        """What a rank other than 0 returns once its shard of the layer-wise pass is done."""
+        return {"rank": self.ranks.rank, "out": None,
+                "summary": {"rank": self.ranks.rank, "ranks": self.ranks.world, "wall_seconds": round(wall, 2),
+                            "peak_rss_mb": round(peak_rss_mb(), 1), "resumed_from_block": self.start,
+                            "samples": len(range(*self.ranks.shard(self.run_cfg.calibration.num_samples).indices(
+                                self.run_cfg.calibration.num_samples)))}}
+
     def finish(self, wall: float) -> dict:
         if not hasattr(self, "peak_quantize"):
             self.peak_quantize = peak_rss_mb()
@@ -503,7 +537,7 @@ class Runner:
                    "wall_seconds": round(wall, 2), "seconds_per_block": round(sum(bs) / len(bs), 3) if bs else None,
                    "peak_rss_mb": round(self.peak_quantize, 1), "peak_gpu_mb": peak_gpu_mb(),
                    "peak_rss_mb_with_eval": round(peak_rss_mb(), 1) if self.evaluation else None,
-                   "resumed_from_block": self.start, "device": str(self.device),
+                   "resumed_from_block": self.start, "device": str(self.device), "ranks": self.ranks.world,
                    "calibration_forwards": self.timing.get("calibration_forwards", True),
                    "threads": getattr(self, "threads", None), "streams_on_disk": bool(getattr(self, "spilled", False)),
                    "stage": "refined" if any(r["kept"] for r in self.refined) else "pivot", **self.sizes()}

@@ -143,3 +143,15 @@ class RunStore:
             os.replace(self.out, old)
         os.replace(final, self.out)
         shutil.rmtree(self.work, ignore_errors=True)
+
+
+class FollowerStore:
+    """The store of a data-parallel rank other than 0: the leader (rank 0) writes the work folder;
+    this rank writes nothing there (its spilled streams, if any, go to a folder of its own)."""
+
+    def __init__(self, out: Path, rank: int):
+        self.out = Path(out)
+        self.work = self.out.with_name(f".{self.out.name}.onecomp-rank{rank}")
+
+    def commit_block(self, i: int, tensors: dict, streams: dict, info: dict) -> None:
+        pass
