@@ -97,8 +97,20 @@ class BlockContext:
 
     def error(self, rows=None) -> float:
         """Mean squared difference of the block (as it is now) on the quantized stream from the FP
-        block's output, over the calibration samples ``rows`` (all when None)."""
-        return block_error(self.block, self.q_inputs, self.fp_outputs, self.kwargs, rows, batch=self.batch)
+        block's output, over the calibration samples ``rows`` (all when None) of this rank's
+        shard; in a data-parallel run the mean over every rank's ``rows``."""
+        rows = list(range(self.q_inputs.shape[0])) if rows is None else list(rows)
+        err = block_error(self.block, self.q_inputs, self.fp_outputs, self.kwargs, rows, batch=self.batch)
+        return self._lw.ranks.mean_over_ranks(err, len(rows))
+
+    def sync_gradients(self, params) -> None:
+        """Average the gradients of ``params`` over the ranks (data-parallel training; a no-op in
+        one process), so every rank takes the same optimizer step."""
+        self._lw.ranks.average_gradients(params)
+
+    def max_over_ranks(self, k: int) -> int:
+        """The largest ``k`` any rank has (e.g. steps per epoch: every rank must run as many)."""
+        return self._lw.ranks.max_int(k)
 
     def restore_fp(self, names) -> None:
         """Put the FP weights of ``names`` (relative) back into the live block."""
@@ -188,6 +200,8 @@ class LayerwisePass:
                 bctx.quantize_group(group)
             for r in self.block_refiners:
                 r.refine_block(bctx)
+            if self.block_refiners:
+                self.ranks.check_same(i, {n: bctx.module(n).weight for n in bctx.linears})
             bctx.release()
             q_next = q if self.data_free else run_block(block, q, kwargs[i], out=self._out("q"),
                                                         batch=self.batch)               # quantized block

@@ -155,6 +155,10 @@ class BlockRefiner(Refiner):
     :class:`~onecomp_core.contexts.BlockContext` (which can restore FP weights, re-quantize a
     group, snapshot and roll back, and measure the block's output error)."""
     needs_fp_weights: ClassVar[bool] = False     # True: keep a copy of the block's FP linears
+    # True: ``refine_block`` is correct on this rank's shard of the samples in a data-parallel run
+    # (it judges with ``bctx.error``, which reduces over ranks, averages gradients with
+    # ``bctx.sync_gradients`` and runs ``bctx.max_over_ranks(steps)`` steps); False: such a run refuses it
+    data_parallel: ClassVar[bool] = False
 
     def before_group(self, bctx, group: list[str]) -> None:
         """Before the first quantization of ``group`` (relative names) in this block."""

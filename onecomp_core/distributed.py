@@ -126,6 +126,53 @@ class Ranks:
                 for s, n in zip(items, counts.tolist()):
                     s.n = int(n)
 
+    def mean_over_ranks(self, mean: float, count: int) -> float:
+        """The mean over every rank's items from this rank's ``mean`` of ``count`` items."""
+        if not self.active:
+            return mean
+        import torch.distributed as dist
+        t = torch.tensor([mean * count, float(count)], dtype=torch.float64)
+        with self._guard():
+            dist.all_reduce(t, group=self._objects)
+        return float(t[0] / t[1].clamp_min(1))
+
+    def max_int(self, k: int) -> int:
+        if not self.active:
+            return k
+        import torch.distributed as dist
+        t = torch.tensor([k], dtype=torch.int64)
+        with self._guard():
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._objects)
+        return int(t)
+
+    def average_gradients(self, params) -> None:
+        """Each parameter's ``.grad`` replaced by its mean over the ranks (a missing one counts as 0)."""
+        if not self.active:
+            return
+        import torch.distributed as dist
+        with self._guard():
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
+                p.grad /= self.world
+
+    def check_same(self, block: int, tensors: dict) -> None:
+        """Every rank holds the same ``tensors`` (a block's weights after its refiners): a cheap
+        checksum compared over the ranks; a difference is a bug in a data-parallel component."""
+        if not self.active or not tensors:
+            return
+        import torch.distributed as dist
+        sums = torch.stack([t.detach().double().sum() for t in tensors.values()]).cpu()
+        lo, hi = sums.clone(), sums.clone()
+        with self._guard():
+            dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=self._objects)
+            dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=self._objects)
+        bad = [n for n, a, b in zip(tensors, lo.tolist(), hi.tolist()) if a != b]
+        if bad:
+            raise OnecompError(f"data-parallel ranks hold different weights for {bad[0]} after block {block}'s "
+                               f"refiners (a component that is not data-parallel-safe); run in one process")
+
     def broadcast(self, obj, src: int = 0):
         """``obj`` as rank ``src`` has it, on every rank (tensors arrive on the CPU)."""
         if not self.active:

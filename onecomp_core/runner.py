@@ -216,10 +216,14 @@ class Runner:
     def check_data_parallel(self) -> None:
         """What a data-parallel run can do: the layer-wise pass with its statistics and corrections
         is sharded; block refiners are not yet; model refiners run on the leader alone."""
-        inner = [r.name for r in self.res.refiners_of("block")]
+        inner = [r.name for r in self.res.refiners_of("block") if not r.data_parallel]
         if inner:
-            raise OnecompError(f"{inner[0]} refines blocks inside the layer-wise pass, which does not run data-parallel "
-                               f"yet: run it in one process (without torchrun), or drop --refiner {inner[0]}")
+            raise OnecompError(f"{inner[0]} refines blocks inside the layer-wise pass and does not run data-parallel: "
+                               f"run it in one process (without torchrun), or drop --refiner {inner[0]}")
+        n = self.run_cfg.calibration.num_samples
+        if n < self.ranks.world:
+            raise OnecompError(f"{n} calibration samples cannot be shared by {self.ranks.world} ranks: "
+                               f"raise --num-samples to at least {self.ranks.world} or start fewer processes")
         model = [r.name for r in self.res.refiners_of("model")]
         if model and self.ranks.leader:
             print(f"onecomp: note: {', '.join(model)} will run on rank 0 alone after the data-parallel pivot "

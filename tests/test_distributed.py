@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 import onecomp_core
 from onecomp_core.distributed import Ranks, assign_owners, shard_bounds
 from onecomp_core.errors import OnecompError
-from onecomp_core.testing import ARCHS
+from onecomp_core.testing import ARCHS, requires
 
 SETTINGS = dict(bits=3, group_size=16, projector="gptq", refiners=["qep"], num_samples=5, seq_len=32,
                 stats_dtype="float64")
@@ -46,10 +46,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn(jobs, logs, world=2, kill_rank=-1, kill_after=-1, timeout=600):
+def spawn(jobs, logs, world=2, kill_rank=-1, kill_after=-1, timeout=600, settings=SETTINGS):
     """Run ``jobs`` [(model, out), ...] in ``world`` ranks, their output in files under ``logs``
     (pipes could fill and stall a rank inside a collective); -> [(returncode, stdout, stderr)]."""
-    script = WORKER.format(jobs=[(str(m), str(o)) for m, o in jobs], settings=SETTINGS,
+    script = WORKER.format(jobs=[(str(m), str(o)) for m, o in jobs], settings=settings,
                            kill_rank=kill_rank, kill_after=kill_after)
     port = free_port()
     logs.mkdir(parents=True, exist_ok=True)
@@ -116,9 +116,33 @@ def test_a_lost_rank_ends_every_rank_with_a_clear_error_and_a_rerun_resumes(tiny
 def test_block_refiners_refuse_to_run_data_parallel(tiny_llama, tmp_path, monkeypatch):
     import onecomp_core.runner as runner
     monkeypatch.setattr(runner, "start_ranks", lambda device: Ranks(rank=0, world=2))
-    with pytest.raises(OnecompError, match="lpcd refines blocks inside the layer-wise pass.*without torchrun"):
+    with pytest.raises(OnecompError, match="lpcd refines blocks inside the layer-wise pass and does not run "
+                                           "data-parallel.*without torchrun"):
         onecomp_core.quantize(tiny_llama, tmp_path / "q", **{**SETTINGS, "refiners": ["lpcd"]})
     assert not (tmp_path / "q").exists() and not (tmp_path / "q.onecomp-partial").exists()
+
+
+@requires("refiner", "blockptq")
+def test_blockptq_trains_data_parallel_and_the_ranks_stay_identical(tiny_llama, tmp_path):
+    """Two ranks, shards of 3 and 2 samples: gradients averaged, held-out errors reduced over the
+    ranks, as many steps on each; the core's checksum after every block finds the ranks equal."""
+    settings = {**SETTINGS, "refiners": ["blockptq"], "options": {"blockptq": {"epochs": 2}}}
+    out = tmp_path / "dp"
+    results = spawn([(tiny_llama, out)], tmp_path / "logs", settings=settings)
+    assert all(rc == 0 for rc, _, _ in results), [e[-2000:] for _, _, e in results]
+    layers = json.loads((out / "report.json").read_text())["layers"]
+    records = [li["blockptq"] for li in layers.values()]
+    assert len(records) == len(layers)
+    for rec in records:
+        assert len(rec["train_loss"]) == 2
+        assert rec["kept"] == (rec["heldout_after"] < rec["heldout_before"])
+
+
+def test_too_few_samples_for_the_ranks_is_a_one_line_error(tiny_llama, tmp_path, monkeypatch):
+    import onecomp_core.runner as runner
+    monkeypatch.setattr(runner, "start_ranks", lambda device: Ranks(rank=0, world=4))
+    with pytest.raises(OnecompError, match="3 calibration samples cannot be shared by 4 ranks: raise --num-samples"):
+        onecomp_core.quantize(tiny_llama, tmp_path / "q", **{**SETTINGS, "num_samples": 3})
 
 
 def test_a_half_set_up_launch_names_what_is_missing(monkeypatch):

@@ -44,6 +44,7 @@ class BlockPTQ(BlockRefiner, ModelRefiner):
     Options = BlockPTQOptions
     needs_trainable = True
     needs_fp_weights = True          # warm start: code latents placed where the FP weights lie
+    data_parallel = True             # ranks train on their shards, gradients averaged, errors reduced
 
     def active_scopes(self):
         return ("block", "model") if self.options.windows else ("block",)
@@ -101,7 +102,8 @@ class BlockPTQ(BlockRefiner, ModelRefiner):
         history = reconstruct(bctx.block, views, bctx.q_inputs, bctx.fp_outputs, bctx.kwargs, train_rows,
                               epochs=o.epochs, batch=o.batch, lr={"scales": o.lr_scales, "codes": o.lr_codes},
                               train={"codes": o.train_codes}, beta=o.beta, tau0=o.tau0, tau1=o.tau1, clip=o.clip,
-                              seed=o.seed + bctx.index, dtype=getattr(torch, o.dtype))
+                              seed=o.seed + bctx.index, dtype=getattr(torch, o.dtype), sync=bctx.sync_gradients,
+                              steps_per_epoch=bctx.max_over_ranks(-(-len(train_rows) // o.batch)))
         with torch.no_grad():
             for r, v in views.items():
                 bctx.set_quantized(r, v.write_back())

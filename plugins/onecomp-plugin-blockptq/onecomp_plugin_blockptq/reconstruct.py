@@ -99,14 +99,17 @@ def optimizer(views: dict, lr: dict[str, float], train: dict[str, bool]) -> torc
 
 def reconstruct(block, views: dict, inputs, targets, kwargs, rows: list[int], *, epochs: int, batch: int,
                 lr: dict[str, float], train: dict[str, bool], beta: float, tau0: float, tau1: float,
-                clip: float, seed: int, dtype=torch.float32) -> list[float]:
+                clip: float, seed: int, dtype=torch.float32, sync=None, steps_per_epoch: int | None = None) -> list[float]:
     """Train ``views`` (relative module name -> TrainableView of that linear) so the block
     matches ``targets`` on ``inputs`` over the samples ``rows``; the block computes in
-    ``dtype`` meanwhile (its own dtype is restored). -> the mean training loss of each epoch."""
+    ``dtype`` meanwhile (its own dtype is restored). -> the mean training loss of each epoch.
+    Data-parallel: ``sync(params)`` averages the gradients over the ranks before each step, and
+    every rank runs ``steps_per_epoch`` steps (the most any rank needs; a rank with fewer rows
+    goes round its shuffled rows again)."""
     opt = optimizer(views, lr, train)
     if opt is None or not rows or epochs == 0:
         return []
-    steps_per_epoch = math.ceil(len(rows) / batch)
+    steps_per_epoch = steps_per_epoch or math.ceil(len(rows) / batch)
     total = epochs * steps_per_epoch
     g = torch.Generator().manual_seed(seed)
     training = {id(p) for grp in opt.param_groups for p in grp["params"]}   # views may already sit in the block
@@ -120,6 +123,8 @@ def reconstruct(block, views: dict, inputs, targets, kwargs, rows: list[int], *,
     try:
         for _ in range(epochs):
             order = [rows[i] for i in torch.randperm(len(rows), generator=g).tolist()]
+            if steps_per_epoch > math.ceil(len(order) / batch):      # another rank has more rows: go round again
+                order = (order * math.ceil(steps_per_epoch * batch / len(order)))[:steps_per_epoch * batch]
             total_loss = 0.0
             for b in range(0, len(order), batch):
                 idx = order[b:b + batch]
@@ -133,6 +138,8 @@ def reconstruct(block, views: dict, inputs, targets, kwargs, rows: list[int], *,
                     y = y[0] if isinstance(y, tuple) else y
                     loss = block_loss(y, targets[idx], beta)
                     loss.backward()
+                if sync is not None:
+                    sync([p for grp in opt.param_groups for p in grp["params"]])
                 if clip:
                     torch.nn.utils.clip_grad_norm_([p for grp in opt.param_groups for p in grp["params"]], clip)
                 opt.step()
