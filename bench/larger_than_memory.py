@@ -1,10 +1,12 @@
 """A model larger than the memory the run may use: build a synthetic Llama-shaped float16
 checkpoint (random weights, written block by block so this script never holds it either),
-then quantize it with GPTQ 4b/g128 under ``--max-memory CAP`` and, where the kernel allows it,
-an enforced cap on the process's private memory (``prlimit --data``): a run that needed more
-would fail with MemoryError instead of passing. Prints one JSON line: the checkpoint's bytes,
-the cap, the run's peak RSS, its wall time and seconds per block, and whether the streams went
-to disk.
+then quantize it with GPTQ 4b/g128 under ``--max-memory CAP`` and, where this process may
+create one, inside a cgroup (v1 memory controller) whose limit is CAP: a run that needed more
+resident memory would be stopped by the kernel instead of passing (page cache of the mapped
+checkpoint counts too, and is reclaimed first). Prints one JSON line: the checkpoint's bytes,
+the cap, the run's peak RSS and the cgroup's peak usage, its wall time and seconds per block,
+and whether the streams went to disk. (``prlimit --data`` is no such cap: it limits virtual
+private memory, which glibc's arenas and torch's reservations exceed long before RSS does.)
 
     OMP_NUM_THREADS=2 python bench/larger_than_memory.py [--hidden 3072 --inter 8192 --layers 28] [--cap 3GB]
 """
@@ -43,27 +45,46 @@ def build(folder: Path, hidden: int, inter: int, layers: int, heads: int, kv_hea
     def w(*shape):
         return (torch.randn(*shape, generator=g) * shape[-1] ** -0.5).half()
     index, total = {}, 0
-    files = [("model-outer.safetensors", {"model.embed_tokens.weight": w(len(tok), hidden),
-                                          "model.norm.weight": torch.ones(hidden).half()})]
-    for i in range(layers):
+
+    def write(name: str, tensors: dict) -> None:
+        nonlocal total
+        save_file(tensors, str(folder / name))
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        index.update(dict.fromkeys(tensors, name))
+    write("model-outer.safetensors", {"model.embed_tokens.weight": w(len(tok), hidden),
+                                      "model.norm.weight": torch.ones(hidden).half()})
+    for i in range(layers):                      # one block in memory at a time
         p = f"model.layers.{i}."
-        files.append((f"model-{i:05d}.safetensors", {
+        write(f"model-{i:05d}.safetensors", {
             p + "self_attn.q_proj.weight": w(hidden, hidden), p + "self_attn.k_proj.weight": w(kv_heads * head_dim, hidden),
             p + "self_attn.v_proj.weight": w(kv_heads * head_dim, hidden), p + "self_attn.o_proj.weight": w(hidden, hidden),
             p + "mlp.gate_proj.weight": w(inter, hidden), p + "mlp.up_proj.weight": w(inter, hidden),
             p + "mlp.down_proj.weight": w(hidden, inter),
             p + "input_layernorm.weight": torch.ones(hidden).half(),
-            p + "post_attention_layernorm.weight": torch.ones(hidden).half()}))
-    for name, tensors in [files[0]] + files[1:]:
-        save_file(tensors, str(folder / name))
-        total += sum(t.numel() * t.element_size() for t in tensors.values())
-        index.update(dict.fromkeys(tensors, name))
-        del tensors
+            p + "post_attention_layernorm.weight": torch.ones(hidden).half()})
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                       "weight_map": index}))
     cfg.save_pretrained(folder)
     tok.save_pretrained(folder)
     return total
+
+
+def memory_cgroup(cap: int) -> Path | None:
+    """A fresh cgroup (v1 memory controller) limited to ``cap`` bytes of memory (and of memory +
+    swap where swap is accounted), or None where this process cannot create one."""
+    root = Path("/sys/fs/cgroup/memory")
+    group = root / f"onecomp-bench-{os.getpid()}"
+    try:
+        group.mkdir()
+        (group / "memory.limit_in_bytes").write_text(str(cap))
+        memsw = group / "memory.memsw.limit_in_bytes"
+        if memsw.exists():
+            memsw.write_text(str(cap))
+        return group
+    except OSError:
+        if group.is_dir():
+            group.rmdir()
+        return None
 
 
 def main() -> None:
@@ -94,16 +115,20 @@ def main() -> None:
     cmd = [sys.executable, "-m", "onecomp_core.cli", "quantize", str(model), "--out", str(out), "--bits", "4",
            "--group-size", "128", "--projector", "gptq", "--calibration", str(ROOT / "data" / "enwiki_calib.txt"),
            "--num-samples", str(a.num_samples), "--seq-len", str(a.seq_len), "--max-memory", a.cap]
-    enforced = shutil.which("prlimit") is not None
-    if enforced:
-        cmd = ["prlimit", f"--data={cap}", "--", *cmd]
+    group = memory_cgroup(cap)
+    if group is not None:         # the child joins the cgroup before it becomes python
+        cmd = ["sh", "-c", f'echo $$ > {group / "cgroup.procs"} && exec "$@"', "sh", *cmd]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=a.work, env={**os.environ, "ONECOMP_PROGRESS": "0"})
     row = {"bench": "larger_than_memory", "model_gb": round(model_bytes / 1e9, 3), "cap_gb": round(cap / 1e9, 3),
-           "enforced_with": "prlimit --data" if enforced else "--max-memory accounting only",
+           "enforced_with": "cgroup v1 memory.limit_in_bytes" if group else "--max-memory accounting only",
            "shape": {"hidden": a.hidden, "intermediate": a.inter, "layers": a.layers},
            "calibration": f"{a.num_samples} x {a.seq_len}", "build_s": round(build_s, 1)}
+    if group is not None:
+        row["cgroup_peak_gb"] = round(int((group / "memory.max_usage_in_bytes").read_text()) / 1e9, 3)
+        row["cgroup_oom_events"] = int((group / "memory.failcnt").read_text())
+        group.rmdir()
     if proc.returncode != 0:
-        row["error"] = proc.stderr.strip().splitlines()[-3:]
+        row["error"] = proc.stderr.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
     else:
         s = json.loads((out / "report.json").read_text())["summary"]
         row.update(peak_rss_gb=round(s["peak_rss_mb"] * 2**20 / 1e9, 3), under_cap=s["peak_rss_mb"] * 2**20 < cap,

@@ -325,6 +325,25 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("\nonecomp: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as exc:
+        if not out_of_memory(exc):
+            raise
+        print(f"onecomp: error: out of memory ({first_line(exc)}); finished blocks are kept and the same command "
+              f"resumes: lower --num-samples, --seq-len or --batch-size, pass --max-memory (the streams then go "
+              f"to disk when they do not fit), or free memory", file=sys.stderr)
+        return 2
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """A failed allocation (host or GPU), as torch and Python report it."""
+    import torch
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(exc)
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line.split("DefaultCPUAllocator: ", 1)[-1]
 
 
 if __name__ == "__main__":

@@ -206,13 +206,20 @@ class Ranks:
             return t
         import torch.distributed as dist
         sizes = [b - a for a, b in shard_bounds(n, self.world)]
+        widest = max(sizes)
         part = t.detach().cpu()
-        if part.shape[0] < max(sizes):
-            part = torch.cat([part, part.new_zeros((max(sizes) - part.shape[0], *part.shape[1:]))])
-        parts = [torch.empty_like(part) for _ in range(self.world)] if self.leader else None
+        if part.shape[0] < widest:
+            part = torch.cat([part, part.new_zeros((widest - part.shape[0], *part.shape[1:]))])
+        full = None
+        if self.leader:      # the shards land in row slices of one buffer: no copies besides it
+            full = torch.empty((widest * self.world, *part.shape[1:]), dtype=part.dtype)
         with self._guard():
-            dist.gather(part, parts, dst=0, group=self._objects)
-        return torch.cat([p[:k] for p, k in zip(parts, sizes)]) if self.leader else None
+            dist.gather(part, list(full.split(widest)) if self.leader else None, dst=0, group=self._objects)
+        if not self.leader:
+            return None
+        if widest * self.world == n:
+            return full
+        return torch.cat([full[r * widest:r * widest + k] for r, k in enumerate(sizes)])      # drop the padding
 
     def barrier(self) -> None:
         if self.active:

@@ -350,15 +350,19 @@ class Runner:
     def layerwise_parts(self) -> tuple[int, int]:
         """(bytes of the layer-wise pass besides its streams, bytes of the two streams). The first:
         what is resident now (skeleton, calibration inputs), three copies of the largest block
-        (live, FP copy, loading) and the largest input statistics (H, and C when paired)."""
+        (live, FP copy, loading), the largest input statistics (H, and C when paired) and, for a
+        Hessian-based projector, its float64 factorisation of the widest H and that factor's
+        inverse (2 x 8 bytes per entry: 1 GB for an 8192-wide down_proj)."""
         sk = self.sk
         width = torch.finfo(sk.dtype).bits // 8
         block = self.largest_block_params()
         cal = self.run_cfg.calibration
         stream = cal.num_samples * cal.seq_len * int(getattr(sk.config, "hidden_size", 0)) * width
         widest = max(s[1] for s in self.shapes.values())
-        stats = widest * widest * 4 * (2 if {"cross", "residual"} & self.statistics_needed() else 1)
-        return int(rss_mb() * 2**20 + 3 * block * width + stats), 2 * stream
+        needs = self.statistics_needed()
+        stats = widest * widest * 4 * (2 if {"cross", "residual"} & needs else 1)
+        factor = widest * widest * 8 * 2 if "gram" in needs else 0
+        return int(rss_mb() * 2**20 + 3 * block * width + stats + factor), 2 * stream
 
     def streams_spill(self, base: int, streams: int) -> bool:
         """The two streams go to files on disk when asked, or when an explicit --max-memory leaves

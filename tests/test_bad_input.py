@@ -219,3 +219,34 @@ def test_config_show_needs_no_model(capsys):
     out, err = capsys.readouterr()
     d = json.loads(out)
     assert d["model"] is None and d["bits"] == 3 and "no model given" in err
+
+
+@pytest.mark.parametrize("exc", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                 "you tried to allocate 536870912 bytes. Error code 12 (Cannot allocate memory)"),
+    MemoryError(),
+])
+def test_running_out_of_memory_is_one_line_that_says_what_to_lower(tiny_llama, tmp_path, capsys, monkeypatch, exc):
+    import onecomp_core.runner as runner
+    from onecomp_core.cli import main
+
+    def fail(self):
+        raise exc
+    monkeypatch.setattr(runner.Runner, "layerwise", fail)
+    assert main(["quantize", str(tiny_llama), "--out", str(tmp_path / "q"), "--num-samples", "2", "--seq-len", "32"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) >= 1 and err[-1].startswith("onecomp: error: out of memory (")
+    assert "lower --num-samples" in err[-1] and "--max-memory" in err[-1]
+    if isinstance(exc, RuntimeError):
+        assert "can't allocate memory: you tried to allocate 536870912 bytes" in err[-1]
+
+
+def test_other_runtime_errors_are_not_called_out_of_memory(tiny_llama, tmp_path, monkeypatch):
+    import onecomp_core.runner as runner
+    from onecomp_core.cli import main
+
+    def fail(self):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+    monkeypatch.setattr(runner.Runner, "layerwise", fail)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        main(["quantize", str(tiny_llama), "--out", str(tmp_path / "q"), "--num-samples", "2", "--seq-len", "32"])
