@@ -511,6 +511,7 @@ class Runner:
 
     def follower_report(self, wall: float) -> dict:
         """What a rank other than 0 returns once its shard of the layer-wise pass is done."""
+        shutil.rmtree(self.store.work, ignore_errors=True)       # its spilled streams' folder, if any
         return {"rank": self.ranks.rank, "out": None,
                 "summary": {"rank": self.ranks.rank, "ranks": self.ranks.world, "wall_seconds": round(wall, 2),
                             "peak_rss_mb": round(peak_rss_mb(), 1), "resumed_from_block": self.start,

@@ -126,7 +126,8 @@ def test_block_refiners_refuse_to_run_data_parallel(tiny_llama, tmp_path, monkey
 def test_blockptq_trains_data_parallel_and_the_ranks_stay_identical(tiny_llama, tmp_path):
     """Two ranks, shards of 3 and 2 samples: gradients averaged, held-out errors reduced over the
     ranks, as many steps on each; the core's checksum after every block finds the ranks equal."""
-    settings = {**SETTINGS, "refiners": ["blockptq"], "options": {"blockptq": {"epochs": 2}}}
+    settings = {**SETTINGS, "refiners": ["blockptq"], "options": {"blockptq": {"epochs": 2}},
+                "spill_streams": "always"}          # and every rank's streams in files of its own
     out = tmp_path / "dp"
     results = spawn([(tiny_llama, out)], tmp_path / "logs", settings=settings)
     assert all(rc == 0 for rc, _, _ in results), [e[-2000:] for _, _, e in results]
@@ -136,6 +137,8 @@ def test_blockptq_trains_data_parallel_and_the_ranks_stay_identical(tiny_llama, 
     for rec in records:
         assert len(rec["train_loss"]) == 2
         assert rec["kept"] == (rec["heldout_after"] < rec["heldout_before"])
+    assert json.loads((out / "report.json").read_text())["summary"]["streams_on_disk"]
+    assert not list(tmp_path.glob(".dp.onecomp-rank*")) and not (tmp_path / "dp.onecomp-partial").exists()
 
 
 def test_too_few_samples_for_the_ranks_is_a_one_line_error(tiny_llama, tmp_path, monkeypatch):
