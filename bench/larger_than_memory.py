@@ -99,6 +99,7 @@ def main() -> None:
     ap.add_argument("--num-samples", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--keep", action="store_true", help="keep the synthetic model for another run")
+    ap.add_argument("--option", action="append", default=[], help="a component option for the run, e.g. gptq.mse_steps=0")
     a = ap.parse_args()
     from onecomp_core.resources import parse_size
     model = a.work / f"llama-{a.hidden}-{a.inter}-{a.layers}"
@@ -114,7 +115,8 @@ def main() -> None:
     cap = parse_size(a.cap)
     cmd = [sys.executable, "-m", "onecomp_core.cli", "quantize", str(model), "--out", str(out), "--bits", "4",
            "--group-size", "128", "--projector", "gptq", "--calibration", str(ROOT / "data" / "enwiki_calib.txt"),
-           "--num-samples", str(a.num_samples), "--seq-len", str(a.seq_len), "--max-memory", a.cap]
+           "--num-samples", str(a.num_samples), "--seq-len", str(a.seq_len), "--max-memory", a.cap,
+           *[f for o in a.option for f in ("--option", o)]]
     group = memory_cgroup(cap)
     if group is not None:         # the child joins the cgroup before it becomes python
         cmd = ["sh", "-c", f'echo $$ > {group / "cgroup.procs"} && exec "$@"', "sh", *cmd]
@@ -122,7 +124,8 @@ def main() -> None:
     row = {"bench": "larger_than_memory", "model_gb": round(model_bytes / 1e9, 3), "cap_gb": round(cap / 1e9, 3),
            "enforced_with": "cgroup v1 memory.limit_in_bytes" if group else "--max-memory accounting only",
            "shape": {"hidden": a.hidden, "intermediate": a.inter, "layers": a.layers},
-           "calibration": f"{a.num_samples} x {a.seq_len}", "build_s": round(build_s, 1)}
+           "calibration": f"{a.num_samples} x {a.seq_len}", "options": a.option, "build_s": round(build_s, 1),
+           "returncode": proc.returncode}
     if group is not None:
         row["cgroup_peak_gb"] = round(int((group / "memory.max_usage_in_bytes").read_text()) / 1e9, 3)
         row["cgroup_oom_events"] = int((group / "memory.failcnt").read_text())

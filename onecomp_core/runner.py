@@ -214,8 +214,9 @@ class Runner:
                 RefineChoice(run, (), self.device, time.time()).check_pivot(self.layerwise_need_bytes())
 
     def check_data_parallel(self) -> None:
-        """What a data-parallel run can do: the layer-wise pass with its statistics and corrections
-        is sharded; block refiners are not yet; model refiners run on the leader alone."""
+        """What a data-parallel run can do, checked before any work: the layer-wise pass with its
+        statistics, corrections and data-parallel block refiners is sharded (others are refused);
+        model refiners run on the leader alone."""
         inner = [r.name for r in self.res.refiners_of("block") if not r.data_parallel]
         if inner:
             raise OnecompError(f"{inner[0]} refines blocks inside the layer-wise pass and does not run data-parallel: "
@@ -357,7 +358,8 @@ class Runner:
         width = torch.finfo(sk.dtype).bits // 8
         block = self.largest_block_params()
         cal = self.run_cfg.calibration
-        stream = cal.num_samples * cal.seq_len * int(getattr(sk.config, "hidden_size", 0)) * width
+        rows = -(-cal.num_samples // self.ranks.world)          # this rank's shard (all of them in one process)
+        stream = rows * cal.seq_len * int(getattr(sk.config, "hidden_size", 0)) * width
         widest = max(s[1] for s in self.shapes.values())
         needs = self.statistics_needed()
         stats = widest * widest * 4 * (2 if {"cross", "residual"} & needs else 1)
