@@ -352,8 +352,9 @@ class Runner:
         """(bytes of the layer-wise pass besides its streams, bytes of the two streams). The first:
         what is resident now (skeleton, calibration inputs), three copies of the largest block
         (live, FP copy, loading), the largest input statistics (H, and C when paired) and, for a
-        Hessian-based projector, its float64 factorisation of the widest H and that factor's
-        inverse (2 x 8 bytes per entry: 1 GB for an 8192-wide down_proj)."""
+        Hessian-based projector, its work on the widest H: at most four float64 copies at once
+        during the damped Cholesky factorisation and its inverse, and the float32 factor (36
+        bytes per entry: 2.4 GB for an 8192-wide down_proj)."""
         sk = self.sk
         width = torch.finfo(sk.dtype).bits // 8
         block = self.largest_block_params()
@@ -363,7 +364,7 @@ class Runner:
         widest = max(s[1] for s in self.shapes.values())
         needs = self.statistics_needed()
         stats = widest * widest * 4 * (2 if {"cross", "residual"} & needs else 1)
-        factor = widest * widest * 8 * 2 if "gram" in needs else 0
+        factor = widest * widest * 36 if "gram" in needs else 0
         return int(rss_mb() * 2**20 + 3 * block * width + stats + factor), 2 * stream
 
     def streams_spill(self, base: int, streams: int) -> bool:

@@ -38,9 +38,11 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, symmetric
         s, z = grid.fit_groups(W, bits, group_size, symmetric, **fit_kwargs)
         scale[:], zero[:], fitted[:] = s, z, True
     perm = torch.argsort(torch.diag(Hd), descending=True) if act_order else torch.arange(cols, device=W.device)
-    W = W[:, perm]
-    Hd = Hd[perm][:, perm]
+    if act_order:                 # natural order: no permuted copies of H (2 x in^2 floats)
+        W = W[:, perm]
+        Hd = Hd[perm][:, perm]
     U = inverse_cholesky_upper(Hd, damp).float()
+    del Hd
     groups_of = grid.group_index(cols, group_size, W.device)[perm]      # group of each permuted column
     Q = torch.zeros_like(W)
     for i1 in range(0, cols, block_size):
