@@ -515,11 +515,11 @@ class Runner:
     def follower_report(self, wall: float) -> dict:
         """What a rank other than 0 returns once its shard of the layer-wise pass is done."""
         shutil.rmtree(self.store.work, ignore_errors=True)       # its spilled streams' folder, if any
+        shard = self.ranks.shard(self.run_cfg.calibration.num_samples)
         return {"rank": self.ranks.rank, "out": None,
                 "summary": {"rank": self.ranks.rank, "ranks": self.ranks.world, "wall_seconds": round(wall, 2),
                             "peak_rss_mb": round(peak_rss_mb(), 1), "resumed_from_block": self.start,
-                            "samples": len(range(*self.ranks.shard(self.run_cfg.calibration.num_samples).indices(
-                                self.run_cfg.calibration.num_samples)))}}
+                            "samples": shard.stop - shard.start}}
 
     def finish(self, wall: float) -> dict:
         if not hasattr(self, "peak_quantize"):
