@@ -21,6 +21,7 @@ from .contexts import LayerContext
 from .distributed import Ranks, assign_owners, map_tensors
 from .gather import gather_group
 from .report import rss_mb
+from .resources import release_memory
 from .skeleton import as_stored
 from .streams import block_error, run_block
 
@@ -211,6 +212,8 @@ class LayerwisePass:
                        for k, v in (("fp", fp), ("q", q))}
             self.store.commit_block(i, tensors, streams, bctx.info)     # a no-op store on ranks other than 0
             sk.release_block(i)
+            del block, bctx, tensors, streams
+            release_memory()        # glibc keeps a released block's freed pages: without this RSS creeps up per block
             per_block_s.append(time.time() - t0)
             per_block_rss.append(round(rss_mb(), 1))
             self.hook.onecomp_block_done(index=i, total=total, info={"seconds": per_block_s[-1]})
