@@ -4,7 +4,7 @@ on enwiki_eval, mean KL to the FP model, seconds and peak RSS, one JSON line per
 JSON object with the stage-by-stage checks (each kept stage lowers both ppl and KL).
 
     OMP_NUM_THREADS=2 python bench/refine_smollm2.py [--settings u4g128,u3g128,u2g64,dbf1.5,mdbf1.5]
-        [--chains blockptq] [--option blockptq.epochs=2] [--quick] [--work DIR [--refine-blocks]]
+        [--chains blockptq] [--option blockptq.epochs=2] [--quick] [--work DIR]
 """
 from __future__ import annotations
 
@@ -41,10 +41,8 @@ def main():
     ap.add_argument("--work", type=Path, default=None,
                     help="keep every run's checkpoint under this folder; a chain that extends the one before it "
                          "by model refiners then refines a copy of that checkpoint (`onecomp refine`) instead of "
-                         "starting over")
-    ap.add_argument("--refine-blocks", action="store_true",
-                    help="with --work, extend a checkpoint by block refiners too (`onecomp refine` re-runs the "
-                         "calibration the checkpoint's run had), so the pivot is computed once per setting")
+                         "starting over; each run's JSON row is kept beside its checkpoint (NAME.row.json), and a "
+                         "rerun of the bench with the same --work reuses the rows it finds instead of running again")
     a = ap.parse_args()
     tokens = 4096 if a.quick else 16384
     extra = [f for o in a.option for f in ("--option", o)]
@@ -55,13 +53,19 @@ def main():
         for chain in chains:
             flags = [*SETTINGS[setting], "--correction", "qep", *[f for r in chain for f in ("--refiner", r)], *extra]
             out = a.work / f"{setting}-{'+'.join(['pivot', *chain])}" if a.work else None
-            rest = chain[len(prev_chain):] if prev_chain is not None and chain[:len(prev_chain)] == prev_chain else None
-            if out is not None and rest and prev is not None and "error" not in prev and (a.refine_blocks or _model_scope(rest)):
-                r = refine_and_measure(a.work / f"{setting}-{'+'.join(['pivot', *prev_chain])}", out, rest, tokens, extra)
+            saved = out.with_name(out.name + ".row.json") if out is not None else None
+            if saved is not None and saved.is_file() and out.is_dir():
+                r = json.loads(saved.read_text())                  # done by an earlier, interrupted bench run
             else:
-                r = quantize_and_measure(a.model, flags, tokens, keep_out=out)
+                rest = chain[len(prev_chain):] if prev_chain is not None and chain[:len(prev_chain)] == prev_chain else None
+                if out is not None and rest and prev is not None and "error" not in prev and _model_scope(rest):
+                    r = refine_and_measure(a.work / f"{setting}-{'+'.join(['pivot', *prev_chain])}", out, rest, tokens, extra)
+                else:
+                    r = quantize_and_measure(a.model, flags, tokens, keep_out=out)
+                r.update({"setting": setting, "stages": ["pivot", *chain], "options": a.option})
+                if saved is not None and "error" not in r:
+                    saved.write_text(json.dumps(r))
             prev_chain = chain
-            r.update({"setting": setting, "stages": ["pivot", *chain], "options": a.option})
             rows.append(r)
             print(json.dumps(r), flush=True)
             if prev is not None and "ppl" in r and "ppl" in prev:
