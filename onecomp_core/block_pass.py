@@ -202,7 +202,7 @@ class LayerwisePass:
             for r in self.block_refiners:
                 r.refine_block(bctx)
             if self.block_refiners:
-                self.ranks.check_same(i, {n: bctx.module(n).weight for n in bctx.linears})
+                self.ranks.check_same(f"block {i}'s refiners", {n: bctx.module(n).weight for n in bctx.linears})
             bctx.release()
             q_next = q if self.data_free else run_block(block, q, kwargs[i], out=self._out("q"),
                                                         batch=self.batch)               # quantized block

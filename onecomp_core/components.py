@@ -172,6 +172,11 @@ class ModelRefiner(Refiner):
     :class:`~onecomp_core.contexts.ModelContext`; returns new quantized tensors (same format and
     spec) for the modules it changed, or None. The scheduler keeps the result only if the
     held-out calibration metric does not get worse."""
+    # True: ``refine`` is correct on every rank of a data-parallel run at once: it trains on
+    # ``mctx.shard_ids()``, averages gradients with ``mctx.sync_gradients``, runs
+    # ``mctx.max_over_ranks(steps)`` steps and writes resume state only where ``mctx.leader``, so
+    # every rank ends with the same tensors. False: a data-parallel run gives it to rank 0 alone
+    data_parallel: ClassVar[bool] = False
 
     def refine(self, mctx) -> dict | None:
         raise NotImplementedError

@@ -97,6 +97,27 @@ class ModelContext:
     run: object = None
     quantized: object = None          # () -> {module name: stored quantized tensor} of the checkpoint
     scratch: Path | None = None       # this refiner's own folder in the run's work folder (resume state)
+    ranks: object = None              # data-parallel ranks (distributed.Ranks); None: one process
+
+    @property
+    def leader(self) -> bool:
+        """Whether this process writes (resume state, logs): rank 0, or the only process."""
+        return self.ranks is None or self.ranks.leader
+
+    def shard_ids(self) -> torch.Tensor:
+        """This rank's contiguous shard of ``calibration_ids`` (all of them in one process)."""
+        if self.ranks is None or not self.ranks.active:
+            return self.calibration_ids
+        return self.calibration_ids[self.ranks.shard(self.calibration_ids.shape[0])]
+
+    def sync_gradients(self, params) -> None:
+        """Average ``params``' gradients over the ranks (before each optimiser step); a no-op in one process."""
+        if self.ranks is not None:
+            self.ranks.average_gradients(params)
+
+    def max_over_ranks(self, k: int) -> int:
+        """The largest ``k`` over the ranks (e.g. steps per epoch, so every rank takes as many)."""
+        return k if self.ranks is None else self.ranks.max_int(k)
 
 
 @attrs.define

@@ -145,19 +145,34 @@ class Ranks:
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._objects)
         return int(t)
 
-    def average_gradients(self, params) -> None:
-        """Each parameter's ``.grad`` replaced by its mean over the ranks (a missing one counts as 0)."""
+    def average_gradients(self, params, bucket_bytes: int = 64 << 20) -> None:
+        """Each parameter's ``.grad`` replaced by its mean over the ranks (a missing one counts as
+        0), as DistributedDataParallel averages: gradients flattened into buckets of up to
+        ``bucket_bytes`` per dtype and device, one all-reduce per bucket."""
         if not self.active:
             return
         import torch.distributed as dist
+        grads = []
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        buckets: dict = {}
+        for g in grads:
+            buckets.setdefault((g.dtype, g.device), [[]])
+            bucket = buckets[(g.dtype, g.device)]
+            if bucket[-1] and sum(t.numel() for t in bucket[-1]) * g.element_size() + g.numel() * g.element_size() > bucket_bytes:
+                bucket.append([])
+            bucket[-1].append(g)
         with self._guard():
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad)
-                p.grad /= self.world
+            for group in (b for bs in buckets.values() for b in bs):
+                flat = torch.cat([g.reshape(-1) for g in group])
+                dist.all_reduce(flat)
+                flat /= self.world
+                for g, part in zip(group, flat.split([g.numel() for g in group])):
+                    g.copy_(part.view_as(g))
 
-    def check_same(self, block: int, tensors: dict) -> None:
+    def check_same(self, where: str, tensors: dict) -> None:
         """Every rank holds the same ``tensors`` (a block's weights after its refiners): a cheap
         checksum compared over the ranks; a difference is a bug in a data-parallel component."""
         if not self.active or not tensors:
@@ -170,8 +185,8 @@ class Ranks:
             dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=self._objects)
         bad = [n for n, a, b in zip(tensors, lo.tolist(), hi.tolist()) if a != b]
         if bad:
-            raise OnecompError(f"data-parallel ranks hold different weights for {bad[0]} after block {block}'s "
-                               f"refiners (a component that is not data-parallel-safe); run in one process")
+            raise OnecompError(f"data-parallel ranks hold different weights for {bad[0]} after {where} "
+                               f"(a component that is not data-parallel-safe); run in one process")
 
     def broadcast(self, obj, src: int = 0):
         """``obj`` as rank ``src`` has it, on every rank (tensors arrive on the CPU)."""

@@ -55,4 +55,4 @@ class Progress:
 def bar(total: int, desc: str, unit: str = "step"):
     """A progress bar for a plugin's long loop (a silent one under ONECOMP_PROGRESS=0)."""
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False,
-                disable=os.environ.get("ONECOMP_PROGRESS", "1") in ("0", "false", "no"))
+                disable=os.environ.get("ONECOMP_PROGRESS", "1") in ("0", "false", "no") or os.environ.get("RANK", "0") != "0")

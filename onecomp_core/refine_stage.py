@@ -19,10 +19,12 @@ import shutil
 import time
 from pathlib import Path
 
+import attrs
 from safetensors.torch import load_file
 
 from .checkpoint import load_quantized, module_keys, quantized_tensors
 from .contexts import ModelContext
+from .distributed import map_tensors
 from .errors import OnecompError
 from .evaluate import evaluate
 from .export import link_or_copy
@@ -160,35 +162,78 @@ class RefineStore:
         shutil.rmtree(self.work, ignore_errors=True)
 
 
-def run_model_refiners(refiners, store: RefineStore, *, plan, formats, plugins, reference, ref_model,
-                       train_ids, heldout_ids, device, run, choose=None) -> list[dict]:
+def refine_work(out: Path) -> Path:
+    """The refine stage's work folder beside the checkpoint folder ``out``."""
+    out = Path(out)
+    return out.with_name(out.name + SUFFIX)
+
+
+def same_on_every_rank(ranks, refiner, result) -> None:
+    """Data-parallel: a checksum of every tensor ``refiner`` returned, compared over the ranks."""
+    if ranks is None or not ranks.active:
+        return
+    found: dict = {}
+    for name in sorted(result or {}):
+        map_tensors(result[name], lambda t, n=name: found.setdefault(f"{n}[{len(found)}]", t))
+    ranks.check_same(f"refiner {refiner.name}", found)
+
+
+def run_model_refiners(refiners, store: RefineStore | None, *, plan, formats, plugins, reference, ref_model,
+                       train_ids, heldout_ids, device, run, choose=None, ranks=None, out: Path | None = None) -> list[dict]:
     """Each model refiner in order on ``store.current``; -> one record per refiner.
-    ``choose(refiner, mctx)``: whether it runs (the resource-adaptive choice)."""
-    done = {r["name"]: r for r in store.open()}
+    ``choose(refiner, mctx)``: whether it runs (the resource-adaptive choice).
+
+    Data-parallel (``ranks`` active, every refiner ``data_parallel``): rank 0 owns ``store``,
+    decides (done before a kill, chosen or skipped), judges and writes; it tells the other ranks
+    whether each refiner runs, and they (``store`` None, ``out`` the checkpoint folder, on storage
+    every rank sees) train on their shards beside it and return no records."""
+    leader = ranks is None or ranks.leader
+    work = store.work if store is not None else refine_work(out)
+    done = {r["name"]: r for r in store.open()} if leader else {}
 
     def load(folder=None):
-        return load_quantized(folder or store.current, run.device, run.dtype, plugins)
+        return load_quantized(folder or work / "current", str(device), run.dtype, plugins)
+
+    def context(refiner) -> ModelContext:
+        current = work / "current"
+        return ModelContext(checkpoint=current, reference=reference, plan=plan, formats=formats,
+                            calibration_ids=train_ids, heldout_ids=heldout_ids, device=device,
+                            load=load, load_reference=lambda: ref_model, run=run,
+                            quantized=lambda: quantized_tensors(current, plugins.registry),
+                            scratch=work / f"refiner-{refiner.name}", ranks=ranks)
+
+    def tell(runs: bool) -> bool:             # the leader's decision, on every rank
+        return ranks.broadcast(runs) if ranks is not None else runs
 
     records, before = [], None
     for refiner in refiners:
+        if ranks is not None:
+            ranks.where = f"refiner {refiner.name}"
+        if not leader:
+            if tell(None):
+                if not (work / "current").is_dir():
+                    raise OnecompError(f"rank {ranks.rank} cannot see {work / 'current'}, which rank 0 wrote: a "
+                                       f"data-parallel {refiner.name} needs --out on storage every rank sees")
+                same_on_every_rank(ranks, refiner, refiner.refine(context(refiner)))
+            continue
         if refiner.name in done:
+            tell(False)
             records.append(done[refiner.name])
             continue
         if before is None:
             before = heldout_kl(load(), ref_model, heldout_ids)
         t0 = time.time()
-        mctx = ModelContext(checkpoint=store.current, reference=reference, plan=plan, formats=formats,
-                            calibration_ids=train_ids, heldout_ids=heldout_ids, device=device,
-                            load=load, load_reference=lambda: ref_model, run=run,
-                            quantized=lambda: quantized_tensors(store.current, plugins.registry),
-                            scratch=store.work / f"refiner-{refiner.name}")
-        if choose is not None and not choose(refiner, mctx):
+        mctx = context(refiner)
+        if choose is not None and not choose(refiner, attrs.evolve(mctx, ranks=None)):   # its probe runs here alone
+            tell(False)
             record = {"name": refiner.name, "modules": 0, "before": before, "after": before, "kept": False,
                       "skipped": True, "seconds": round(time.time() - t0, 2)}
             store.record(record)
             records.append(record)
             continue
+        tell(True)
         result = refiner.refine(mctx) or {}
+        same_on_every_rank(ranks, refiner, result)
         record = {"name": refiner.name, "modules": len(result), "before": before, "after": before, "kept": False}
         if result:
             write_candidate(store.current, store.next, refiner.name, result, plan, formats)
@@ -197,6 +242,8 @@ def run_model_refiners(refiners, store: RefineStore, *, plan, formats, plugins, 
         record["seconds"] = round(time.time() - t0, 2)
         record["peak_rss_mb"] = round(peak_rss_mb(), 1)     # of the process, up to the end of this refiner
         record["peak_gpu_mb"] = peak_gpu_mb()
+        if ranks is not None and ranks.active:
+            record["ranks"] = ranks.world
         store.record(record)
         shutil.rmtree(store.work / f"refiner-{refiner.name}", ignore_errors=True)
         if record["kept"]:

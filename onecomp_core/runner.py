@@ -149,13 +149,17 @@ class Runner:
             self.stage("plan", self.plan)
             if self.start < len(self.sk.blocks):
                 self.stage("layerwise", self.layerwise, total=len(self.sk.blocks))
-            if not self.ranks.leader:                # the leader alone exports, refines, evaluates
+            if not self.ranks.leader and not self.parallel_refine():    # the leader alone exports and evaluates
                 return self.follower_report(time.time() - t_start)
-            self.stage("export", self.export)
+            if self.ranks.leader:
+                self.stage("export", self.export)
         if self.res.refiners_of("model"):
-            if not self.refine_only:
+            if not self.refine_only and self.ranks.leader:
                 self.publish_pivot(time.time() - t_start)
+            self.ranks.barrier()                     # data-parallel refiners start from the published pivot
             self.stage("refine", self.refine)
+        if not self.ranks.leader:
+            return self.follower_report(time.time() - t_start)
         if self.eval_ids is not None:
             self.stage("evaluate", self.evaluate)
         return self.finish(time.time() - t_start)
@@ -172,9 +176,11 @@ class Runner:
         out = Path(run.out)
         if not self.refine_only and not run.overwrite and refine_pending(out, self.fingerprint):
             self.refine_only = True                  # killed during the refine stage: resume it
-        if self.refine_only and self.ranks.active:
-            raise OnecompError("refining a finished checkpoint runs in one process: run `onecomp refine` "
-                               "without torchrun")
+        self.refine_only = self.ranks.broadcast(self.refine_only)       # the leader's view of the folder
+        if self.refine_only and self.ranks.active and not self.parallel_refine():
+            serial = [r.name for r in self.res.refiners_of("model") if not r.data_parallel]
+            raise OnecompError(f"refining a finished checkpoint with {', '.join(serial) or 'no model refiner'} runs "
+                               f"in one process: run `onecomp refine` without torchrun")
         if self.refine_only:
             self.base_report = json.loads((out / "report.json").read_text()) if (out / "report.json").is_file() else {}
         else:                                        # only the leader writes; it says where to resume
@@ -225,10 +231,16 @@ class Runner:
         if n < self.ranks.world:
             raise OnecompError(f"{n} calibration samples cannot be shared by {self.ranks.world} ranks: "
                                f"raise --num-samples to at least {self.ranks.world} or start fewer processes")
-        model = [r.name for r in self.res.refiners_of("model")]
-        if model and self.ranks.leader:
-            print(f"onecomp: note: {', '.join(model)} will run on rank 0 alone after the data-parallel pivot "
-                  f"(model refiners do not run data-parallel yet)", file=sys.stderr)
+        serial = [r.name for r in self.res.refiners_of("model") if not r.data_parallel]
+        if serial and self.ranks.leader:
+            print(f"onecomp: note: {', '.join(serial)} will run on rank 0 alone after the data-parallel pivot "
+                  f"(not a data-parallel model refiner), and so will the refiners after it", file=sys.stderr)
+
+    def parallel_refine(self) -> bool:
+        """Whether the model refiners run on every rank: a data-parallel run whose model refiners
+        all say ``data_parallel`` (one that does not makes rank 0 run them all alone)."""
+        model = self.res.refiners_of("model")
+        return self.ranks.active and bool(model) and all(r.data_parallel for r in model)
 
     def check_specs(self, specs) -> None:
         """Every module's spec against its format, its projector, the exporters and the refiners."""
@@ -456,8 +468,9 @@ class Runner:
 
     def refine(self) -> None:
         run = self.run_cfg
-        self.refine_store = RefineStore(Path(run.out), self.fingerprint)
-        ref = load_reference(str(self.folder), run.device, run.dtype)[0]
+        ranks = self.ranks if self.ranks.active else None
+        self.refine_store = RefineStore(Path(run.out), self.fingerprint) if self.ranks.leader else None
+        ref = load_reference(str(self.folder), str(self.device), run.dtype)[0]
         if not hasattr(self, "choice"):
             self.choice = RefineChoice(run, self.res.auto_refiners, self.device, self.t_start)
 
@@ -467,8 +480,9 @@ class Runner:
         self.refined = run_model_refiners(
             self.res.refiners_of("model"), self.refine_store, plan=self.plan_, formats=self.res.formats,
             plugins=self.res.plugins, reference=self.folder, ref_model=ref, train_ids=self.refine_ids,
-            heldout_ids=self.heldout_ids, device=self.device, run=run, choose=choose)
-        self.final = self.refine_store.current
+            heldout_ids=self.heldout_ids, device=self.device, run=run, choose=choose, ranks=ranks, out=Path(run.out))
+        if self.ranks.leader:
+            self.final = self.refine_store.current
 
     def export(self) -> None:
         res = self.res
@@ -514,7 +528,8 @@ class Runner:
 
     def follower_report(self, wall: float) -> dict:
         """What a rank other than 0 returns once its shard of the layer-wise pass is done."""
-        shutil.rmtree(self.store.work, ignore_errors=True)       # its spilled streams' folder, if any
+        if hasattr(self, "store"):
+            shutil.rmtree(self.store.work, ignore_errors=True)   # its spilled streams' folder, if any
         shard = self.ranks.shard(self.run_cfg.calibration.num_samples)
         return {"rank": self.ranks.rank, "out": None,
                 "summary": {"rank": self.ranks.rank, "ranks": self.ranks.world, "wall_seconds": round(wall, 2),

@@ -32,6 +32,11 @@ WORKER = textwrap.dedent("""
             if index == {kill_after}:
                 os.kill(os.getpid(), signal.SIGKILL)     # a lost rank: no cleanup, no goodbye
 
+        @hookimpl
+        def onecomp_stage_start(self, stage, info):
+            if stage == {kill_stage!r}:
+                os.kill(os.getpid(), signal.SIGKILL)
+
     killer = [KillAfterBlock()] if os.environ["RANK"] == "{kill_rank}" else []
     for model, out in {jobs!r}:
         rep = onecomp_core.quantize(model, out, plugins=killer, **{settings!r})
@@ -46,11 +51,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn(jobs, logs, world=2, kill_rank=-1, kill_after=-1, timeout=600, settings=SETTINGS):
+def spawn(jobs, logs, world=2, kill_rank=-1, kill_after=-1, timeout=600, settings=SETTINGS, kill_stage=None):
     """Run ``jobs`` [(model, out), ...] in ``world`` ranks, their output in files under ``logs``
     (pipes could fill and stall a rank inside a collective); -> [(returncode, stdout, stderr)]."""
     script = WORKER.format(jobs=[(str(m), str(o)) for m, o in jobs], settings=settings,
-                           kill_rank=kill_rank, kill_after=kill_after)
+                           kill_rank=kill_rank, kill_after=kill_after, kill_stage=kill_stage)
     port = free_port()
     logs.mkdir(parents=True, exist_ok=True)
     procs = []
@@ -139,6 +144,34 @@ def test_blockptq_trains_data_parallel_and_the_ranks_stay_identical(tiny_llama, 
         assert rec["kept"] == (rec["heldout_after"] < rec["heldout_before"])
     assert json.loads((out / "report.json").read_text())["summary"]["streams_on_disk"]
     assert not list(tmp_path.glob(".dp.onecomp-rank*")) and not (tmp_path / "dp.onecomp-partial").exists()
+
+
+@requires("refiner", "globalptq")
+@pytest.mark.whole_suite
+def test_globalptq_trains_data_parallel_and_a_lost_rank_resumes_at_the_refine_stage(tiny_llama, tmp_path):
+    """Both ranks train globalptq on their shards of the refine samples (gradients averaged, the
+    ranks' results compared by the core); rank 1 killed as the refine stage starts ends rank 0
+    with the one-line error while DIR holds the published pivot; the same command resumes the
+    refine stage on both ranks. The pivot's held-out KL is the one-process run's, exactly."""
+    settings = {**SETTINGS, "num_samples": 8, "refiners": ["qep", "globalptq"],
+                "options": {"globalptq": {"epochs": 2}}}
+    out = tmp_path / "dp"
+    (rc0, _, err0), (rc1, _, _) = spawn([(tiny_llama, out)], tmp_path / "logs1", kill_rank=1,
+                                        kill_stage="refine", settings=settings)
+    assert rc1 == -9
+    last = err0.strip().splitlines()[-1]
+    assert rc0 == 1 and "rank 0 of 2 lost the other ranks during refiner globalptq" in last, err0[-3000:]
+    assert json.loads((out / "report.json").read_text())["refine"] == []       # DIR: the pivot, complete
+    results = spawn([(tiny_llama, out)], tmp_path / "logs2", settings=settings)  # the same command again
+    assert all(rc == 0 for rc, _, _ in results), [e[-2000:] for _, _, e in results]
+    assert "[globalptq] epoch 2/2" in results[0][2] and "[globalptq]" not in results[1][2]   # rank 0 logs
+    record, = json.loads((out / "report.json").read_text())["refine"]
+    assert record["name"] == "globalptq" and record["ranks"] == 2 and record["modules"] > 0
+    assert record["kept"] == (record["after"] < record["before"])
+    one = tmp_path / "one"
+    assert spawn([(tiny_llama, one)], tmp_path / "logs3", world=1, settings=settings)[0][0] == 0
+    single, = json.loads((one / "report.json").read_text())["refine"]
+    assert single["before"] == record["before"] and "ranks" not in single
 
 
 def test_too_few_samples_for_the_ranks_is_a_one_line_error(tiny_llama, tmp_path, monkeypatch):

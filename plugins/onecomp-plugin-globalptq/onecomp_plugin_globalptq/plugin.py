@@ -39,6 +39,7 @@ class GlobalPTQ(ModelRefiner):
     name = "globalptq"
     Options = GlobalPTQOptions
     needs_trainable = True
+    data_parallel = True           # each rank trains on its shard; gradients averaged before every step
 
     def _student(self, mctx, o):
         """The teacher, and the checkpoint with a trainable view over every quantized module."""
@@ -99,8 +100,11 @@ class GlobalPTQ(ModelRefiner):
         o = self.options
         teacher, student, views = self._student(mctx, o)
         state = None if mctx.scratch is None else mctx.scratch / "state.pt"
-        distill(student, teacher, views, mctx.calibration_ids, o, state,
-                log=lambda m: print(m, file=sys.stderr, flush=True))
+        ids = mctx.shard_ids()
+        distill(student, teacher, views, ids, o, state,
+                log=(lambda m: print(m, file=sys.stderr, flush=True)) if mctx.leader else None,
+                sync=mctx.sync_gradients, steps_per_epoch=mctx.max_over_ranks(-(-ids.shape[0] // o.batch)),
+                save=mctx.leader)
         with torch.no_grad():
             return {name: v.write_back() for name, v in views.items()}
 

@@ -26,10 +26,14 @@ def param_groups(views: dict, o) -> list[dict]:
     return groups
 
 
-def distill(student, teacher, views: dict, ids: torch.Tensor, o, state_path=None, log=None) -> list[float]:
+def distill(student, teacher, views: dict, ids: torch.Tensor, o, state_path=None, log=None,
+            sync=None, steps_per_epoch: int | None = None, save: bool = True) -> list[float]:
     """Train the views so the student's token distributions match the teacher's on ``ids``
     (N, L); -> mean loss per epoch. With ``state_path``, the views, the optimiser and the sample
-    order are saved after every epoch and a rerun continues after the last saved one."""
+    order are saved after every epoch (where ``save``) and a rerun continues after the last saved
+    one. Data-parallel: ``ids`` is this rank's shard, ``sync(params)`` averages the gradients over
+    the ranks before each step, and every rank takes ``steps_per_epoch`` steps (the most any rank
+    needs: a rank with fewer samples goes round its shard again), so every rank steps alike."""
     groups = param_groups(views, o)
     if not groups or o.epochs == 0:
         return []
@@ -38,7 +42,7 @@ def distill(student, teacher, views: dict, ids: torch.Tensor, o, state_path=None
     blocks = max(owners) + 1
     device = next(student.parameters()).device
     gen = torch.Generator().manual_seed(o.seed)
-    steps_per_epoch = -(-ids.shape[0] // o.batch)
+    steps_per_epoch = steps_per_epoch or -(-ids.shape[0] // o.batch)
     total = o.epochs * steps_per_epoch
     history, start = [], 0
     saved = load_state(state_path)
@@ -57,7 +61,9 @@ def distill(student, teacher, views: dict, ids: torch.Tensor, o, state_path=None
         for p, b in zip(params, owners):
             p.requires_grad_(b in live or b < 0)
         order = torch.randperm(ids.shape[0], generator=gen).tolist()
-        tot, pbar = 0.0, bar(steps_per_epoch, f"globalptq epoch {epoch + 1}/{o.epochs}")
+        if steps_per_epoch * o.batch > len(order):         # another rank has more samples: go round again
+            order = (order * -(-steps_per_epoch * o.batch // len(order)))[:steps_per_epoch * o.batch]
+        tot, seen, pbar = 0.0, 0, bar(steps_per_epoch, f"globalptq epoch {epoch + 1}/{o.epochs}")
         for k in range(steps_per_epoch):
             step = epoch * steps_per_epoch + k
             x = ids[order[k * o.batch:(k + 1) * o.batch]].to(device)
@@ -84,17 +90,20 @@ def distill(student, teacher, views: dict, ids: torch.Tensor, o, state_path=None
                     opt.zero_grad(set_to_none=True)
                     loss_fn().backward()
                     sam_restore(params, eps)
+            if sync is not None:
+                sync(params)
             if o.clip:
                 torch.nn.utils.clip_grad_norm_(params, o.clip)
             opt.step()
+            seen += x.shape[0]
             tot += float(loss.detach()) * x.shape[0]
             pbar.update(1)
             pbar.set_postfix_str(f"loss={float(loss.detach()):.4f}")
         pbar.close()
-        history.append(tot / ids.shape[0])
+        history.append(tot / max(seen, 1))
         if log:
             log(f"[globalptq] epoch {epoch + 1}/{o.epochs}: loss {history[-1]:.5f}")
-        if state_path is not None:
+        if state_path is not None and save:
             save_state(state_path, {"epoch": epoch + 1, "history": history, "rng": gen.get_state(),
                                     "views": {n: v.state_dict() for n, v in views.items()}, "opt": opt.state_dict()})
     return history
