@@ -84,11 +84,15 @@ class BlockContext:
         view's ``write_back()``): the live weight becomes its dequantized value, ``info`` is
         merged into the layer's report entry."""
         name = self.full(rel)
+        self._load_weight(rel, qt)
+        self.qts[name] = qt
+        self.info[name] = {**self.info.get(name, {}), **info}
+
+    def _load_weight(self, rel: str, qt) -> None:
+        """The live weight of ``rel`` becomes ``qt``'s dequantized value."""
         lin = self.module(rel)
         with torch.no_grad():
             lin.weight.copy_(qt.dequantize(torch.float32).to(lin.weight.dtype))
-        self.qts[name] = qt
-        self.info[name] = {**self.info.get(name, {}), **info}
 
     def fp_weight(self, rel: str) -> torch.Tensor:
         """The linear's weight before anything in this pass changed it."""
@@ -155,10 +159,9 @@ class BlockContext:
         for rel, lin in mods.items():
             name = self.full(rel)
             qt, info = ranks.broadcast(mine.get(rel), src=owners[rel])
-            if rel not in mine:
+            if rel not in mine:                          # another rank's projection: its result here too
                 qt = map_tensors(qt, lambda t: t.to(lin.weight.device))
-                with torch.no_grad():
-                    lin.weight.copy_(qt.dequantize(torch.float32).to(lin.weight.dtype))
+                self._load_weight(rel, qt)
             self.qts[name], self.info[name] = qt, info
             lw.hook.onecomp_layer_done(block=self.index, name=name, info=info)
         self.quantized.update(group)

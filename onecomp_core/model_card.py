@@ -17,6 +17,22 @@ def _plain_transformers(folder: Path) -> bool:
     return "quantization_config" in config and not config.get("onecomp_online_transforms")
 
 
+def _asymmetric_note(folder: Path) -> str:
+    """What a user loading this checkpoint in plain transformers should know about its zero points."""
+    try:
+        groups = json.loads((folder / "config.json").read_text())["quantization_config"]["config_groups"]
+    except (OSError, ValueError, KeyError):
+        return ""
+    if all(g["weights"].get("symmetric", True) for g in groups.values()):
+        return ""
+    if len(groups) == 1:
+        return (" (asymmetric zero points: the config asks transformers to dequantize at load, so it holds dense "
+                "weights in the scales' dtype; tested with transformers 5.24 and compressed-tensors 0.20)")
+    return (" (asymmetric zero points under several schemes: transformers 5.24 decompresses every module with the "
+            "first scheme and stops with a size mismatch, and its compressed path misreads packed zero points; "
+            "earlier versions (5.17) load it; onecomp's loader always does)")
+
+
 def model_card(report: dict, folder: Path) -> str:
     s, ev = report.get("summary", {}), report.get("evaluation") or {}
     name = Path(str(folder)).name or "model"
@@ -55,10 +71,7 @@ def model_card(report: dict, folder: Path) -> str:
     lines += ["", "## Load it", "", "onecomp (every format):", "", "```python",
               "import onecomp_core", f'model = onecomp_core.load_quantized("{folder}")', "```", ""]
     if _plain_transformers(Path(folder)):
-        note = ("" if s.get("symmetric") or s.get("format") != "uniform" else
-                " (asymmetric zero points: tested to load bit-identically with transformers 5.17 and "
-                "compressed-tensors 0.19; transformers 5.24 misreads the packed zero points; onecomp's loader "
-                "always reads them)")
+        note = _asymmetric_note(Path(folder))
         lines += [f"transformers (with `compressed-tensors` installed){note}:", "", "```python",
                   "from transformers import AutoModelForCausalLM",
                   f'model = AutoModelForCausalLM.from_pretrained("{folder}")', "```", "",

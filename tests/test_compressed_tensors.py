@@ -20,6 +20,37 @@ def test_transformers_loads_the_same_logits(tiny_llama, tmp_path, bits, group):
     assert torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())
 
 
+@pytest.mark.parametrize("bits,group", [(4, 32), (3, 32), (4, -1)])
+def test_transformers_loads_asymmetric_checkpoints_with_our_weights(tiny_llama, tmp_path, bits, group):
+    """The default (asymmetric) grid under one scheme: plain from_pretrained reads our packed zero
+    points; it dequantizes as it loads, in the scales' stored dtype, so its weights are ours
+    rounded to that dtype, exactly, and its logits those of our model with such weights."""
+    out = tmp_path / "q"
+    onecomp_core.quantize(tiny_llama, out, **quick(bits=bits, group_size=group, symmetric=False))
+    assert "tested with transformers 5.24" in (out / "README.md").read_text()
+    ours = onecomp_core.load_quantized(out)
+    theirs = AutoModelForCausalLM.from_pretrained(out).eval()
+    import json
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["dequantize"] is True
+    scale_dtype = ours.get_submodule("model.layers.0.mlp.down_proj").scale.dtype
+    stored = next(t for k, t in _stored_dtypes(out).items() if k.endswith("weight_scale"))
+    with torch.no_grad():
+        for name, m in ours.named_modules():
+            if hasattr(m, "onecomp_quantized"):
+                w = m(torch.eye(m.in_features, dtype=scale_dtype)).T
+                assert torch.equal(w.to(stored).float(), theirs.get_submodule(name).weight.float()), name
+                theirs.get_submodule(name).weight.copy_(w)       # our exact weights in their model
+        ids = torch.randint(3, 384, (2, 30), generator=torch.Generator().manual_seed(1))
+        a, b = ours(ids).logits, theirs(ids).logits
+    assert torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())
+
+
+def test_the_card_says_when_asymmetric_schemes_are_several(tiny_llama, tmp_path):
+    out = tmp_path / "q"          # group 48: 16 on disk for the 64-wide inputs, 48 for the 96-wide
+    onecomp_core.quantize(tiny_llama, out, **quick(bits=3, group_size=48, symmetric=False))
+    assert "several schemes: transformers 5.24 decompresses every module with the first" in (out / "README.md").read_text()
+
+
 def test_config_groups_describe_each_module(tiny_llama, tmp_path):
     import json
     out = tmp_path / "q"

@@ -257,7 +257,15 @@ class UniformFormat(Format):
                        "group_size": None if g == grid.PER_CHANNEL else g, "observer": "minmax"}
             groups[f"group_{i}"] = {"targets": targets, "weights": weights, "input_activations": None,
                                     "output_activations": None, "format": "pack-quantized"}
-        return {"quant_method": "compressed-tensors", "format": "pack-quantized",
-                "quantization_status": "compressed", "config_groups": groups, "ignore": [],
-                "kv_cache_scheme": None, "sparsity_config": {}, "transform_config": {},
-                "global_compression_ratio": None}
+        config = {"quant_method": "compressed-tensors", "format": "pack-quantized",
+                  "quantization_status": "compressed", "config_groups": groups, "ignore": [],
+                  "kv_cache_scheme": None, "sparsity_config": {}, "transform_config": {},
+                  "global_compression_ratio": None}
+        if not all(sym for _, sym, _ in schemes):
+            # compressed-tensors 0.20's compress of an empty (meta) model leaves asymmetric zero
+            # points unpacked, [out, groups], so transformers >= 5.2x building its compressed
+            # modules refuses the packed [out * bits / 32, groups] ones on disk (vLLM expects those);
+            # dequantize=True makes transformers unpack each module as it loads instead (dense
+            # weights in the scales' dtype); compressed-tensors and vLLM ignore the key
+            config["dequantize"] = True
+        return config
