@@ -128,6 +128,8 @@ def cmd_refine(a) -> int:
     from .api import refine
     report = refine(a.dir, refiners=a.refiners or [], options=_options(a.option), eval_text=a.eval_text,
                     refine_samples=a.refine_samples, heldout=a.heldout, device=a.device, dtype=a.dtype)
+    if report.get("rank"):                           # a data-parallel rank other than 0: rank 0 reports
+        return 0
     for rec in report["refine"][-len(a.refiners or []):]:
         verdict = "kept" if rec["kept"] else "discarded"
         print(f"{rec['name']}: held-out KL {rec['before']:.4f} -> {rec['after']:.4f}, {verdict} ({rec['seconds']} s)")

@@ -314,6 +314,7 @@ class Runner:
                           model_config=sk.config, param_count=sum(sk.weights.numel(k) for k in sk.weights.keys()))
         self.plan_ = self.ranks.leader_does(lambda: res.planner.plan(ctx))     # one plan for every rank
         self.check_specs(self.plan_.specs.values())   # the whole plan, before any block is quantized
+        self.settle_formats()
         if not self.transforms:                      # under transforms the block pass checks each weight
             stored = set(sk.weights.keys())          # (so does it for weights stored fused, e.g. MoE experts)
             for name in self.plan_.specs:
@@ -449,6 +450,13 @@ class Runner:
             fmt = res.formats.setdefault(spec.format, res.component("format", spec.format))
             for r in res.refiners:
                 r.check(spec, fmt)
+        self.settle_formats()                        # the storage choices the checkpoint was written with
+
+    def settle_formats(self) -> None:
+        """Each format sees the whole plan before any tensor is written (``Format.settle``)."""
+        specs = list(self.plan_.specs.values())
+        for name, fmt in self.res.formats.items():
+            fmt.settle([s for s in specs if s.format == name], self.shapes)
 
     def publish_pivot(self, wall: float) -> None:
         """The layer-wise result becomes ``out`` (complete, loadable, with its report) before any

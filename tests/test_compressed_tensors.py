@@ -20,7 +20,7 @@ def test_transformers_loads_the_same_logits(tiny_llama, tmp_path, bits, group):
     assert torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())
 
 
-@pytest.mark.parametrize("bits,group", [(4, 32), (3, 32), (4, -1)])
+@pytest.mark.parametrize("bits,group", [(4, 32), (3, 32), (4, -1), (4, 64)])
 def test_transformers_loads_asymmetric_checkpoints_with_our_weights(tiny_llama, tmp_path, bits, group):
     """The default (asymmetric) grid under one scheme: plain from_pretrained reads our packed zero
     points; it dequantizes as it loads, in the scales' stored dtype, so its weights are ours
@@ -31,7 +31,8 @@ def test_transformers_loads_asymmetric_checkpoints_with_our_weights(tiny_llama, 
     ours = onecomp_core.load_quantized(out)
     theirs = AutoModelForCausalLM.from_pretrained(out).eval()
     import json
-    assert json.loads((out / "config.json").read_text())["quantization_config"]["dequantize"] is True
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["dequantize"] is True and len(qc["config_groups"]) == 1      # group 64: 64 and 32 shared as 32
     scale_dtype = ours.get_submodule("model.layers.0.mlp.down_proj").scale.dtype
     stored = next(t for k, t in _stored_dtypes(out).items() if k.endswith("weight_scale"))
     with torch.no_grad():
@@ -43,6 +44,38 @@ def test_transformers_loads_asymmetric_checkpoints_with_our_weights(tiny_llama, 
         ids = torch.randint(3, 384, (2, 30), generator=torch.Generator().manual_seed(1))
         a, b = ours(ids).logits, theirs(ids).logits
     assert torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())
+
+
+def test_asymmetric_modules_of_one_width_share_a_disk_group():
+    from onecomp_core.formats.uniform import common_disk_groups
+    from onecomp_core.spec import LayerSpec
+    shapes = {"a": (8, 576), "b": (8, 1536), "c": (8, 576)}
+    specs = [LayerSpec("a", bits=4, group_size=128), LayerSpec("b", bits=4, group_size=128),
+             LayerSpec("c", bits=3, group_size=128)]
+    assert common_disk_groups(specs, shapes) == {"a": 64, "b": 64}       # 3-bit c alone: its own scheme
+    assert common_disk_groups([LayerSpec(s.name, bits=4, group_size=128, symmetric=True) for s in specs], shapes) == {}
+    assert common_disk_groups([LayerSpec("a", bits=4, group_size=48), LayerSpec("b", bits=4, group_size=48)],
+                              {"a": (8, 64), "b": (8, 96)}) == {}       # a shared 16 would cost too much
+
+
+def test_a_shared_disk_group_is_written_back_as_it_was_read(tiny_llama, tmp_path):
+    """What a refiner's write-back goes through: tensors read from the checkpoint and written
+    again by a format that read them give the stored bytes (the shared group kept)."""
+    import json
+    from safetensors.torch import load_file
+    from onecomp_core.formats.uniform import UniformFormat
+    out = tmp_path / "q"
+    onecomp_core.quantize(tiny_llama, out, **quick(bits=4, group_size=64, symmetric=False))
+    modules = json.loads((out / "onecomp.json").read_text())["modules"]
+    stored = {}
+    for f in out.glob("*.safetensors"):
+        stored.update(load_file(str(f)))
+    fmt = UniformFormat()
+    for name, meta in modules.items():
+        keys = {k: v for k, v in stored.items() if k.startswith(name + ".weight_")}
+        again = fmt.to_tensors(name, fmt.from_tensors(name, keys, meta), stored[name + ".weight_scale"].dtype)
+        assert again.keys() == keys.keys() and all(torch.equal(again[k], keys[k]) for k in keys), name
+        assert keys[name + ".weight_scale"].shape[1] == int(meta["shape"][1]) // 32      # 64 and 32 shared as 32
 
 
 def test_the_card_says_when_asymmetric_schemes_are_several(tiny_llama, tmp_path):

@@ -20,6 +20,9 @@ class Format:
       per module, like ``mdbf``'s envelope rank, count what ``qt`` holds)
     - ``structure(qt)``: facts about what ``qt`` holds that the report records per module,
       e.g. a binary factorisation's rank k and envelope rank l (defaults to none)
+    - ``settle(specs, shapes)``: called with the plan's modules in this format once the plan is
+      known (every quantize and refine run, every rank), before any tensor is written: storage
+      choices that depend on the whole plan (default: none)
     - ``to_tensors(prefix, qt, dtype)`` / ``from_tensors(prefix, tensors, meta)``: disk layout
     - ``module(qt, bias)``: an ``nn.Module`` that runs the quantized layer (inference)
     - ``checkpoint_config(entries)``: what ``config.json`` says about the quantization (or None)
@@ -49,6 +52,9 @@ class Format:
 
     def structure(self, qt) -> dict[str, int | float | str]:
         return {}
+
+    def settle(self, specs: list[LayerSpec], shapes: dict[str, tuple[int, int]]) -> None:
+        pass
 
     def to_tensors(self, prefix: str, qt, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         raise NotImplementedError

@@ -31,6 +31,7 @@ class UniformTensor:
     bits: int
     group_size: int            # -1: per-channel
     symmetric: bool
+    disk_group: int = 0        # the group it is stored under (0: the format decides; see UniformFormat.settle)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -57,6 +58,7 @@ class QuantLinear(torch.nn.Module):
         super().__init__()
         self.out_features, self.in_features = qt.shape
         self.bits, self.group_size, self.symmetric = qt.bits, qt.group_size, qt.symmetric
+        self.disk_group = qt.disk_group
         self.register_buffer("codes", qt.codes.to(torch.uint8))
         self.scale = torch.nn.Parameter(qt.scale.float().clone())
         self.zero = torch.nn.Parameter(qt.zero.float().clone(), requires_grad=False)
@@ -84,7 +86,7 @@ class QuantLinear(torch.nn.Module):
         """The current state as a format tensor (codes rounded, zero kept integer)."""
         codes = self.current_codes().detach().round().clamp(0, 2**self.bits - 1).to(torch.uint8)
         return UniformTensor(codes, self.scale.detach().float(), self.zero.detach().round().float(),
-                             self.bits, self.group_size, self.symmetric)
+                             self.bits, self.group_size, self.symmetric, self.disk_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() or self.code_latent is not None or not self.keep_dense:
@@ -113,6 +115,7 @@ class UniformView(TrainableView):
     def __init__(self, qt: UniformTensor, scale_dtype: torch.dtype):
         super().__init__()
         self.bits, self.group_size, self.symmetric = qt.bits, qt.group_size, qt.symmetric
+        self.disk_group = qt.disk_group
         self.maxq = 2**qt.bits - 1
         self.scale_dtype = scale_dtype
         self.scale = torch.nn.Parameter(qt.scale.float().clone())
@@ -155,7 +158,7 @@ class UniformView(TrainableView):
         with torch.no_grad():           # exactly the values weight() computes with
             codes = torch.clamp(torch.round(self.codes), 0, self.maxq).to(torch.uint8)
             return UniformTensor(codes, self._scale().detach().clone(), self._zero().detach().clone(), self.bits,
-                                 self.group_size, self.symmetric)
+                                 self.group_size, self.symmetric, self.disk_group)
 
 
 def disk_group_size(in_features: int, group_size: int) -> int:
@@ -165,9 +168,45 @@ def disk_group_size(in_features: int, group_size: int) -> int:
     return math.gcd(in_features, group_size)
 
 
+COMMON_GROUP_MIN = 32     # the smallest shared disk group worth its extra scales (see settle)
+
+
+def common_disk_groups(specs, shapes) -> dict[str, int]:
+    """{module: disk group} where asymmetric grouped modules of one bit width would otherwise be
+    stored under several group sizes: the gcd of their natural disk groups, when it is at least
+    COMMON_GROUP_MIN (else nothing is changed)."""
+    by_bits: dict[int, dict[str, int]] = {}
+    for s in specs:
+        if not s.symmetric and s.group_size != grid.PER_CHANNEL:
+            by_bits.setdefault(s.bits, {})[s.name] = disk_group_size(shapes[s.name][1], s.group_size)
+    out = {}
+    for natural in by_bits.values():
+        common = math.gcd(*natural.values())
+        if len(set(natural.values())) > 1 and common >= COMMON_GROUP_MIN:
+            out.update(dict.fromkeys(natural, common))
+    return out
+
+
 class UniformFormat(Format):
     name = "uniform"
     min_bits, max_bits = 2, 8
+
+    def __init__(self, options=None):
+        super().__init__(options)
+        self.disk_groups: dict[str, int] = {}
+
+    def settle(self, specs, shapes) -> None:
+        """One compressed-tensors scheme per bit width where zero points are stored:
+        transformers 5.24 dequantizes every module at load with the first scheme of the config,
+        so asymmetric modules whose natural disk groups differ (a group size that does not
+        divide every input width, e.g. 128 on SmolLM2's 576 and 1536) all store the common
+        divisor (64 there; scales and zero points repeated, ~0.16 bpw more on disk for the
+        modules that had 128). The report's bits per weight stay those of the group size asked."""
+        self.disk_groups = common_disk_groups(specs, shapes)
+
+    def _disk_group(self, name: str, cols: int, g: int, qt: UniformTensor | None = None) -> int:
+        """A tensor read from a checkpoint keeps its layout; else the plan's shared group; else gcd."""
+        return (qt.disk_group if qt is not None else 0) or self.disk_groups.get(name) or disk_group_size(cols, g)
 
     def check(self, spec: LayerSpec, shape) -> None:
         if not self.min_bits <= spec.bits <= self.max_bits:
@@ -205,7 +244,7 @@ class UniformFormat(Format):
     def to_tensors(self, prefix: str, qt: UniformTensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         out, cols = qt.shape
         g = qt.group_size
-        dg = disk_group_size(cols, g)
+        dg = self._disk_group(prefix, cols, g, qt)
         rep = 1 if g == grid.PER_CHANNEL else g // dg
         scale = qt.scale.repeat_interleave(rep, dim=1)
         if g != grid.PER_CHANNEL:
@@ -224,15 +263,16 @@ class UniformFormat(Format):
         out, cols = (int(v) for v in tensors[f"{prefix}.weight_shape"])
         bits, g, sym = int(meta["bits"]), int(meta["group_size"]), bool(meta["symmetric"])
         codes = unpack_rows(tensors[f"{prefix}.weight_packed"], bits, cols)
-        dg = disk_group_size(cols, g)
+        stored = tensors[f"{prefix}.weight_scale"]
+        dg = cols // stored.shape[1]                     # the group it was stored under (settle may share one)
         step = 1 if g == grid.PER_CHANNEL else g // dg
-        scale = tensors[f"{prefix}.weight_scale"].float()[:, ::step]
+        scale = stored.float()[:, ::step]
         if sym:
             zero = torch.full_like(scale, 2 ** (bits - 1))
         else:
             zp = tensors[f"{prefix}.weight_zero_point"]
             zero = unpack_rows(zp.t().contiguous(), bits, out).t().float()[:, ::step]
-        return UniformTensor(codes, scale, zero, bits, g, sym)
+        return UniformTensor(codes, scale, zero, bits, g, sym, 0 if g == grid.PER_CHANNEL else dg)   # kept on write-back
 
     def module(self, qt: UniformTensor, bias=None) -> QuantLinear:
         return QuantLinear(qt, bias)
@@ -247,7 +287,7 @@ class UniformFormat(Format):
         schemes: dict[tuple, list[str]] = {}
         for name, meta in entries.items():
             cols = int(meta["shape"][1])
-            g = disk_group_size(cols, int(meta["group_size"]))
+            g = self._disk_group(name, cols, int(meta["group_size"]))
             key = (int(meta["bits"]), bool(meta["symmetric"]), g)
             schemes.setdefault(key, []).append(f"re:^{re.escape(name)}$")
         groups = {}
