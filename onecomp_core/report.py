@@ -7,9 +7,37 @@ import sys
 import torch
 
 
-def peak_rss_mb() -> float:
+_PEAK_BEFORE_RESET = 0.0      # the process's peak before the last stage reset its high-water mark
+
+
+def _kernel_peak_mb() -> float:
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb / 1024 if sys.platform != "darwin" else kb / 2**20
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident size so far (across stage resets)."""
+    return max(_PEAK_BEFORE_RESET, _kernel_peak_mb())
+
+
+def reset_stage_peak() -> bool:
+    """Start measuring a stage's own peak: the kernel's high-water mark is set back to the
+    resident size now (Linux, /proc/self/clear_refs), the process's peak so far kept aside.
+    -> whether it could (elsewhere the stage's peak is the process's)."""
+    global _PEAK_BEFORE_RESET
+    peak = peak_rss_mb()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    _PEAK_BEFORE_RESET = peak
+    return True
+
+
+def stage_peak_mb() -> float:
+    """The peak resident size since the last :func:`reset_stage_peak` (the process's elsewhere)."""
+    return _kernel_peak_mb()
 
 
 def rss_mb() -> float:

@@ -35,7 +35,7 @@ from .refine_stage import SUFFIX as REFINE_SUFFIX, RefineStore, run_model_refine
 from .fit import RefineChoice
 from .reference_pass import measure_reference
 from .resources import memory_budget, parse_size, release_memory, set_threads
-from .report import peak_gpu_mb, peak_rss_mb, rss_mb, write_reports
+from .report import peak_gpu_mb, peak_rss_mb, reset_stage_peak, rss_mb, stage_peak_mb, write_reports
 from .planners import uniform_specs
 from .resolve import Resolved
 from .spec import LayerSpec, Plan
@@ -125,9 +125,12 @@ class Runner:
     def stage(self, name, fn, **info):
         self.hook.onecomp_stage_start(stage=name, info=info)
         t0 = time.time()
+        own = reset_stage_peak()
         result = fn()
         self.stages[name] = time.time() - t0
         self.stage_memory[name] = {"rss_mb": round(rss_mb(), 1), "peak_rss_mb": round(peak_rss_mb(), 1)}
+        if own:                                      # this stage's own peak (the one above is the process's so far)
+            self.stage_memory[name]["stage_peak_rss_mb"] = round(stage_peak_mb(), 1)
         self.hook.onecomp_stage_finish(stage=name, info={"seconds": self.stages[name]})
         return result
 

@@ -3,6 +3,8 @@ import base64
 import json
 import re
 
+import pytest
+
 import onecomp_core
 from onecomp_core.report_html import by_block, module_kind
 from onecomp_core.testing import quick
@@ -47,3 +49,18 @@ def test_model_card_of_a_format_without_compressed_tensors_scheme(tiny_llama, tm
     card = model_card({"summary": {"model": "m", "format": "dbf", "projector": "dbf", "bpw": 1.5}}, out)
     assert "plain transformers and vLLM cannot load it" in card and "vllm serve" not in card
     assert "not evaluated in this run" in card
+
+
+def test_each_stage_reports_its_own_peak(tiny_llama, tmp_path):
+    """A stage's own peak is at most the process's peak and at least what it held at its end;
+    the summary's peak is the largest of them (the high-water mark reset per stage is kept aside)."""
+    import sys
+    out = tmp_path / "q"
+    onecomp_core.quantize(tiny_llama, out, **quick(bits=4, group_size=32))
+    rep = json.loads((out / "report.json").read_text())
+    mem = rep["stage_memory"]
+    if not sys.platform.startswith("linux"):
+        pytest.skip("per-stage peaks need Linux's /proc/self/clear_refs")
+    for name, m in mem.items():
+        assert m["rss_mb"] <= m["stage_peak_rss_mb"] + 1 and m["stage_peak_rss_mb"] <= m["peak_rss_mb"] + 1e-6, name
+    assert rep["summary"]["peak_rss_mb"] >= max(m["stage_peak_rss_mb"] for m in mem.values())
