@@ -157,13 +157,15 @@ class Ranks:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             grads.append(p.grad)
-        buckets: dict = {}
+        buckets: dict = {}                  # (dtype, device) -> [[grads], ...]
+        filled: dict = {}                   # (dtype, device) -> bytes in its last bucket
         for g in grads:
-            buckets.setdefault((g.dtype, g.device), [[]])
-            bucket = buckets[(g.dtype, g.device)]
-            if bucket[-1] and sum(t.numel() for t in bucket[-1]) * g.element_size() + g.numel() * g.element_size() > bucket_bytes:
-                bucket.append([])
-            bucket[-1].append(g)
+            key, size = (g.dtype, g.device), g.numel() * g.element_size()
+            if key not in buckets or (buckets[key][-1] and filled[key] + size > bucket_bytes):
+                buckets.setdefault(key, []).append([])
+                filled[key] = 0
+            buckets[key][-1].append(g)
+            filled[key] += size
         with self._guard():
             for group in (b for bs in buckets.values() for b in bs):
                 flat = torch.cat([g.reshape(-1) for g in group])

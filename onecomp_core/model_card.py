@@ -7,22 +7,22 @@ import json
 from pathlib import Path
 
 
-def _plain_transformers(folder: Path) -> bool:
+def _config(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _plain_transformers(config: dict) -> bool:
     """Whether config.json carries a quantization_config that transformers' compressed-tensors
     integration reads (one format with a compressed-tensors scheme, no online transform)."""
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
     return "quantization_config" in config and not config.get("onecomp_online_transforms")
 
 
-def _asymmetric_note(folder: Path) -> str:
+def _asymmetric_note(config: dict) -> str:
     """What a user loading this checkpoint in plain transformers should know about its zero points."""
-    try:
-        groups = json.loads((folder / "config.json").read_text())["quantization_config"]["config_groups"]
-    except (OSError, ValueError, KeyError):
-        return ""
+    groups = config.get("quantization_config", {}).get("config_groups", {})
     if all(g["weights"].get("symmetric", True) for g in groups.values()):
         return ""
     if len(groups) == 1:
@@ -70,8 +70,9 @@ def model_card(report: dict, folder: Path) -> str:
         lines.append(f"- lm-eval {task} {metric}: {value:.4g}" + (f" (full precision: {ref:.4g})" if ref != "" else ""))
     lines += ["", "## Load it", "", "onecomp (every format):", "", "```python",
               "import onecomp_core", f'model = onecomp_core.load_quantized("{folder}")', "```", ""]
-    if _plain_transformers(Path(folder)):
-        note = _asymmetric_note(Path(folder))
+    config = _config(Path(folder))
+    if _plain_transformers(config):
+        note = _asymmetric_note(config)
         lines += [f"transformers (with `compressed-tensors` installed){note}:", "", "```python",
                   "from transformers import AutoModelForCausalLM",
                   f'model = AutoModelForCausalLM.from_pretrained("{folder}")', "```", "",

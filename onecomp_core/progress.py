@@ -7,6 +7,11 @@ import sys
 from tqdm.auto import tqdm
 
 
+def reporting() -> bool:
+    """Whether progress shows: not silenced (ONECOMP_PROGRESS=0), and in a data-parallel run only on rank 0."""
+    return os.environ.get("ONECOMP_PROGRESS", "1") not in ("0", "false", "no") and os.environ.get("RANK", "0") == "0"
+
+
 class Progress:
     def __init__(self):
         self.blocks = None
@@ -14,8 +19,7 @@ class Progress:
 
     @property
     def enabled(self) -> bool:
-        # in a data-parallel run only rank 0 reports
-        return os.environ.get("ONECOMP_PROGRESS", "1") not in ("0", "false", "no") and os.environ.get("RANK", "0") == "0"
+        return reporting()
 
     def stage_start(self, stage, info):
         if self.enabled and stage != "layerwise":
@@ -53,6 +57,6 @@ class Progress:
 
 
 def bar(total: int, desc: str, unit: str = "step"):
-    """A progress bar for a plugin's long loop (a silent one under ONECOMP_PROGRESS=0)."""
+    """A progress bar for a plugin's long loop (a silent one under ONECOMP_PROGRESS=0 and on ranks other than 0)."""
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False,
-                disable=os.environ.get("ONECOMP_PROGRESS", "1") in ("0", "false", "no") or os.environ.get("RANK", "0") != "0")
+                disable=not reporting())

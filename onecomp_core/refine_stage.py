@@ -88,6 +88,12 @@ def write_candidate(current: Path, nxt: Path, refiner: str, result: dict, plan, 
         atomic_save_tensors(nxt / p.name, tensors, metadata={"format": "pt"})
 
 
+def refine_work(out: Path) -> Path:
+    """The refine stage's work folder beside the checkpoint folder ``out``."""
+    out = Path(out)
+    return out.with_name(out.name + SUFFIX)
+
+
 class RefineStore:
     """The refine stage's work folder beside ``out``: ``current``, ``next``, the refiners'
     scratch folders and ``state.json`` (fingerprint, records, whether a kept ``next`` is
@@ -95,7 +101,7 @@ class RefineStore:
 
     def __init__(self, out: Path, fingerprint: str):
         self.out = Path(out)
-        self.work = self.out.with_name(self.out.name + SUFFIX)
+        self.work = refine_work(self.out)
         self.fingerprint = fingerprint
         state = self._state()
         if state is not None and state.get("fingerprint") != fingerprint:
@@ -160,12 +166,6 @@ class RefineStore:
         os.replace(self.out, previous)
         os.replace(self.current, self.out)
         shutil.rmtree(self.work, ignore_errors=True)
-
-
-def refine_work(out: Path) -> Path:
-    """The refine stage's work folder beside the checkpoint folder ``out``."""
-    out = Path(out)
-    return out.with_name(out.name + SUFFIX)
 
 
 def same_on_every_rank(ranks, refiner, result) -> None:

@@ -31,7 +31,7 @@ from .hashing import weights_digest
 from .gather import input_diagonals, input_statistics
 from .block_pass import LayerwisePass
 from .model_source import resolve_model
-from .refine_stage import SUFFIX as REFINE_SUFFIX, RefineStore, run_model_refiners
+from .refine_stage import RefineStore, refine_work, run_model_refiners
 from .fit import RefineChoice
 from .reference_pass import measure_reference
 from .resources import memory_budget, parse_size, release_memory, set_threads
@@ -86,7 +86,7 @@ def nonfinite_error(name: str, W: torch.Tensor) -> None:
 def refine_pending(out: Path, fp: str) -> bool:
     """``out`` holds the pivot of this very run and its refine stage has not finished (a rerun
     after a kill during the refine stage resumes there)."""
-    if not (out / "onecomp.json").is_file() or not out.with_name(out.name + REFINE_SUFFIX).is_dir():
+    if not (out / "onecomp.json").is_file() or not refine_work(out).is_dir():
         return False
     try:
         return read_meta(out).get("fingerprint") == fp
@@ -234,10 +234,11 @@ class Runner:
         if n < self.ranks.world:
             raise OnecompError(f"{n} calibration samples cannot be shared by {self.ranks.world} ranks: "
                                f"raise --num-samples to at least {self.ranks.world} or start fewer processes")
+        model = [r.name for r in self.res.refiners_of("model")]
         serial = [r.name for r in self.res.refiners_of("model") if not r.data_parallel]
         if serial and self.ranks.leader:
-            print(f"onecomp: note: {', '.join(serial)} will run on rank 0 alone after the data-parallel pivot "
-                  f"(not a data-parallel model refiner), and so will the refiners after it", file=sys.stderr)
+            print(f"onecomp: note: {', '.join(model)} will run on rank 0 alone after the data-parallel pivot "
+                  f"({', '.join(serial)}: not a data-parallel model refiner)", file=sys.stderr)
 
     def parallel_refine(self) -> bool:
         """Whether the model refiners run on every rank: a data-parallel run whose model refiners

@@ -31,7 +31,7 @@ from .progress import bar
 from .report import rss_bytes
 from .projectors import GridOptions
 from .resources import parse_duration, parse_size
-from .schedules import geometric, warmup_cosine
+from .schedules import geometric, go_round, warmup_cosine
 from .spec import LayerSpec, Plan
 from .store import atomic_json, atomic_torch_save
 from .stats import Cross, Diag, Gram, OuterSum, Residual, Statistic
@@ -53,7 +53,7 @@ __all__ = [
     # trainable views of stored tensors and their estimators
     "TrainableView", "TrainableLinear", "attach_views", "ste", "stored_float", "smooth_round", "smooth_sign",
     # what refiners that train share: schedules, a progress bar
-    "warmup_cosine", "geometric", "bar",
+    "warmup_cosine", "geometric", "go_round", "bar",
     # helpers
     "find_adapter", "excluded", "scale_dtype_for", "damp_hessian", "inverse_cholesky_upper", "cache_root", "block_error",
     "run_block", "load_plugins", "quantized_tensors", "parse_size", "parse_duration", "cast_floats", "rss_bytes",

@@ -208,3 +208,14 @@ def test_owners_are_balanced_like_lpt_and_the_same_for_the_same_costs(costs, wor
     assert sum(load) == pytest.approx(sum(costs))
     # LPT's bound: no rank ends more than the largest item above the average
     assert max(load) <= sum(costs) / world + max(costs) + 1e-6
+
+
+@given(n=st.integers(1, 40), batch=st.integers(1, 8), extra=st.integers(0, 5))
+def test_going_round_fills_the_steps_other_ranks_take(n, batch, extra):
+    from onecomp_core.sdk import go_round
+    order = list(range(n))
+    own = -(-n // batch)
+    assert go_round(order, own, batch) == order                          # as many steps already: unchanged
+    longer = go_round(order, own + extra, batch)
+    assert -(-len(longer) // batch) == own + extra                       # exactly the steps asked for
+    assert all(longer[i] == order[i % n] for i in range(len(longer)))    # the same order, round again

@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from onecomp_core.sdk import TrainableLinear, cast_floats, geometric, warmup_cosine
+from onecomp_core.sdk import TrainableLinear, cast_floats, geometric, go_round, warmup_cosine
 
 DISCRETE = ("codes",)       # parameter kinds trained through a smooth straight-through estimator
 
@@ -122,9 +122,8 @@ def reconstruct(block, views: dict, inputs, targets, kwargs, rows: list[int], *,
     history, step = [], 0
     try:
         for _ in range(epochs):
-            order = [rows[i] for i in torch.randperm(len(rows), generator=g).tolist()]
-            if steps_per_epoch > math.ceil(len(order) / batch):      # another rank has more rows: go round again
-                order = (order * math.ceil(steps_per_epoch * batch / len(order)))[:steps_per_epoch * batch]
+            order = go_round([rows[i] for i in torch.randperm(len(rows), generator=g).tolist()],
+                             steps_per_epoch, batch)                  # another rank may have more rows
             total_loss = 0.0
             for b in range(0, len(order), batch):
                 idx = order[b:b + batch]

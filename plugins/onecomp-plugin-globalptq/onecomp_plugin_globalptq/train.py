@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from onecomp_core.sdk import bar, warmup_cosine
+from onecomp_core.sdk import bar, go_round, warmup_cosine
 
 from .distill import entropy, hidden_cosine, kl_loss, sam_perturb, sam_restore, unfrozen
 from .student import block_of, load_state, save_state
@@ -60,9 +60,7 @@ def distill(student, teacher, views: dict, ids: torch.Tensor, o, state_path=None
         live = set(unfrozen(epoch, o.epochs, blocks, o.progressive))
         for p, b in zip(params, owners):
             p.requires_grad_(b in live or b < 0)
-        order = torch.randperm(ids.shape[0], generator=gen).tolist()
-        if steps_per_epoch * o.batch > len(order):         # another rank has more samples: go round again
-            order = (order * -(-steps_per_epoch * o.batch // len(order)))[:steps_per_epoch * o.batch]
+        order = go_round(torch.randperm(ids.shape[0], generator=gen).tolist(), steps_per_epoch, o.batch)
         tot, seen, pbar = 0.0, 0, bar(steps_per_epoch, f"globalptq epoch {epoch + 1}/{o.epochs}")
         for k in range(steps_per_epoch):
             step = epoch * steps_per_epoch + k
