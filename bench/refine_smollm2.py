@@ -1,5 +1,7 @@
 """The pivot and its refiners on SmolLM2-135M: for each setting, the layer-wise pivot (with QEP),
-then the pivot refined by each chain of refiners, each a separate run from scratch. Perplexity
+then the pivot refined by each chain of refiners (a separate run from scratch, or with --work a
+copy of the previous chain's checkpoint refined by `onecomp refine` where the added refiners can
+run on a saved checkpoint). Perplexity
 on enwiki_eval, mean KL to the FP model, seconds and peak RSS, one JSON line per run, then one
 JSON object with the stage-by-stage checks (each kept stage lowers both ppl and KL).
 
@@ -24,11 +26,13 @@ SETTINGS = {
 }
 
 
-def _model_scope(refiners: list[str]) -> bool:
-    """Whether every named refiner runs on a whole checkpoint (so `onecomp refine` can run it)."""
+def _on_checkpoint(refiners: list[str]) -> bool:
+    """Whether every named refiner can run on a saved checkpoint (`onecomp refine`): model
+    refiners, and block refiners that say ``on_checkpoint`` (blockptq's Phase 1)."""
     from onecomp_core.plugins import load_plugins
     reg = load_plugins().registry
-    return all(reg.get("refiner", n).scopes() == ("model",) for n in refiners)
+    return all(reg.get("refiner", n).scopes() == ("model",) or getattr(reg.get("refiner", n), "on_checkpoint", False)
+               for n in refiners)
 
 
 def main():
@@ -40,7 +44,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="4,096 eval tokens instead of 16,384")
     ap.add_argument("--work", type=Path, default=None,
                     help="keep every run's checkpoint under this folder; a chain that extends the one before it "
-                         "by model refiners then refines a copy of that checkpoint (`onecomp refine`) instead of "
+                         "by refiners that can run on a saved checkpoint (model refiners, blockptq) then refines a "
+                         "copy of that checkpoint (`onecomp refine`) instead of "
                          "starting over; each run's JSON row is kept beside its checkpoint (NAME.row.json), and a "
                          "rerun of the bench with the same --work reuses the rows it finds instead of running again")
     a = ap.parse_args()
@@ -58,7 +63,7 @@ def main():
                 r = json.loads(saved.read_text())                  # done by an earlier, interrupted bench run
             else:
                 rest = chain[len(prev_chain):] if prev_chain is not None and chain[:len(prev_chain)] == prev_chain else None
-                if out is not None and rest and prev is not None and "error" not in prev and _model_scope(rest):
+                if out is not None and rest and prev is not None and "error" not in prev and _on_checkpoint(rest):
                     r = refine_and_measure(a.work / f"{setting}-{'+'.join(['pivot', *prev_chain])}", out, rest, tokens, extra)
                 else:
                     r = quantize_and_measure(a.model, flags, tokens, keep_out=out)

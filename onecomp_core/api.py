@@ -28,12 +28,15 @@ def quantize(model=None, out=None, *, config=None, plugins=(), options=None, **f
 
 
 def refine(folder, *, refiners, options=None, plugins=(), **fields) -> dict:
-    """Run model refiners (``refiners``, in order) on the onecomp checkpoint ``folder`` (a pivot
-    or an already refined one), as the quantize run that made it would have: same source model,
-    calibration and plan. ``folder`` is replaced, atomically, by the result, which keeps a
-    refiner's tensors only where the held-out KL fell; the report's ``refine`` list grows.
+    """Run refiners (``refiners``, in order) on the onecomp checkpoint ``folder`` (a pivot or an
+    already refined one), as the quantize run that made it would have: same source model,
+    calibration and plan. Model refiners train the whole checkpoint; a block refiner that can
+    (``on_checkpoint``, e.g. blockptq's Phase 1) runs over its blocks again, the stored tensors
+    standing in for the projection. ``folder`` is replaced, atomically, by the result, which keeps
+    each step's tensors only where the held-out KL fell; the report's ``refine`` list grows.
     ``fields``: ``eval_text``, ``refine_samples``, ``heldout``, ``device``, ``dtype``."""
     from .checkpoint import read_meta
+    from .checkpoint_blocks import check_on_checkpoint
     folder = Path(folder)
     if not folder.is_dir():
         raise OnecompError(f"checkpoint folder {folder} does not exist")
@@ -44,11 +47,14 @@ def refine(folder, *, refiners, options=None, plugins=(), **fields) -> dict:
     run = make_config(config=base, options=options, **fields)
     res = Resolved(run, load_plugins(extra=list(plugins)))
     if not res.refiners:
-        raise OnecompError("name at least one model refiner to run: --refiner NAME (e.g. globalptq)")
-    inner = [r for r in res.refiners if "model" not in r.active_scopes()]
-    if inner:
-        r = inner[0]
-        turn_on = (" (its model-scope pass is off with these options)" if "model" in type(r).scopes() else "")
-        raise OnecompError(f"refiner {r.name!r} works inside the layer-wise pass, not on a finished checkpoint"
-                           f"{turn_on}: quantize again with --refiner {r.name}, or refine {folder} with a model refiner")
+        raise OnecompError("name at least one refiner to run: --refiner NAME (e.g. blockptq, globalptq)")
+    for r in res.refiners:
+        scopes = r.active_scopes()
+        if "block" in scopes:
+            check_on_checkpoint(r, meta)
+        elif "model" not in scopes:
+            turn_on = (" (its model-scope pass is off with these options)" if "model" in type(r).scopes() else "")
+            raise OnecompError(f"refiner {r.name!r} works inside the layer-wise pass, not on a finished checkpoint"
+                               f"{turn_on}: quantize again with --refiner {r.name}, or refine {folder} with a model "
+                               f"or block refiner")
     return Runner(res, refine_only=True).run()

@@ -126,13 +126,16 @@ def cmd_quantize(a) -> int:
 
 def cmd_refine(a) -> int:
     from .api import refine
+    old = Path(a.dir) / "report.json"
+    earlier = len(json.loads(old.read_text()).get("refine", [])) if old.is_file() else 0
     report = refine(a.dir, refiners=a.refiners or [], options=_options(a.option), eval_text=a.eval_text,
                     refine_samples=a.refine_samples, heldout=a.heldout, device=a.device, dtype=a.dtype)
     if report.get("rank"):                           # a data-parallel rank other than 0: rank 0 reports
         return 0
-    for rec in report["refine"][-len(a.refiners or []):]:
+    for rec in report["refine"][earlier:]:
         verdict = "kept" if rec["kept"] else "discarded"
-        print(f"{rec['name']}: held-out KL {rec['before']:.4f} -> {rec['after']:.4f}, {verdict} ({rec['seconds']} s)")
+        what = rec["name"] + (" (its blocks)" if rec.get("scope") == "block" else "")
+        print(f"{what}: held-out KL {rec['before']:.4f} -> {rec['after']:.4f}, {verdict} ({rec['seconds']} s)")
     print(f"{report['out']}: {report['summary'].get('stage')}")
     if report.get("evaluation"):
         print(json.dumps(report["evaluation"]))
@@ -254,10 +257,11 @@ def parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model into an output folder")
     _add_run_flags(q)
     q.set_defaults(fn=cmd_quantize)
-    r = sub.add_parser("refine", help="run model refiners on an onecomp checkpoint, replacing it if they help")
+    r = sub.add_parser("refine", help="run refiners (model refiners, and block refiners such as blockptq over its "
+                                      "blocks) on an onecomp checkpoint, replacing it if they help")
     r.add_argument("dir", help="an onecomp output folder (a pivot or an already refined checkpoint)")
     r.add_argument("--refiner", action="append", dest="refiners", metavar="NAME", required=True,
-                   help="model refiner (repeatable, in order), e.g. globalptq")
+                   help="refiner (repeatable, in order), e.g. blockptq, globalptq")
     r.add_argument("--option", action="append", default=[], metavar="COMPONENT.KEY=VALUE")
     _add_refine_sample_flags(r)
     r.add_argument("--eval-text", help="afterwards, measure perplexity and KL on this text")

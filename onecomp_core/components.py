@@ -159,6 +159,10 @@ class BlockRefiner(Refiner):
     # (it judges with ``bctx.error``, which reduces over ranks, averages gradients with
     # ``bctx.sync_gradients`` and runs ``bctx.max_over_ranks(steps)`` steps); False: such a run refuses it
     data_parallel: ClassVar[bool] = False
+    # True: all its work is in ``refine_block`` on the tensors it is given, so it can also refine
+    # the blocks of a finished checkpoint (``onecomp refine DIR``: the stored tensors stand in for
+    # the projection); False: it acts while the pass quantizes (e.g. ``before_group``)
+    on_checkpoint: ClassVar[bool] = False
 
     def before_group(self, bctx, group: list[str]) -> None:
         """Before the first quantization of ``group`` (relative names) in this block."""

@@ -178,6 +178,11 @@ def same_on_every_rank(ranks, refiner, result) -> None:
     ranks.check_same(f"refiner {refiner.name}", found)
 
 
+def scope_of(refiner) -> str:
+    """``model``, or ``block`` for a block refiner run over a finished checkpoint's blocks."""
+    return getattr(refiner, "scope", "model")
+
+
 def run_model_refiners(refiners, store: RefineStore | None, *, plan, formats, plugins, reference, ref_model,
                        train_ids, heldout_ids, device, run, choose=None, ranks=None, out: Path | None = None) -> list[dict]:
     """Each model refiner in order on ``store.current``; -> one record per refiner.
@@ -189,10 +194,13 @@ def run_model_refiners(refiners, store: RefineStore | None, *, plan, formats, pl
     every rank sees) train on their shards beside it and return no records."""
     leader = ranks is None or ranks.leader
     work = store.work if store is not None else refine_work(out)
-    done = {r["name"]: r for r in store.open()} if leader else {}
+    done = {(r["name"], r.get("scope", "model")): r for r in store.open()} if leader else {}
 
     def load(folder=None):
         return load_quantized(folder or work / "current", str(device), run.dtype, plugins)
+
+    def scratch(refiner) -> Path:
+        return work / f"refiner-{refiner.name}{'' if scope_of(refiner) == 'model' else '-' + scope_of(refiner)}"
 
     def context(refiner) -> ModelContext:
         current = work / "current"
@@ -200,7 +208,7 @@ def run_model_refiners(refiners, store: RefineStore | None, *, plan, formats, pl
                             calibration_ids=train_ids, heldout_ids=heldout_ids, device=device,
                             load=load, load_reference=lambda: ref_model, run=run,
                             quantized=lambda: quantized_tensors(current, plugins.registry),
-                            scratch=work / f"refiner-{refiner.name}", ranks=ranks)
+                            scratch=scratch(refiner), ranks=ranks)
 
     def tell(runs: bool) -> bool:             # the leader's decision, on every rank
         return ranks.broadcast(runs) if ranks is not None else runs
@@ -216,9 +224,10 @@ def run_model_refiners(refiners, store: RefineStore | None, *, plan, formats, pl
                                        f"data-parallel {refiner.name} needs --out on storage every rank sees")
                 same_on_every_rank(ranks, refiner, refiner.refine(context(refiner)))
             continue
-        if refiner.name in done:
+        key = (refiner.name, scope_of(refiner))
+        if key in done:
             tell(False)
-            records.append(done[refiner.name])
+            records.append(done[key])
             continue
         if before is None:
             before = heldout_kl(load(), ref_model, heldout_ids)
@@ -226,15 +235,16 @@ def run_model_refiners(refiners, store: RefineStore | None, *, plan, formats, pl
         mctx = context(refiner)
         if choose is not None and not choose(refiner, attrs.evolve(mctx, ranks=None)):   # its probe runs here alone
             tell(False)
-            record = {"name": refiner.name, "modules": 0, "before": before, "after": before, "kept": False,
-                      "skipped": True, "seconds": round(time.time() - t0, 2)}
+            record = {"name": refiner.name, "scope": key[1], "modules": 0, "before": before, "after": before,
+                      "kept": False, "skipped": True, "seconds": round(time.time() - t0, 2)}
             store.record(record)
             records.append(record)
             continue
         tell(True)
         result = refiner.refine(mctx) or {}
         same_on_every_rank(ranks, refiner, result)
-        record = {"name": refiner.name, "modules": len(result), "before": before, "after": before, "kept": False}
+        record = {"name": refiner.name, "scope": key[1], "modules": len(result), "before": before, "after": before,
+                  "kept": False}
         if result:
             write_candidate(store.current, store.next, refiner.name, result, plan, formats)
             record["after"] = heldout_kl(load(store.next), ref_model, heldout_ids)
@@ -245,7 +255,7 @@ def run_model_refiners(refiners, store: RefineStore | None, *, plan, formats, pl
         if ranks is not None and ranks.active:
             record["ranks"] = ranks.world
         store.record(record)
-        shutil.rmtree(store.work / f"refiner-{refiner.name}", ignore_errors=True)
+        shutil.rmtree(scratch(refiner), ignore_errors=True)
         if record["kept"]:
             before = record["after"]
         records.append(record)

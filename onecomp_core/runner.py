@@ -23,6 +23,7 @@ import torch
 from . import __version__
 from .calibration import bos_id, calibration_samples
 from .checkpoint import load_quantized, read_meta
+from .checkpoint_blocks import CheckpointBlocks
 from .components import Transform
 from .contexts import EstimateContext, ExportContext, PlanContext, PreprocessContext
 from .errors import OnecompError
@@ -156,7 +157,7 @@ class Runner:
                 return self.follower_report(time.time() - t_start)
             if self.ranks.leader:
                 self.stage("export", self.export)
-        if self.res.refiners_of("model"):
+        if self.stage_refiners():
             if not self.refine_only and self.ranks.leader:
                 self.publish_pivot(time.time() - t_start)
             self.ranks.barrier()                     # data-parallel refiners start from the published pivot
@@ -181,7 +182,7 @@ class Runner:
             self.refine_only = True                  # killed during the refine stage: resume it
         self.refine_only = self.ranks.broadcast(self.refine_only)       # the leader's view of the folder
         if self.refine_only and self.ranks.active and not self.parallel_refine():
-            serial = [r.name for r in self.res.refiners_of("model") if not r.data_parallel]
+            serial = [r.name for r in self.stage_refiners() if not r.data_parallel]
             raise OnecompError(f"refining a finished checkpoint with {', '.join(serial) or 'no model refiner'} runs "
                                f"in one process: run `onecomp refine` without torchrun")
         if self.refine_only:
@@ -243,8 +244,23 @@ class Runner:
     def parallel_refine(self) -> bool:
         """Whether the model refiners run on every rank: a data-parallel run whose model refiners
         all say ``data_parallel`` (one that does not makes rank 0 run them all alone)."""
-        model = self.res.refiners_of("model")
+        model = self.stage_refiners()
         return self.ranks.active and bool(model) and all(r.data_parallel for r in model)
+
+    def stage_refiners(self) -> list:
+        """The refine stage's steps, in config order: the model refiners; refining a finished
+        checkpoint, also each block refiner's pass over its blocks (before the same refiner's
+        model scope, if it has one)."""
+        if not self.refine_only:
+            return self.res.refiners_of("model")
+        steps = []
+        for r in self.res.refiners:
+            scopes = r.active_scopes()
+            if "block" in scopes:
+                steps.append(CheckpointBlocks(r, self.res.plugins, self.batch))
+            if "model" in scopes:
+                steps.append(r)
+        return steps
 
     def check_specs(self, specs) -> None:
         """Every module's spec against its format, its projector, the exporters and the refiners."""
@@ -261,7 +277,7 @@ class Runner:
 
     def calibrate(self) -> None:
         cal = self.run_cfg.calibration
-        train, heldout = refine_counts(cal) if self.res.refiners_of("model") else (cal.num_samples, 0)
+        train, heldout = refine_counts(cal) if self.stage_refiners() else (cal.num_samples, 0)
         ids = calibration_samples(cal.source, self.tokenizer, train + heldout, cal.seq_len, cal.strategy,
                                   cal.seed, cal.text_field, cal.split, cal.cache, bos=self.bos)
         # the layer-wise pass: the first num_samples; model refiners: the first `train`; the rest judges them
@@ -490,7 +506,7 @@ class Runner:
             return self.choice.allow(refiner, refiner.estimate(mctx))
 
         self.refined = run_model_refiners(
-            self.res.refiners_of("model"), self.refine_store, plan=self.plan_, formats=self.res.formats,
+            self.stage_refiners(), self.refine_store, plan=self.plan_, formats=self.res.formats,
             plugins=self.res.plugins, reference=self.folder, ref_model=ref, train_ids=self.refine_ids,
             heldout_ids=self.heldout_ids, device=self.device, run=run, choose=choose, ranks=ranks, out=Path(run.out))
         if self.ranks.leader:

@@ -45,6 +45,7 @@ class BlockPTQ(BlockRefiner, ModelRefiner):
     needs_trainable = True
     needs_fp_weights = True          # warm start: code latents placed where the FP weights lie
     data_parallel = True             # ranks train on their shards, gradients averaged, errors reduced
+    on_checkpoint = True             # Phase 1 also refines a finished pivot's blocks (`onecomp refine`)
 
     def active_scopes(self):
         return ("block", "model") if self.options.windows else ("block",)

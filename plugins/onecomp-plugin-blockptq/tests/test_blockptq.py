@@ -176,6 +176,96 @@ def test_sigkill_during_blockptq_then_rerun_gives_the_same_bytes(tiny_models, tm
         assert (out / f).read_bytes() == (tmp_path / "straight" / f).read_bytes(), f
 
 
+def _quantized_files(folder):
+    return {p.name: load_file(str(p)) for p in sorted(folder.glob("model-block-*.safetensors"))}
+
+
+def test_blockptq_refines_a_saved_pivot_as_it_would_inside_the_pass(tiny_llama, tmp_path, capsys):
+    from onecomp_core.testing import cli as main
+    opts = {"blockptq": {"epochs": 2, "lr_codes": 2e-2}}
+    inline = onecomp_core.quantize(tiny_llama, tmp_path / "inline", refiners=["blockptq"], options=opts, **KW)
+    pivot = onecomp_core.quantize(tiny_llama, tmp_path / "later", **KW)
+    later = onecomp_core.refine(tmp_path / "later", refiners=["blockptq"], options=opts)
+    rec = later["refine"][-1]
+    assert rec["name"] == "blockptq" and rec["scope"] == "block" and rec["modules"] == len(pivot["plan"])
+    assert rec["kept"] == (rec["after"] < rec["before"]) and rec["kept"]
+    assert later["summary"]["stage"] == "refined" and later["summary"]["bpw"] == pivot["summary"]["bpw"]
+    # RTN's codes do not depend on the stream, so the refined blocks are the inline run's, bit for bit
+    a, b = _quantized_files(tmp_path / "inline"), _quantized_files(tmp_path / "later")
+    assert a.keys() == b.keys() and a
+    for f in a:
+        assert a[f].keys() == b[f].keys()
+        for k in a[f]:
+            assert torch.equal(a[f][k], b[f][k]), (f, k)
+    assert inline["summary"]["bpw"] == later["summary"]["bpw"]
+    assert not (tmp_path / "later.onecomp-refine").exists()
+    # the CLI names the step; a second run refines the refined checkpoint again
+    assert main(["refine", str(tmp_path / "later"), "--refiner", "blockptq", "--option", "blockptq.epochs=1"]) == 0
+    assert "blockptq (its blocks): held-out KL" in capsys.readouterr().out
+
+
+def test_blockptq_on_a_transformed_checkpoint_is_refused_before_any_work(tiny_llama, tmp_path):
+    from onecomp_core.sdk import OnecompError
+    if not installed("preprocessor", "hadamard"):
+        pytest.skip("needs onecomp-plugin-rotation")
+    d = tmp_path / "rot"
+    onecomp_core.quantize(tiny_llama, d, preprocessors=["hadamard"], **KW)
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    with pytest.raises(OnecompError, match="transformed first \\(hadamard\\).*--refiner blockptq"):
+        onecomp_core.refine(d, refiners=["blockptq"])
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+
+
+CHECKPOINT_KILLER = textwrap.dedent("""
+    import os, signal
+    import onecomp_core
+    import onecomp_plugin_blockptq.plugin as P
+
+    calls = []
+    original = P.reconstruct
+
+    def reconstruct_then_die(*a, **kw):
+        out = original(*a, **kw)
+        calls.append(1)
+        if len(calls) == 2:                                 # block 1 trained, not yet committed
+            os.kill(os.getpid(), signal.SIGKILL)
+        return out
+
+    P.reconstruct = reconstruct_then_die
+    onecomp_core.refine({out!r}, refiners=["blockptq"], options={{"blockptq": {{"epochs": 2}}}})
+""")
+
+
+@pytest.mark.whole_suite
+def test_sigkill_while_refining_a_saved_pivot_leaves_it_and_a_rerun_resumes(tiny_models, tmp_path):
+    import shutil
+    model = tiny_models("qwen3")
+    onecomp_core.quantize(model, tmp_path / "pivot", **KW)
+    for name in ("killed", "straight"):
+        shutil.copytree(tmp_path / "pivot", tmp_path / name)
+    pivot = _quantized_files(tmp_path / "pivot")
+    out = tmp_path / "killed"
+    proc = subprocess.run([sys.executable, "-c", CHECKPOINT_KILLER.format(out=str(out))],
+                          capture_output=True, text=True, env={**os.environ, "ONECOMP_PROGRESS": "0"})
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert (tmp_path / "killed.onecomp-refine" / "refiner-blockptq-block").is_dir()
+    assert {f: {k: t.tolist() for k, t in d.items()} for f, d in _quantized_files(out).items()} == \
+        {f: {k: t.tolist() for k, t in d.items()} for f, d in pivot.items()}            # DIR: still the pivot
+    import onecomp_plugin_blockptq.plugin as P
+    calls = []
+    original = P.reconstruct
+    P.reconstruct = lambda *a, **kw: calls.append(1) or original(*a, **kw)
+    try:
+        rep = onecomp_core.refine(out, refiners=["blockptq"], options={"blockptq": {"epochs": 2}})
+    finally:
+        P.reconstruct = original
+    blocks = {n.split(".")[2] for n in rep["plan"]}            # model.layers.I.*
+    assert len(calls) == len(blocks) - 1                       # block 0 was finished before the kill
+    onecomp_core.refine(tmp_path / "straight", refiners=["blockptq"], options={"blockptq": {"epochs": 2}})
+    for f in sorted(p.name for p in (tmp_path / "straight").glob("*.safetensors")):
+        assert (out / f).read_bytes() == (tmp_path / "straight" / f).read_bytes(), f
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_blockptq_on_every_architecture(arch, tiny_models, tmp_path):
     rep = onecomp_core.quantize(tiny_models(arch), tmp_path / "q", refiners=["blockptq"],
