@@ -104,11 +104,14 @@ def refine_counts(cal) -> tuple[int, int]:
 
 class Runner:
     """One run's stages. ``refine_only``: the output folder already holds a checkpoint (the
-    pivot, or a refined one): plan from its metadata and run only the model refiners on it."""
+    pivot, or a refined one): plan from its metadata and run only the refiners on it (its model
+    refiners, and block refiners over its blocks; a quantize run resuming its refine stage also
+    plans from the checkpoint, but its block refiners ran inside its pass already)."""
 
     def __init__(self, res: Resolved, refine_only: bool = False):
         self.res, self.run_cfg = res, res.run
         self.refine_only = refine_only
+        self.checkpoint_blocks = refine_only         # `onecomp refine`: block refiners run over the checkpoint
         self.refine_store = None
         self.layers = None
         self.start = 0
@@ -249,9 +252,9 @@ class Runner:
 
     def stage_refiners(self) -> list:
         """The refine stage's steps, in config order: the model refiners; refining a finished
-        checkpoint, also each block refiner's pass over its blocks (before the same refiner's
-        model scope, if it has one)."""
-        if not self.refine_only:
+        checkpoint (`onecomp refine`), also each block refiner's pass over its blocks (before the
+        same refiner's model scope, if it has one)."""
+        if not self.checkpoint_blocks:
             return self.res.refiners_of("model")
         steps = []
         for r in self.res.refiners:

@@ -156,7 +156,7 @@ KILLER = textwrap.dedent("""
         return out
 
     P.reconstruct = reconstruct_then_die
-    onecomp_core.quantize({model!r}, {out!r}, refiners=["blockptq"], options={{"blockptq": {{"epochs": 2}}}}, **{kw!r})
+    {call}
 """)
 
 
@@ -164,7 +164,8 @@ KILLER = textwrap.dedent("""
 def test_sigkill_during_blockptq_then_rerun_gives_the_same_bytes(tiny_models, tmp_path):
     model = tiny_models("qwen3")
     out = tmp_path / "killed"
-    proc = subprocess.run([sys.executable, "-c", KILLER.format(model=str(model), out=str(out), kw=KW)],
+    call = f'onecomp_core.quantize({str(model)!r}, {str(out)!r}, refiners=["blockptq"], options={{"blockptq": {{"epochs": 2}}}}, **{KW!r})'
+    proc = subprocess.run([sys.executable, "-c", KILLER.format(call=call)],
                           capture_output=True, text=True, env={**os.environ, "ONECOMP_PROGRESS": "0"})
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert not out.exists()
@@ -216,24 +217,7 @@ def test_blockptq_on_a_transformed_checkpoint_is_refused_before_any_work(tiny_ll
     assert {p.name: p.read_bytes() for p in d.iterdir()} == before
 
 
-CHECKPOINT_KILLER = textwrap.dedent("""
-    import os, signal
-    import onecomp_core
-    import onecomp_plugin_blockptq.plugin as P
 
-    calls = []
-    original = P.reconstruct
-
-    def reconstruct_then_die(*a, **kw):
-        out = original(*a, **kw)
-        calls.append(1)
-        if len(calls) == 2:                                 # block 1 trained, not yet committed
-            os.kill(os.getpid(), signal.SIGKILL)
-        return out
-
-    P.reconstruct = reconstruct_then_die
-    onecomp_core.refine({out!r}, refiners=["blockptq"], options={{"blockptq": {{"epochs": 2}}}})
-""")
 
 
 @pytest.mark.whole_suite
@@ -245,7 +229,8 @@ def test_sigkill_while_refining_a_saved_pivot_leaves_it_and_a_rerun_resumes(tiny
         shutil.copytree(tmp_path / "pivot", tmp_path / name)
     pivot = _quantized_files(tmp_path / "pivot")
     out = tmp_path / "killed"
-    proc = subprocess.run([sys.executable, "-c", CHECKPOINT_KILLER.format(out=str(out))],
+    call = f'onecomp_core.refine({str(out)!r}, refiners=["blockptq"], options={{"blockptq": {{"epochs": 2}}}})'
+    proc = subprocess.run([sys.executable, "-c", KILLER.format(call=call)],
                           capture_output=True, text=True, env={**os.environ, "ONECOMP_PROGRESS": "0"})
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert (tmp_path / "killed.onecomp-refine" / "refiner-blockptq-block").is_dir()
