@@ -205,6 +205,16 @@ def test_blockptq_refines_a_saved_pivot_as_it_would_inside_the_pass(tiny_llama, 
     assert "blockptq (its blocks): held-out KL" in capsys.readouterr().out
 
 
+def test_refine_with_windows_runs_the_blocks_then_the_windows_each_judged(tiny_llama, tmp_path):
+    onecomp_core.quantize(tiny_llama, tmp_path / "q", **KW)
+    rep = onecomp_core.refine(tmp_path / "q", refiners=["blockptq"],
+                              options={"blockptq": {"epochs": 1, "windows": True, "window_epochs": 1}})
+    steps = [(r["name"], r.get("scope", "model")) for r in rep["refine"]]
+    assert steps == [("blockptq", "block"), ("blockptq", "model")]
+    first, second = rep["refine"]
+    assert second["before"] == (first["after"] if first["kept"] else first["before"])    # judged on what stands
+
+
 def test_blockptq_on_a_transformed_checkpoint_is_refused_before_any_work(tiny_llama, tmp_path):
     from onecomp_core.sdk import OnecompError
     if not installed("preprocessor", "hadamard"):
