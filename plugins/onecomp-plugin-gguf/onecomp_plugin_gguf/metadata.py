@@ -34,6 +34,36 @@ def check_tokenizer(source_folder: Path) -> None:
                            f"({exc or type(exc).__name__}): drop --export gguf") from None
 
 
+# the split patterns of Llama 3's and Qwen2's tokenizers (a Split pre-tokenizer before byte-level)
+SPLIT_PATTERNS = {
+    "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
+
+
+def pre_tokenizer(source_folder: Path) -> str | None:
+    """llama.cpp's name (``tokenizer.ggml.pre``) for the way the source tokenizer splits text
+    before BPE, read off tokenizer.json: byte-level with GPT-2's regex alone -> ``gpt-2``;
+    single digits split off first -> ``smollm``; Llama 3's or Qwen2's split pattern before a
+    byte-level step without regex -> ``llama-bpe`` / ``qwen2``. None: not one of these."""
+    import json
+    path = Path(source_folder) / "tokenizer.json"
+    if not path.is_file():
+        return "gpt-2"                            # vocab.json + merges.txt: GPT-2's byte-level BPE
+    pre = json.loads(path.read_text()).get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    kinds = [st.get("type") for st in steps]
+    byte_regex = [st for st in steps if st.get("type") == "ByteLevel" and st.get("use_regex", True)]
+    if kinds == ["ByteLevel"] and byte_regex:
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and byte_regex:
+        return "smollm"
+    if kinds == ["Split", "ByteLevel"] and not byte_regex:
+        pattern = (steps[0].get("pattern") or {}).get("Regex")
+        return next((name for name, p in SPLIT_PATTERNS.items() if p == pattern), None)
+    return None
+
+
 def add_metadata(writer, cfg: dict, source_folder: Path, pre: str) -> None:
     from gguf.vocab import BpeVocab, SpecialVocab
     heads = int(cfg["num_attention_heads"])

@@ -20,13 +20,14 @@ from onecomp_core.sdk import Exporter, OnecompError, atomic_json, boolean, hooki
 
 from .blocks import BLOCK, encode, gguf_type
 from .kquants import FOR_BITS, QK, encode_k
-from .metadata import ARCHS, PERMUTED, add_metadata, check_tokenizer, tensor_name
+from .metadata import ARCHS, PERMUTED, add_metadata, check_tokenizer, pre_tokenizer, tensor_name
 
 
 @attrs.define(frozen=True)
 class GGUFOptions:
     dtype: str = attrs.field(default="f16", validator=one_of("f16", "f32"))     # unquantized 2-D tensors
-    tokenizer_pre: str = attrs.field(default="default")     # llama.cpp's pre-tokenizer name (tokenizer.ggml.pre)
+    # llama.cpp's pre-tokenizer name (tokenizer.ggml.pre); auto: read off the source's tokenizer.json
+    tokenizer_pre: str = attrs.field(default="auto")
     requantize: bool = attrs.field(default=False, validator=boolean)    # lossy K-quants where no exact type exists
 
 
@@ -61,6 +62,16 @@ class GGUFExporter(Exporter):
             raise OnecompError(f"--export gguf needs every quantized linear's inputs in blocks of {BLOCK}; "
                                f"{bad} has {shapes[bad][1]}: drop --export gguf")
         check_tokenizer(source_folder)
+        if self.options.tokenizer_pre == "auto" and pre_tokenizer(source_folder) is None:
+            print("onecomp: note: --export gguf does not know llama.cpp's name for this tokenizer's pre-tokenizer, "
+                  "so llama.cpp will split text by its default rules (other token ids than transformers'): "
+                  "pass --option gguf.tokenizer_pre=NAME (llama.cpp's tokenizer.ggml.pre)", file=sys.stderr)
+
+    def tokenizer_pre(self, source_folder: Path) -> str:
+        """``tokenizer.ggml.pre``: as asked, else read off the source's tokenizer ("default" when unknown)."""
+        if self.options.tokenizer_pre != "auto":
+            return self.options.tokenizer_pre
+        return pre_tokenizer(source_folder) or "default"
 
     def export(self, ectx) -> list[str]:
         import gguf
@@ -68,7 +79,7 @@ class GGUFExporter(Exporter):
         cfg = ectx.config
         tmp = folder / ".model.gguf.tmp"
         writer = gguf.GGUFWriter(str(tmp), ARCHS[cfg["model_type"]])
-        add_metadata(writer, cfg, Path(ectx.source_folder), self.options.tokenizer_pre)
+        add_metadata(writer, cfg, Path(ectx.source_folder), self.tokenizer_pre(Path(ectx.source_folder)))
         names = tensor_name(cfg)
         heads = {"q_proj": cfg["num_attention_heads"],
                  "k_proj": cfg.get("num_key_value_heads") or cfg["num_attention_heads"]} \

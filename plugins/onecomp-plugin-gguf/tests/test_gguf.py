@@ -197,3 +197,52 @@ def test_a_mixed_plan_within_exact_types_exports_as_mixed_type_gguf(tiny_llama, 
     kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out / "model.gguf")).tensors}
     assert kinds["blk.0.ffn_down.weight"] == "Q8_0" and kinds["blk.0.attn_q.weight"] == "Q4_0"
     _same_logits_in_transformers(out)
+
+
+def _tokenizer_json(folder, pre):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").write_text(json.dumps({"pre_tokenizer": pre, "model": {"type": "BPE"}}))
+    return folder
+
+
+def test_pre_tokenizer_name_is_read_off_tokenizer_json(tmp_path):
+    from onecomp_plugin_gguf.metadata import SPLIT_PATTERNS, pre_tokenizer
+    byte = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
+    assert pre_tokenizer(_tokenizer_json(tmp_path / "a", byte)) == "gpt-2"
+    digits = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte]}
+    assert pre_tokenizer(_tokenizer_json(tmp_path / "b", digits)) == "smollm"
+    for name, pattern in SPLIT_PATTERNS.items():
+        split = {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False},
+            {**byte, "use_regex": False}]}
+        assert pre_tokenizer(_tokenizer_json(tmp_path / name, split)) == name
+    odd = {"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": "x"}}, {**byte, "use_regex": False}]}
+    assert pre_tokenizer(_tokenizer_json(tmp_path / "c", odd)) is None
+    assert pre_tokenizer(_tokenizer_json(tmp_path / "d", {"type": "Whitespace"})) is None
+    assert pre_tokenizer(tmp_path / "no-json") == "gpt-2"          # vocab.json + merges.txt
+
+
+def test_the_written_pre_tokenizer_and_the_note_for_an_unknown_one(tiny_llama, tmp_path, capsys):
+    import shutil
+    from gguf import GGUFReader
+    from onecomp_plugin_gguf.metadata import pre_tokenizer
+
+    def written(out):
+        return bytes(GGUFReader(str(out / "model.gguf")).fields["tokenizer.ggml.pre"].parts[-1]).decode()
+
+    onecomp_core.quantize(tiny_llama, tmp_path / "auto", bits=4, group_size=32, projector="rtn", exports=["gguf"])
+    assert written(tmp_path / "auto") == pre_tokenizer(tiny_llama) == "gpt-2"
+    assert "pre-tokenizer" not in capsys.readouterr().err
+    onecomp_core.quantize(tiny_llama, tmp_path / "asked", bits=4, group_size=32, projector="rtn", exports=["gguf"],
+                          options={"gguf": {"tokenizer_pre": "smollm"}})
+    assert written(tmp_path / "asked") == "smollm"
+    odd = tmp_path / "odd-model"
+    shutil.copytree(tiny_llama, odd)
+    tok = json.loads((odd / "tokenizer.json").read_text())
+    tok["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": "x"},
+                            "behavior": "Isolated", "invert": False},
+                           {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    (odd / "tokenizer.json").write_text(json.dumps(tok))
+    onecomp_core.quantize(odd, tmp_path / "odd", bits=4, group_size=32, projector="rtn", exports=["gguf"])
+    err = capsys.readouterr().err
+    assert "--option gguf.tokenizer_pre=NAME" in err and written(tmp_path / "odd") == "default"
