@@ -105,12 +105,16 @@ def _from_hub(name: str, text_field: str, split: str) -> list[str]:
     return _column(ds, text_field, name)
 
 
-def select(docs_tokens: list[list[int]], n: int, seq_len: int, strategy: str, seed: int) -> torch.Tensor:
-    """(n, seq_len) token ids from tokenized documents.
+def select(docs_tokens: list[list[int]], n: int, seq_len: int, strategy: str, seed: int,
+           spread: int = 0) -> torch.Tensor:
+    """(n + spread, seq_len) token ids from tokenized documents.
 
-    concat_chunk: concatenate everything, cut consecutive seq_len chunks, keep the first n.
+    concat_chunk: concatenate everything, cut consecutive seq_len chunks, keep the first n; then
+                  ``spread`` more spaced evenly over the chunks after them (held-out samples
+                  from across the text, not only from where the first n end).
     drop_head:    documents of at least seq_len tokens, their first seq_len tokens, n drawn at random.
     drop_rand:    documents of at least seq_len tokens, a random seq_len window of each, n drawn.
+    (For these two, ``spread`` more are drawn the same way.)
     """
     rng = random.Random(seed)
     if strategy == "concat_chunk":
@@ -119,22 +123,32 @@ def select(docs_tokens: list[list[int]], n: int, seq_len: int, strategy: str, se
         if have == 0:
             raise OnecompError(f"calibration text has {len(flat)} tokens, shorter than one sample of "
                                f"{seq_len}; give more text or lower calibration.seq_len")
-        if have < n:
-            raise OnecompError(f"calibration text gives {have} samples of {seq_len} tokens, {n} asked; "
-                               f"give more text or lower calibration.num_samples")
-        return torch.tensor(flat[: n * seq_len]).view(n, seq_len)
+        if have < n + spread:
+            raise OnecompError(f"calibration text gives {have} samples of {seq_len} tokens, {n + spread} asked"
+                               f"{f' ({spread} held out)' if spread else ''}; give more text or lower "
+                               f"calibration.num_samples")
+        chunks = torch.tensor(flat[: have * seq_len]).view(have, seq_len)
+        rest = have - n             # chunk n + floor((k + 1/2) * rest / spread): the middle of k's share
+        return torch.cat([chunks[:n], chunks[[n + (2 * k + 1) * rest // (2 * spread) for k in range(spread)]]])
     if strategy not in STRATEGIES:
         raise OnecompError(f"unknown calibration strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
     long = [d for d in docs_tokens if len(d) >= seq_len]
-    if len(long) < n:
-        raise OnecompError(f"strategy {strategy} needs {n} documents of at least {seq_len} tokens, the "
+    if len(long) < n + spread:
+        raise OnecompError(f"strategy {strategy} needs {n + spread} documents of at least {seq_len} tokens, the "
                            f"calibration text has {len(long)}; use concat_chunk or lower seq_len/num_samples")
-    picked = rng.sample(long, n)
-    rows = []
-    for d in picked:
-        start = 0 if strategy == "drop_head" else rng.randrange(0, len(d) - seq_len + 1)
-        rows.append(d[start:start + seq_len])
-    return torch.tensor(rows)
+    picked = rng.sample(range(len(long)), n)
+    rows = [_window(long[i], seq_len, strategy, rng) for i in picked]
+    if spread:                              # from the documents not picked, by a second generator
+        held = random.Random(f"{seed}:heldout")
+        taken = set(picked)
+        rows += [_window(long[i], seq_len, strategy, held)
+                 for i in held.sample([i for i in range(len(long)) if i not in taken], spread)]
+    return torch.tensor(rows, dtype=torch.long).view(len(rows), seq_len)
+
+
+def _window(doc: list[int], seq_len: int, strategy: str, rng: random.Random) -> list[int]:
+    start = 0 if strategy == "drop_head" else rng.randrange(0, len(doc) - seq_len + 1)
+    return doc[start:start + seq_len]
 
 
 def bos_id(tokenizer, mode: str = "auto") -> int | None:
@@ -152,11 +166,14 @@ def bos_id(tokenizer, mode: str = "auto") -> int | None:
 
 def calibration_samples(source: str | None, tokenizer, num_samples: int, seq_len: int,
                         strategy: str = "concat_chunk", seed: int = 0, text_field: str = "text",
-                        split: str = "train", use_cache: bool = True, bos: int | None = None) -> torch.Tensor:
-    """(num_samples, seq_len) token ids; with ``bos``, each sample is that token then seq_len - 1
-    tokens of text."""
+                        split: str = "train", use_cache: bool = True, bos: int | None = None,
+                        heldout: int = 0) -> torch.Tensor:
+    """(num_samples + heldout, seq_len) token ids; with ``bos``, each sample is that token then
+    seq_len - 1 tokens of text. The last ``heldout`` are spread over the rest of the source
+    (:func:`select`); the first num_samples do not depend on it."""
     src = str(source) if source else str(DEFAULT_TEXT)
-    key = _cache_key(src, tokenizer, num_samples, seq_len, strategy, seed, text_field, split, bos)
+    key = _cache_key(src, tokenizer, num_samples, seq_len, strategy, seed, text_field, split, bos,
+                     *((heldout,) if heldout else ()))
     cache = cache_root() / "calibration" / f"{key}.pt"
     if use_cache and cache.is_file():
         return torch.load(cache, weights_only=True)
@@ -165,12 +182,12 @@ def calibration_samples(source: str | None, tokenizer, num_samples: int, seq_len
         docs = ["\n\n".join(docs)]
     tokens = [tokenizer(d, add_special_tokens=False)["input_ids"] for d in docs]
     if bos is None:
-        ids = select(tokens, num_samples, seq_len, strategy, seed)
+        ids = select(tokens, num_samples, seq_len, strategy, seed, heldout)
     else:
         if seq_len < 2:
             raise OnecompError(f"calibration.seq_len {seq_len} leaves no text after the BOS token; use 2 or more")
-        text = select(tokens, num_samples, seq_len - 1, strategy, seed)
-        ids = torch.cat([torch.full((num_samples, 1), bos, dtype=text.dtype), text], 1)
+        text = select(tokens, num_samples, seq_len - 1, strategy, seed, heldout)
+        ids = torch.cat([torch.full((text.shape[0], 1), bos, dtype=text.dtype), text], 1)
     if use_cache:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(f".tmp{os.getpid()}")

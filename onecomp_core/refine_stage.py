@@ -29,6 +29,7 @@ from .errors import OnecompError
 from .evaluate import evaluate
 from .export import link_or_copy
 from .lazy_weights import LazyWeights
+from .reference_pass import measure_reference
 from .report import peak_gpu_mb, peak_rss_mb
 from .store import atomic_json, atomic_save_tensors
 
@@ -36,8 +37,16 @@ SUFFIX = ".onecomp-refine"
 
 
 def heldout_kl(model, ref, ids) -> float:
-    """Mean per-token KL(P_ref || P_model) over the held-out samples (one window each)."""
+    """Mean per-token KL(P_ref || P_model) over the held-out samples (one window each); ``ref``
+    the FP model, or its ReferenceLogProbs over these windows (:func:`heldout_reference`)."""
     return float(evaluate(model, ids.reshape(-1), ref=ref, seq_len=ids.shape[1])["kl"])
+
+
+def heldout_reference(reference: Path, ids, device, dtype, plugins):
+    """The FP model's ReferenceLogProbs over the held-out samples, measured block by block, so
+    judging a stage never needs the whole FP model resident (only a refiner that asks for it)."""
+    return measure_reference(str(reference), ids.reshape(-1), seq_len=ids.shape[1], device=str(device),
+                             dtype=dtype, plugins=plugins)
 
 
 def link_tree(src: Path, dst: Path) -> None:
@@ -183,10 +192,13 @@ def scope_of(refiner) -> str:
     return getattr(refiner, "scope", "model")
 
 
-def run_model_refiners(refiners, store: RefineStore | None, *, plan, formats, plugins, reference, ref_model,
-                       train_ids, heldout_ids, device, run, choose=None, ranks=None, out: Path | None = None) -> list[dict]:
+def run_model_refiners(refiners, store: RefineStore | None, *, plan, formats, plugins, reference, load_reference,
+                       heldout_ref, train_ids, heldout_ids, device, run, choose=None, ranks=None,
+                       out: Path | None = None) -> list[dict]:
     """Each model refiner in order on ``store.current``; -> one record per refiner.
-    ``choose(refiner, mctx)``: whether it runs (the resource-adaptive choice).
+    ``choose(refiner, mctx)``: whether it runs (the resource-adaptive choice). ``load_reference()``:
+    the FP model, for the refiners that ask for it; ``heldout_ref``: what judges each stage (the FP
+    model's ReferenceLogProbs over ``heldout_ids``, or the model itself; None on other ranks).
 
     Data-parallel (``ranks`` active, every refiner ``data_parallel``): rank 0 owns ``store``,
     decides (done before a kill, chosen or skipped), judges and writes; it tells the other ranks
@@ -206,7 +218,7 @@ def run_model_refiners(refiners, store: RefineStore | None, *, plan, formats, pl
         current = work / "current"
         return ModelContext(checkpoint=current, reference=reference, plan=plan, formats=formats,
                             calibration_ids=train_ids, heldout_ids=heldout_ids, device=device,
-                            load=load, load_reference=lambda: ref_model, run=run,
+                            load=load, load_reference=load_reference, run=run,
                             quantized=lambda: quantized_tensors(current, plugins.registry),
                             scratch=scratch(refiner), ranks=ranks)
 
@@ -230,7 +242,7 @@ def run_model_refiners(refiners, store: RefineStore | None, *, plan, formats, pl
             records.append(done[key])
             continue
         if before is None:
-            before = heldout_kl(load(), ref_model, heldout_ids)
+            before = heldout_kl(load(), heldout_ref, heldout_ids)
         t0 = time.time()
         mctx = context(refiner)
         if choose is not None and not choose(refiner, attrs.evolve(mctx, ranks=None)):   # its probe runs here alone
@@ -247,7 +259,7 @@ def run_model_refiners(refiners, store: RefineStore | None, *, plan, formats, pl
                   "kept": False}
         if result:
             write_candidate(store.current, store.next, refiner.name, result, plan, formats)
-            record["after"] = heldout_kl(load(store.next), ref_model, heldout_ids)
+            record["after"] = heldout_kl(load(store.next), heldout_ref, heldout_ids)
             record["kept"] = record["after"] < before
         record["seconds"] = round(time.time() - t0, 2)
         record["peak_rss_mb"] = round(peak_rss_mb(), 1)     # of the process, up to the end of this refiner

@@ -32,7 +32,7 @@ from .hashing import weights_digest
 from .gather import input_diagonals, input_statistics
 from .block_pass import LayerwisePass
 from .model_source import resolve_model
-from .refine_stage import RefineStore, refine_work, run_model_refiners
+from .refine_stage import RefineStore, heldout_reference, refine_work, run_model_refiners
 from .fit import RefineChoice
 from .reference_pass import measure_reference
 from .resources import memory_budget, parse_size, release_memory, set_threads
@@ -281,9 +281,10 @@ class Runner:
     def calibrate(self) -> None:
         cal = self.run_cfg.calibration
         train, heldout = refine_counts(cal) if self.stage_refiners() else (cal.num_samples, 0)
-        ids = calibration_samples(cal.source, self.tokenizer, train + heldout, cal.seq_len, cal.strategy,
-                                  cal.seed, cal.text_field, cal.split, cal.cache, bos=self.bos)
-        # the layer-wise pass: the first num_samples; model refiners: the first `train`; the rest judges them
+        ids = calibration_samples(cal.source, self.tokenizer, train, cal.seq_len, cal.strategy,
+                                  cal.seed, cal.text_field, cal.split, cal.cache, bos=self.bos, heldout=heldout)
+        # the layer-wise pass: the first num_samples; model refiners: the first `train`; the rest (spread
+        # over the source) judges them
         self.ids, self.refine_ids, self.heldout_ids = ids[:cal.num_samples], ids[:train], ids[train:]
 
     def capture(self) -> None:
@@ -501,7 +502,15 @@ class Runner:
         run = self.run_cfg
         ranks = self.ranks if self.ranks.active else None
         self.refine_store = RefineStore(Path(run.out), self.fingerprint) if self.ranks.leader else None
-        ref = load_reference(str(self.folder), str(self.device), run.dtype)[0]
+        teacher = []                                # the FP model, loaded when a refiner first asks
+
+        def reference_model():
+            if not teacher:
+                teacher.append(load_reference(str(self.folder), str(self.device), run.dtype)[0])
+            return teacher[0]
+
+        judge = heldout_reference(self.folder, self.heldout_ids, self.device, run.dtype, self.res.plugins) \
+            if self.ranks.leader else None
         if not hasattr(self, "choice"):
             self.choice = RefineChoice(run, self.res.auto_refiners, self.device, self.t_start)
 
@@ -510,7 +519,8 @@ class Runner:
 
         self.refined = run_model_refiners(
             self.stage_refiners(), self.refine_store, plan=self.plan_, formats=self.res.formats,
-            plugins=self.res.plugins, reference=self.folder, ref_model=ref, train_ids=self.refine_ids,
+            plugins=self.res.plugins, reference=self.folder, load_reference=reference_model, heldout_ref=judge,
+            train_ids=self.refine_ids,
             heldout_ids=self.heldout_ids, device=self.device, run=run, choose=choose, ranks=ranks, out=Path(run.out))
         if self.ranks.leader:
             self.final = self.refine_store.current

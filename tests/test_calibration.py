@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from hypothesis import assume, given, settings, strategies as st
 
 from onecomp_core.calibration import calibration_samples, read_documents, select
 from onecomp_core.errors import OnecompError
@@ -33,6 +34,28 @@ def test_drop_strategies_are_seeded(strategy):
         assert all(int(r[0]) % 1000 == 0 for r in a)      # each sample starts its document
 
 
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(0, 6), spread=st.integers(1, 6), strategy=st.sampled_from(["concat_chunk", "drop_head", "drop_rand"]),
+       seed=st.integers(0, 3))
+def test_heldout_samples_are_spread_disjoint_and_leave_the_first_ones_alone(n, spread, strategy, seed):
+    d, L = docs(14, 30), 30
+    assume(n + spread <= (14 if strategy != "concat_chunk" else sum(map(len, d)) // L))
+    ids = select(d, n, L, strategy, seed, spread)
+    assert ids.shape == (n + spread, L)
+    assert torch.equal(ids[:n], select(d, n, L, strategy, seed))          # the training samples do not move
+    rows = [tuple(r.tolist()) for r in ids]
+    assert len(set(rows)) == n + spread                                  # none repeated, none trained on
+    if strategy == "concat_chunk":
+        flat = [t for x in d for t in x]
+        starts = [flat.index(r[0]) // L for r in rows[n:]]
+        have = len(flat) // L
+        assert starts == sorted(starts) and starts[0] >= n               # after the first n, in order,
+        assert starts[-1] >= n + (have - n) * (2 * spread - 1) // (2 * spread)   # reaching the end of the text
+    else:
+        firsts = {r[0] // 1000 for r in rows}                            # one document each
+        assert len(firsts) == n + spread
+
+
 def test_not_enough_text_is_a_clear_error():
     with pytest.raises(OnecompError, match="shorter than one sample"):
         select([[1, 2, 3]], 1, 8, "concat_chunk", 0)
@@ -40,6 +63,8 @@ def test_not_enough_text_is_a_clear_error():
         select([list(range(10))], 5, 8, "concat_chunk", 0)
     with pytest.raises(OnecompError, match="needs 9 documents"):
         select(docs(), 9, 50, "drop_head", 0)
+    with pytest.raises(OnecompError, match=r"gives 7 samples of 40 tokens, 8 asked \(3 held out\)"):
+        select(docs(), 5, 40, "concat_chunk", 0, spread=3)
 
 
 def test_sources_txt_jsonl_parquet_and_datasets(tmp_path, tok):

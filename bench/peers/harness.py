@@ -108,7 +108,9 @@ def main():
     ap.add_argument("--cells", default=",".join(CELLS))
     ap.add_argument("--peers", type=Path, default=Path.home() / ".cache" / "onecomp" / "peers")
     ap.add_argument("--eval-tokens", type=int, default=16384)
-    ap.add_argument("--work", type=Path, default=None, help="keep the artifacts here")
+    ap.add_argument("--work", type=Path, default=None,
+                    help="keep the artifacts here, with each run's row (CELL-TOOL.row.json): a rerun with the same "
+                         "--work reuses the rows it finds instead of running again")
     a = ap.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from onecomp_core.calibration import calibration_samples
@@ -128,6 +130,11 @@ def main():
         bits, group, sym = CELLS[cell]
         for tool in a.tools.split(","):
             out = work / f"{cell}-{tool}"
+            saved = out.with_name(out.name + ".row.json")
+            if saved.is_file():                         # measured by an earlier, interrupted run of the harness
+                rows.append(json.loads(saved.read_text()))
+                print(json.dumps(rows[-1]), flush=True)
+                continue
             if tool.startswith("onecomp") and tool != "onecomp14":
                 r = onecomp_run(model, tokens, out, bits, group, sym, qep=tool.endswith("+qep"))
             else:
@@ -135,6 +142,8 @@ def main():
             if "error" not in r:
                 r.update(evaluate_dense(fp, out / "dense.safetensors", eval_ids))
             r.update({"cell": cell, "tool": tool})
+            if a.work is not None and "error" not in r:
+                saved.write_text(json.dumps(r))
             rows.append(r)
             print(json.dumps(r), flush=True)
     print(json.dumps({"bench": "peers", "calibration": "32 x 512 enwiki_calib (the same token tensor for every tool)",

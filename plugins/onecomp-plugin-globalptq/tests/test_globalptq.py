@@ -49,9 +49,10 @@ def test_sam_perturbs_along_the_gradient_and_restores():
 
 
 def test_refined_checkpoint_keeps_codes_format_and_bits(tiny_llama, tmp_path):
-    a = onecomp_core.quantize(tiny_llama, tmp_path / "a", **KW)
+    kw = {**KW, "num_samples": 12}        # the held-out samples lie across the text: 6 are too few to generalise
+    a = onecomp_core.quantize(tiny_llama, tmp_path / "a", **kw)
     b = onecomp_core.quantize(tiny_llama, tmp_path / "b", refiners=["globalptq"],
-                              options={"globalptq": {"epochs": 3, "lr_scales": 2e-2}}, **KW)
+                              options={"globalptq": {"epochs": 3, "lr_scales": 2e-2}}, **kw)
     rec = b["refine"][0]
     assert rec["name"] == "globalptq" and rec["kept"] and rec["after"] < rec["before"]
     assert b["summary"]["bpw"] == a["summary"]["bpw"]
