@@ -184,6 +184,9 @@ class LayerwisePass:
         self.keep_fp = any(r.needs_fp_weights for r in block_refiners)
         # nothing reads the streams: the blocks never run on calibration data
         self.data_free = not self.needs and not corrections and not block_refiners
+        # the FP stream is read only by paired statistics (cross, residual) and by block refiners
+        # (the FP block's output is their target); without them it is not computed
+        self.fp_stream = self.paired or bool(block_refiners)
 
     def run(self, fp: torch.Tensor, q: torch.Tensor, kwargs: list[dict], start: int, samples: int | None = None) -> dict:
         """Blocks ``start``.. on the streams ``fp``, ``q`` (this rank's shard of ``samples`` rows)."""
@@ -194,8 +197,10 @@ class LayerwisePass:
         for i in range(start, total):
             t0 = time.time()
             block = sk.block(i)
-            fp_next = fp if self.data_free else run_block(block, fp, kwargs[i], out=self._out("fp"),
-                                                          batch=self.batch)             # FP block, FP stream
+            if self.fp_stream and not self.data_free:
+                fp_next = run_block(block, fp, kwargs[i], out=self._out("fp"), batch=self.batch)  # FP block, FP stream
+            else:
+                fp_next = fp[:0]                                                        # nothing reads it
             bctx = BlockContext(self, i, block, fp, q, fp_next, kwargs[i])
             self.hook.onecomp_block_start(index=i, total=total, layers=bctx.linears)
             for group in bctx.groups:
@@ -211,8 +216,8 @@ class LayerwisePass:
                                                         batch=self.batch)               # quantized block
             fp, q = fp_next, q_next
             tensors = self._block_tensors(block, bctx.prefix, bctx.qts)
-            streams = {k: v.new_empty((0, *v.shape[1:])) if self.data_free else self.ranks.gather_rows(v, samples)
-                       for k, v in (("fp", fp), ("q", q))}
+            streams = {k: v if v.shape[0] == 0 else self.ranks.gather_rows(v, samples)
+                       for k, v in (("fp", fp), ("q", q[:0] if self.data_free else q))}
             self.store.commit_block(i, tensors, streams, bctx.info)     # a no-op store on ranks other than 0
             sk.release_block(i)
             del block, bctx, tensors, streams

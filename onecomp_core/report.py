@@ -11,8 +11,25 @@ _PEAK_BEFORE_RESET = 0.0      # the process's peak before the last stage reset i
 
 
 def _kernel_peak_mb() -> float:
+    """The kernel's high-water mark of this process's resident size: Linux's VmHWM, its own
+    memory's (getrusage's ru_maxrss also counts the parent's resident size at the fork of a
+    process started by a large one, e.g. a bench script holding a model); ru_maxrss elsewhere."""
+    hwm = _status_kb("VmHWM")
+    if hwm is not None:
+        return hwm / 1024
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb / 1024 if sys.platform != "darwin" else kb / 2**20
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def peak_rss_mb() -> float:

@@ -238,10 +238,10 @@ class Runner:
         if n < self.ranks.world:
             raise OnecompError(f"{n} calibration samples cannot be shared by {self.ranks.world} ranks: "
                                f"raise --num-samples to at least {self.ranks.world} or start fewer processes")
-        model = [r.name for r in self.res.refiners_of("model")]
-        serial = [r.name for r in self.res.refiners_of("model") if not r.data_parallel]
+        model = self.res.refiners_of("model")
+        serial = [r.name for r in model if not r.data_parallel]
         if serial and self.ranks.leader:
-            print(f"onecomp: note: {', '.join(model)} will run on rank 0 alone after the data-parallel pivot "
+            print(f"onecomp: note: {', '.join(r.name for r in model)} will run on rank 0 alone after the data-parallel pivot "
                   f"({', '.join(serial)}: not a data-parallel model refiner)", file=sys.stderr)
 
     def parallel_refine(self) -> bool:

@@ -150,3 +150,19 @@ def test_streams_on_disk_give_the_same_bytes_as_streams_in_memory(tiny_llama, tm
     assert not list((tmp_path / "d").rglob("spill"))                    # the stream files are gone
     roomy = onecomp_core.quantize(tiny_llama, tmp_path / "a", max_memory="64GiB", **kw)
     assert roomy["summary"]["streams_on_disk"] is False                # auto: they fit
+
+
+def test_the_fp_stream_runs_only_where_something_reads_it(tiny_llama, tmp_path, monkeypatch):
+    """GPTQ alone reads the quantized stream only: one full block forward per block (plus the
+    statistics' early-stopped ones); QEP's cross statistics need the FP stream too."""
+    import onecomp_core.block_pass as bp
+    calls = []
+    real = bp.run_block
+    monkeypatch.setattr(bp, "run_block", lambda *a, **k: calls.append(1) or real(*a, **k))
+    kw = {**KW, "projector": "gptq"}
+    plain = onecomp_core.quantize(tiny_llama, tmp_path / "g", **kw)
+    blocks = len({n.split(".")[2] for n in plain["layers"]})                 # model.layers.N.*
+    assert len(calls) == blocks
+    calls.clear()
+    onecomp_core.quantize(tiny_llama, tmp_path / "qep", refiners=["qep"], **kw)
+    assert len(calls) == 2 * blocks

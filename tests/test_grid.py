@@ -46,3 +46,16 @@ def test_mse_grid_never_worse_than_minmax():
         c, s, z = grid.rtn(W, 3, 64, False, **kw)
         return float((grid.dequantize(c.float(), grid.expand(s, 256, 64), grid.expand(z, 256, 64)) - W).abs().pow(2.4).sum())
     assert err(mse_steps=100) <= err()
+
+
+@settings(max_examples=30, deadline=None)
+@given(bits=st.sampled_from([2, 3, 4]), cols=st.integers(1, 80), group=st.sampled_from([8, 16, 32]),
+       sym=st.booleans(), mse=st.sampled_from([0, 10]), seed=st.integers(0, 100))
+def test_groups_fitted_together_equal_each_group_fitted_alone(bits, cols, group, sym, mse, seed):
+    W = torch.randn(6, cols, generator=torch.Generator().manual_seed(seed))
+    s, z = grid.fit_groups(W, bits, group, sym, mse_steps=mse)
+    G = grid.num_groups(cols, group)
+    assert s.shape == z.shape == (6, G)
+    for g in range(G):
+        sg, zg = grid.fit(W[:, g * group:(g + 1) * group], bits, sym, mse_steps=mse)
+        assert torch.equal(s[:, g], sg) and torch.equal(z[:, g], zg), g

@@ -2,6 +2,8 @@
 import base64
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -64,3 +66,18 @@ def test_each_stage_reports_its_own_peak(tiny_llama, tmp_path):
     for name, m in mem.items():
         assert m["rss_mb"] <= m["stage_peak_rss_mb"] + 1 and m["stage_peak_rss_mb"] <= m["peak_rss_mb"] + 1e-6, name
     assert rep["summary"]["peak_rss_mb"] >= max(m["stage_peak_rss_mb"] for m in mem.values())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the fork/exec carry-over is Linux's")
+def test_peak_memory_is_the_process_own_not_its_parents():
+    """A run started by a large process (a bench script holding a model) reports its own peak:
+    getrusage's ru_maxrss would report the parent's resident size at the fork."""
+    held = bytearray(800 * 2**20)
+    for i in range(0, len(held), 4096):
+        held[i] = 1
+    code = ("import resource; from onecomp_core.report import peak_rss_mb; "
+            "print(peak_rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    own, maxrss = map(float, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                            check=True).stdout.split())
+    assert maxrss >= 800 and own < maxrss - 500
+    del held

@@ -17,4 +17,10 @@ def args():
 
 
 def peak_rss_mb() -> float:
+    """This process's own peak (VmHWM): ru_maxrss would also count the harness's resident size
+    at the fork that started it."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

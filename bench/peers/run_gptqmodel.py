@@ -1,5 +1,5 @@
 """Runs inside the GPTQModel venv: GPTQ with GPTQModel's defaults (only bits, group size and the
-grid set) on the given calibration tokens, saved in GPTQModel's format, then read back by
+grid set; per-channel also turns off group-aware reordering, which refuses group size -1) on the given calibration tokens, saved in GPTQModel's format, then read back by
 GPTQModel's own loader and each quantized linear dequantized by its own module into
 OUT/dense.safetensors. Prints one JSON line: seconds, peak RSS.
 
@@ -34,7 +34,9 @@ def main():
     from gptqmodel import GPTQModel, QuantizeConfig
     ids = torch.load(a.tokens)
     calib = [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in ids]
-    cfg = QuantizeConfig(bits=a.bits, group_size=a.group_size, sym=a.sym)
+    # its group-aware reordering refuses per-channel ("requires group_size > 0"): off there only
+    extra = {"act_group_aware": False} if a.group_size == -1 else {}
+    cfg = QuantizeConfig(bits=a.bits, group_size=a.group_size, sym=a.sym, **extra)
     t0 = time.time()
     model = GPTQModel.load(a.model, cfg, device="cpu")
     model.quantize(calib, batch_size=1)

@@ -90,13 +90,14 @@ def fit_groups(W: torch.Tensor, bits: int, group_size: int, symmetric: bool, **m
     if group_size == PER_CHANNEL:
         s, z = fit(W, bits, symmetric, **mse)
         return s[:, None], z[:, None]
-    G = num_groups(cols, group_size)
-    scales, zeros = [], []
-    for g in range(G):
-        s, z = fit(W[:, g * group_size:(g + 1) * group_size], bits, symmetric, **mse)
-        scales.append(s)
-        zeros.append(z)
-    return torch.stack(scales, 1), torch.stack(zeros, 1)
+    full = cols // group_size                 # the whole groups, fitted together as rows of one matrix
+    s, z = fit(W[:, :full * group_size].reshape(out * full, group_size), bits, symmetric, **mse)
+    scales, zeros = [s.view(out, full)], [z.view(out, full)]
+    if cols > full * group_size:              # a shorter last group
+        s, z = fit(W[:, full * group_size:], bits, symmetric, **mse)
+        scales.append(s[:, None])
+        zeros.append(z[:, None])
+    return torch.cat(scales, 1), torch.cat(zeros, 1)
 
 
 def rtn(W: torch.Tensor, bits: int, group_size: int, symmetric: bool, **mse):
