@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 import onecomp_core
 from onecomp_core.cli import main
 from onecomp_core.errors import OnecompError
+from onecomp_core.testing import installed
 from onecomp_core.sdk import Exporter, ModelRefiner, UniformFormat, hookimpl
 from onecomp_core.testing import quick
 
@@ -221,3 +222,19 @@ def test_overwrite_after_a_killed_refine_stage_starts_the_refine_stage_afresh(ti
     (work / "state.json").write_text(_json.dumps({"fingerprint": fp, "records": [{"name": "repair", "kept": False}]}))
     again = onecomp_core.quantize(tiny_llama, tmp_path / "q", refiners=["halve", "repair"], overwrite=True, **kw)
     assert again["refine"][0]["kept"] and again["refine"][0]["after"] == rep["refine"][0]["after"]
+
+
+@pytest.mark.skipif(not (installed("refiner", "blockptq") and installed("refiner", "globalptq")),
+                    reason="needs the blockptq and globalptq distributions")
+def test_a_block_step_on_a_saved_pivot_never_loads_the_whole_fp_model(tiny_llama, tmp_path, monkeypatch):
+    """The stage is judged against the FP model's log-probs measured block by block; the FP
+    model itself is loaded only for a refiner that asks for it (blockptq's block step does not)."""
+    import onecomp_core.runner
+    onecomp_core.quantize(tiny_llama, tmp_path / "q", bits=4, group_size=32, projector="rtn", num_samples=4, seq_len=32)
+    loads = []
+    whole = onecomp_core.runner.load_reference
+    monkeypatch.setattr(onecomp_core.runner, "load_reference", lambda *a, **k: loads.append(a) or whole(*a, **k))
+    rep = onecomp_core.refine(tmp_path / "q", refiners=["blockptq"], options={"blockptq": {"epochs": 1}})
+    assert [(r["name"], r["scope"]) for r in rep["refine"]] == [("blockptq", "block")] and loads == []
+    onecomp_core.refine(tmp_path / "q", refiners=["globalptq"], options={"globalptq": {"epochs": 1}})
+    assert len(loads) == 1                                      # a model refiner that asks loads it once
