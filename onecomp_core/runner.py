@@ -10,6 +10,7 @@ committed) are skipped.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -502,13 +503,8 @@ class Runner:
         run = self.run_cfg
         ranks = self.ranks if self.ranks.active else None
         self.refine_store = RefineStore(Path(run.out), self.fingerprint) if self.ranks.leader else None
-        teacher = []                                # the FP model, loaded when a refiner first asks
-
-        def reference_model():
-            if not teacher:
-                teacher.append(load_reference(str(self.folder), str(self.device), run.dtype)[0])
-            return teacher[0]
-
+        # the FP model, loaded when a refiner first asks for it and kept for the ones after it
+        reference_model = functools.cache(lambda: load_reference(str(self.folder), str(self.device), run.dtype)[0])
         judge = heldout_reference(self.folder, self.heldout_ids, self.device, run.dtype, self.res.plugins) \
             if self.ranks.leader else None
         if not hasattr(self, "choice"):

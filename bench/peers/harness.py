@@ -58,9 +58,10 @@ def peer_run(tool: str, peers: Path, model: str, tokens: Path, out: Path, bits: 
     py = peers / tool / "bin" / "python"
     if not py.is_file():
         return {"error": [f"{py} missing: run bench/peers/setup.sh {tool}"]}
-    proc = subprocess.run([str(py), str(HERE / f"run_{tool}.py"), model, str(tokens), str(out), "--bits", str(bits),
-                           "--group-size", str(group), *(["--sym"] if sym else [])],
-                          capture_output=True, text=True,
+    # in the work folder: a tool that writes files where it runs (GPTQModel's logs/) leaves them there
+    proc = subprocess.run([str(py), str(HERE / f"run_{tool}.py"), model, str(tokens.resolve()), str(out.resolve()),
+                           "--bits", str(bits), "--group-size", str(group), *(["--sym"] if sym else [])],
+                          capture_output=True, text=True, cwd=out.resolve().parent,
                           env={**os.environ, "PYTHONNOUSERSITE": "1",       # GPTQModel sizes its pools from this
                                "GPTQMODEL_CPU_WORKERS": str(max(2, int(os.environ.get("OMP_NUM_THREADS", "2"))))})
     if proc.returncode:
