@@ -13,6 +13,7 @@ through the :class:`BlockContext`.
 from __future__ import annotations
 
 import copy
+import gc
 import time
 
 import torch
@@ -20,10 +21,11 @@ import torch
 from .contexts import LayerContext
 from .distributed import Ranks, assign_owners, map_tensors
 from .gather import gather_group
+from .replay import Replays
 from .report import rss_mb
 from .resources import release_memory
 from .skeleton import as_stored
-from .streams import block_error, run_block
+from .streams import block_error, forward_precision, run_block
 
 
 def relative_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor | None) -> float:
@@ -32,6 +34,14 @@ def relative_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor | None) ->
     if H is None:
         return float((d * d).sum() / (W * W).sum().clamp_min(1e-30))
     return float(((d @ H) * d).sum() / ((W @ H) * W).sum().clamp_min(1e-30))
+
+
+def _both(a, b):
+    import contextlib
+    stack = contextlib.ExitStack()
+    stack.enter_context(a)
+    stack.enter_context(b)
+    return stack
 
 
 class BlockContext:
@@ -60,6 +70,26 @@ class BlockContext:
         self.batch = lw.batch
         # FP copy of the block: paired FP-stream inputs for cross/residual statistics, FP weights to restore
         self._fp_block = copy.deepcopy(block) if lw.paired or lw.keep_fp else None
+        # submodules whose output stops changing once their linears are final (the attention)
+        self.replays, self._fp_replays = Replays(), Replays()
+        self._settling = {m: [n for n in self.linears if n.startswith(m + ".")]
+                          for m in sk.adapter.replayable(block)} if lw.replay else {}
+        if self._fp_block is not None and lw.replay:            # the FP copy never changes
+            for m in self._settling:
+                self._fp_replays.add(self._fp_block.get_submodule(m))
+        self._settle()
+
+    def _settle(self) -> None:
+        """Replay every replayable submodule whose linears are all quantized now."""
+        for m, names in list(self._settling.items()):
+            if self.quantized.issuperset(names):
+                self.replays.add(self.block.get_submodule(m))
+                del self._settling[m]
+
+    def rounds(self):
+        """The context of one round of forwards of this block over all its calibration samples."""
+        n = -(-self.q_inputs.shape[0] // max(1, self.batch))
+        return _both(self.replays.round(n), self._fp_replays.round(n))
 
     @property
     def linears(self) -> list[str]:
@@ -105,7 +135,8 @@ class BlockContext:
         block's output, over the calibration samples ``rows`` (all when None) of this rank's
         shard; in a data-parallel run the mean over every rank's ``rows``."""
         rows = list(range(self.q_inputs.shape[0])) if rows is None else list(rows)
-        err = block_error(self.block, self.q_inputs, self.fp_outputs, self.kwargs, rows, batch=self.batch)
+        with self._lw.forwards(stream=True):
+            err = block_error(self.block, self.q_inputs, self.fp_outputs, self.kwargs, rows, batch=self.batch)
         return self._lw.ranks.mean_over_ranks(err, len(rows))
 
     def sync_gradients(self, params) -> None:
@@ -143,8 +174,9 @@ class BlockContext:
         weights into the block."""
         lw = self._lw
         mods = {n: self.module(n) for n in group}
-        stats = gather_group(self.block, mods, self.q_inputs, self.kwargs, lw.needs, lw.batch,
-                             fp_block=self._fp_block, fp=self.fp_inputs, taps=self.taps, dtype=lw.stats_dtype)
+        with lw.forwards(), self.rounds():
+            stats = gather_group(self.block, mods, self.q_inputs, self.kwargs, lw.needs, lw.batch,
+                                 fp_block=self._fp_block, fp=self.fp_inputs, taps=self.taps, dtype=lw.stats_dtype)
         ranks = lw.ranks
         ranks.where = f"block {self.index}"
         ranks.all_reduce_stats(stats)                    # data-parallel: every rank's samples summed
@@ -165,16 +197,23 @@ class BlockContext:
             self.qts[name], self.info[name] = qt, info
             lw.hook.onecomp_layer_done(block=self.index, name=name, info=info)
         self.quantized.update(group)
+        self._settle()
 
     def release(self) -> None:
+        self._fp_replays.remove()
         self._fp_block = None
 
 
 class LayerwisePass:
     def __init__(self, sk, plan, projectors, formats, corrections, block_refiners, store, hook,
                  needs: set, batch: int = 1, spill=None, ranks: Ranks | None = None,
-                 stats_dtype: torch.dtype = torch.float32):
+                 stats_dtype: torch.dtype = torch.float32, forward_dtype: torch.dtype | None = None,
+                 stream_autocast: bool = True):
         self.sk, self.plan, self.projectors, self.formats = sk, plan, projectors, formats
+        self.forward_dtype = forward_dtype                # autocast of the statistics forwards (None: none)
+        # ... and of the stream forwards; with block refiners the streams are their inputs and targets,
+        # computed in the compute dtype (as `onecomp refine` on a saved pivot computes them)
+        self.stream_autocast = stream_autocast and not block_refiners
         self.ranks = ranks or Ranks()                     # data-parallel: this rank holds a shard of the samples
         self.stats_dtype = stats_dtype
         self.corrections, self.block_refiners, self.store, self.hook = corrections, block_refiners, store, hook
@@ -187,9 +226,22 @@ class LayerwisePass:
         # the FP stream is read only by paired statistics (cross, residual) and by block refiners
         # (the FP block's output is their target); without them it is not computed
         self.fp_stream = self.paired or bool(block_refiners)
+        # replay settled submodules' outputs: not when block refiners may change any weight at any
+        # time, nor when memory is short (streams on disk), nor where the q stream's forward runs in
+        # another precision than the statistics forwards that recorded them
+        self.replay = not block_refiners and spill is None and (forward_dtype is None or stream_autocast)
 
     def run(self, fp: torch.Tensor, q: torch.Tensor, kwargs: list[dict], start: int, samples: int | None = None) -> dict:
         """Blocks ``start``.. on the streams ``fp``, ``q`` (this rank's shard of ``samples`` rows)."""
+        # the objects alive before the pass (imported libraries, the skeleton) are left out of the
+        # per-block collection: a full collection over them cost 0.26 s a block on SmolLM2
+        gc.freeze()
+        try:
+            return self._run(fp, q, kwargs, start, samples)
+        finally:
+            gc.unfreeze()
+
+    def _run(self, fp, q, kwargs, start, samples) -> dict:
         sk = self.sk
         samples = fp.shape[0] if samples is None else samples
         total = len(sk.blocks)
@@ -198,7 +250,8 @@ class LayerwisePass:
             t0 = time.time()
             block = sk.block(i)
             if self.fp_stream and not self.data_free:
-                fp_next = run_block(block, fp, kwargs[i], out=self._out("fp"), batch=self.batch)  # FP block, FP stream
+                with self.forwards(stream=True):
+                    fp_next = run_block(block, fp, kwargs[i], out=self._out("fp"), batch=self.batch)  # FP block, FP stream
             else:
                 fp_next = fp[:0]                                                        # nothing reads it
             bctx = BlockContext(self, i, block, fp, q, fp_next, kwargs[i])
@@ -212,8 +265,10 @@ class LayerwisePass:
             if self.block_refiners:
                 self.ranks.check_same(f"block {i}'s refiners", {n: bctx.module(n).weight for n in bctx.linears})
             bctx.release()
-            q_next = q if self.data_free else run_block(block, q, kwargs[i], out=self._out("q"),
-                                                        batch=self.batch)               # quantized block
+            with self.forwards(stream=True), bctx.rounds():
+                q_next = q if self.data_free else run_block(block, q, kwargs[i], out=self._out("q"),
+                                                            batch=self.batch)           # quantized block
+            bctx.replays.remove()
             fp, q = fp_next, q_next
             tensors = self._block_tensors(block, bctx.prefix, bctx.qts)
             streams = {k: v if v.shape[0] == 0 else self.ranks.gather_rows(v, samples)
@@ -226,6 +281,12 @@ class LayerwisePass:
             per_block_rss.append(round(rss_mb(), 1))
             self.hook.onecomp_block_done(index=i, total=total, info={"seconds": per_block_s[-1]})
         return {"block_seconds": per_block_s, "block_rss_mb": per_block_rss, "calibration_forwards": not self.data_free}
+
+    def forwards(self, stream: bool = False):
+        """The precision of the pass's own block forwards: the statistics forwards, and with
+        ``stream_autocast`` both streams too (never with block refiners, which train in the
+        compute dtype against the FP stream and read the block error in it)."""
+        return forward_precision(None if stream and not self.stream_autocast else self.forward_dtype, self.sk.device)
 
     def _out(self, kind: str):
         return self.spill.out(kind) if self.spill is not None else None

@@ -51,6 +51,10 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stats-dtype", choices=["float32", "float64"],
                    help="dtype the calibration statistics are summed in (float64: the same sums whatever the "
                         "order, e.g. across data-parallel ranks)")
+    p.add_argument("--forward-dtype", choices=["auto", "bfloat16", "statistics", "off"],
+                   help="precision of the layer-wise pass's block forwards (auto: bfloat16 autocast on a CPU with "
+                        "native bfloat16 matmuls and a float32 model; off: the compute dtype; statistics and "
+                        "solves stay float32 either way)")
     _add_refine_sample_flags(p)
     p.add_argument("--exclude", action="append", help="module name pattern to keep in full precision")
     p.add_argument("--option", action="append", default=[], metavar="COMPONENT.KEY=VALUE",
@@ -97,6 +101,7 @@ def _run_config(a):
                        context=a.context, batch=a.batch, format=a.format, exports=a.exports,
                        calibration=a.calibration, num_samples=a.num_samples, seq_len=a.seq_len,
                        strategy=a.strategy, seed=a.seed, batch_size=a.batch_size, stats_dtype=a.stats_dtype,
+                       forward_dtype=a.forward_dtype,
                        exclude=a.exclude,
                        refine_samples=a.refine_samples, heldout=a.heldout, refine=a.refine,
                        max_memory=a.max_memory, time_budget=a.time_budget, spill_streams=a.spill_streams,

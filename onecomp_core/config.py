@@ -77,6 +77,8 @@ class CalibrationConfig:
     refine_samples: int = attrs.field(default=0, validator=_int_in(0, 1 << 20))  # model refiners train on; 0: num_samples
     heldout: int = attrs.field(default=0, validator=_int_in(0, 4096))       # samples judging model refiners; 0: 10%
     stats_dtype: str = attrs.field(default="float32", validator=_one_of(("float32", "float64")))  # statistics' sums
+    # the layer-wise pass's block forwards: auto = bfloat16 on a CPU with native bfloat16 matmuls; off = the compute dtype
+    forward_dtype: str = attrs.field(default="auto", validator=_one_of(("auto", "bfloat16", "statistics", "off")))
 
 
 def _names(inst, attr, value):

@@ -103,24 +103,47 @@ def gather_group(block, mods: dict, q: torch.Tensor, kwargs: dict, needs: set, b
     q_mods = {**mods, **{k: block.get_submodule(t) for k, t in tap_keys.items()}}
     fp_mods = {**{n: fp_block.get_submodule(n) for n in mods},
                **{k: fp_block.get_submodule(t) for k, t in tap_keys.items()}} if paired else {}
+    shared: dict = {}                                        # linear -> the one reading the same input first
     for sl in batches(q.shape[0], batch):
         xq = inputs_of(block, q_mods, q[sl], kwargs)
         xf = inputs_of(fp_block, fp_mods, fp[sl], kwargs) if paired else {}
+        first = {}
+        for n in mods:
+            if n in xq:
+                first.setdefault(_same_input_key(xq[n]), n)
         for n in mods:
             if n not in xq:                                  # an expert no token was routed to
                 continue
             xs = samples(xq[n])
             if "gram" in out[n]:
-                for x in xs:
-                    out[n]["gram"].add(x)
-            if "cross" in out[n] and n in xf and xf[n].shape == xq[n].shape:
+                reader = first[_same_input_key(xq[n])]       # q/k/v, gate/up: one Gram per distinct input
+                if shared.setdefault(n, reader) != reader:
+                    raise RuntimeError(f"{n} read the same input as {shared[n]} in one batch and not in another")
+                if reader == n:
+                    for x in xs:
+                        out[n]["gram"].add(x)
+            if "cross" in out[n] and shared.get(n, n) == n and n in xf and xf[n].shape == xq[n].shape:
                 for x_fp, x in zip(samples(xf[n]), xs):
                     out[n]["cross"].add(x_fp, x)
         for w, t in taps.items():
             r_fp, r_q = samples(xf[f"tap:{t}"]), samples(xq[f"tap:{t}"])
             for a, b, x in zip(r_fp, r_q, samples(xq[w])):
                 out[w]["residual"].add(a, b, x)
+    for n, reader in shared.items():                         # each linear its own copy of the shared sum
+        if reader != n:
+            g = out[reader]["gram"]
+            out[n]["gram"] = Gram(g.sum.clone(), g.n)
+            if "cross" in out[reader]:                       # the same FP/quantized input pair too
+                c = out[reader]["cross"]
+                out[n]["cross"] = Cross(c.sum.clone(), c.n)
     return out
+
+
+def _same_input_key(x: torch.Tensor) -> tuple:
+    """Equal for the inputs of linears fed the very same tensor in one forward (the hooks'
+    detached views share its storage, shape and strides); distinct tensors alive together never
+    share it."""
+    return (x.data_ptr(), x.storage_offset(), tuple(x.shape), tuple(x.stride()), x.dtype)
 
 
 def input_statistics(sk, inputs: torch.Tensor, kwargs: list[dict], reduce=None, batch: int = 8) -> dict:

@@ -41,7 +41,7 @@ from .report import peak_gpu_mb, peak_rss_mb, reset_stage_peak, rss_mb, stage_pe
 from .planners import uniform_specs
 from .resolve import Resolved
 from .spec import LayerSpec, Plan
-from .skeleton import Skeleton, pick_device
+from .skeleton import Skeleton, forward_autocast, pick_device
 from .distributed import rank_device, start_ranks
 from .store import FollowerStore, RunStore, atomic_write_bytes
 from .streams import SpilledStreams, capture, cast_floats
@@ -179,6 +179,10 @@ class Runner:
         self.device = rank_device(pick_device(run.device))
         self.batch = batch_size(run.calibration.batch_size, self.device)
         self.sk = Skeleton(self.folder, self.res.plugins.registry, self.device, run.dtype, run.store_dtype)
+        self.forward_dtype = forward_autocast(run.calibration.forward_dtype, self.device, self.sk.dtype)
+        name = lambda d: str(d or self.sk.dtype).replace("torch.", "")
+        streams = None if run.calibration.forward_dtype == "statistics" else self.forward_dtype
+        self.forward_dtypes = {"statistics": name(self.forward_dtype), "streams": name(streams)}
         self.shapes = self.sk.linear_shapes()
         self.fingerprint = fingerprint(self.res, self.folder)
         out = Path(run.out)
@@ -373,7 +377,9 @@ class Runner:
         spill = SpilledStreams(self.store.work / "spill", fp.shape, fp.dtype) if self.spilled else None
         lw = LayerwisePass(self.sk, self.plan_, res.projectors, res.formats, res.refiners_of("layer"),
                            block_refiners, self.store, self.hook, self.needs, self.batch, spill=spill,
-                           ranks=self.ranks, stats_dtype=getattr(torch, self.run_cfg.calibration.stats_dtype))
+                           ranks=self.ranks, stats_dtype=getattr(torch, self.run_cfg.calibration.stats_dtype),
+                           forward_dtype=self.forward_dtype,
+                           stream_autocast=self.run_cfg.calibration.forward_dtype != "statistics")
         try:
             self.timing = lw.run(fp, q, self.kwargs, self.start, samples=n)
         finally:
@@ -387,7 +393,8 @@ class Runner:
         return base if self.streams_spill(base, streams) else base + streams
 
     def layerwise_parts(self) -> tuple[int, int]:
-        """(bytes of the layer-wise pass besides its streams, bytes of the two streams). The first:
+        """(bytes of the layer-wise pass besides its streams, bytes of the two streams and the
+        replayed attention outputs). The first:
         what is resident now (skeleton, calibration inputs), three copies of the largest block
         (live, FP copy, loading), the largest input statistics (H, and C when paired) and, for a
         Hessian-based projector, its work on the widest H: at most four float64 copies at once
@@ -403,7 +410,10 @@ class Runner:
         needs = self.statistics_needed()
         stats = widest * widest * 4 * (2 if {"cross", "residual"} & needs else 1)
         factor = widest * widest * 36 if "gram" in needs else 0
-        return int(rss_mb() * 2**20 + 3 * block * width + stats + factor), 2 * stream
+        # the attention's output replayed in later forwards (replay.py): one stream-size record,
+        # two with paired statistics; none when block refiners run or the streams go to disk
+        replays = 0 if self.res.refiners_of("block") else (2 if {"cross", "residual"} & needs else 1)
+        return int(rss_mb() * 2**20 + 3 * block * width + stats + factor), (2 + replays) * stream
 
     def streams_spill(self, base: int, streams: int) -> bool:
         """The two streams go to files on disk when asked, or when an explicit --max-memory leaves
@@ -603,7 +613,9 @@ class Runner:
                    "peak_rss_mb_with_eval": round(peak_rss_mb(), 1) if self.evaluation else None,
                    "resumed_from_block": self.start, "device": str(self.device), "ranks": self.ranks.world,
                    "calibration_forwards": self.timing.get("calibration_forwards", True),
-                   "threads": getattr(self, "threads", None), "streams_on_disk": bool(getattr(self, "spilled", False)),
+                   "threads": getattr(self, "threads", None),
+                   "forward_dtype": getattr(self, "forward_dtypes", None),
+                   "streams_on_disk": bool(getattr(self, "spilled", False)),
                    "stage": "refined" if any(r["kept"] for r in self.refined) else "pivot", **self.sizes()}
         return {"summary": summary, "stages": self.stages, "stage_memory": self.stage_memory,
                 "block_rss_mb": self.timing.get("block_rss_mb", []), "layers": layers, "evaluation": self.evaluation,

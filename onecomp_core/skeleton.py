@@ -37,6 +37,25 @@ def compute_dtype(checkpoint_dtype: torch.dtype, device: torch.device, requested
     return checkpoint_dtype if checkpoint_dtype.is_floating_point else torch.float32
 
 
+def forward_autocast(requested: str, device: torch.device, compute: torch.dtype) -> torch.dtype | None:
+    """The dtype the layer-wise pass's block forwards autocast to (None: none). ``auto``: bfloat16
+    on a CPU whose matmuls have a native bfloat16 path (~3.7x a float32 linear on AVX512-BF16,
+    measured) when the model computes in float32; nothing elsewhere."""
+    if requested == "off":
+        return None
+    if requested in ("bfloat16", "statistics"):
+        return torch.bfloat16
+    native = device.type == "cpu" and torch.backends.mkldnn.is_available() and _mkldnn_bf16()
+    return torch.bfloat16 if native and compute == torch.float32 else None
+
+
+def _mkldnn_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):       # a torch without the probe: assume no native path
+        return False
+
+
 def storage_dtype(checkpoint_dtype: torch.dtype, requested: str = "auto") -> torch.dtype:
     """The dtype of the unquantized floating tensors a checkpoint is written with: ``auto``
     keeps a 16-bit source's dtype and writes float16 for a float32 one (half the bytes; the

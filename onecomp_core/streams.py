@@ -134,6 +134,13 @@ class SpilledStreams:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+def forward_precision(dtype: torch.dtype | None, device: torch.device):
+    """A context in which block forwards autocast to ``dtype`` (bfloat16 on a CPU: linears and
+    attention in bfloat16, the residual stream and norms in float32); a no-op for None."""
+    import contextlib
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
 def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, out: torch.Tensor | None = None,
               batch: int = 1) -> torch.Tensor:
     """The block applied to ``hidden`` (N, L, d), ``batch`` samples per forward."""

@@ -43,28 +43,33 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, symmetric
         Hd = Hd[perm][:, perm]
     U = inverse_cholesky_upper(Hd, damp).float()
     del Hd
-    groups_of = grid.group_index(cols, group_size, W.device)[perm]      # group of each permuted column
+    groups_of = grid.group_index(cols, group_size, W.device)[perm].tolist()   # group of each permuted column
+    fitted = fitted.tolist()
+    maxq = 2**bits - 1
+    scale_t, zero_t = scale.t().contiguous(), zero.t().contiguous()        # a group's parameters contiguous
     Q = torch.zeros_like(W)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
+        W1t = W[:, i1:i2].t().contiguous()                                # the block's columns as rows
+        Err1 = torch.zeros(out, i2 - i1, device=W.device)
         for j in range(i2 - i1):
             col = i1 + j
-            g = int(groups_of[col])
+            g = groups_of[col]
             if not fitted[g]:
                 # dynamic groups (natural order): fit when the group starts, on the updated weights
                 start = g * gsize
-                span = torch.cat([W1[:, j:], W[:, i2:]], 1)[:, : min(gsize, cols - start)]
-                scale[:, g], zero[:, g] = grid.fit(span, bits, symmetric, **fit_kwargs)
+                span = torch.cat([W1t[j:].t(), W[:, i2:]], 1)[:, : min(gsize, cols - start)]
+                scale_t[g], zero_t[g] = grid.fit(span, bits, symmetric, **fit_kwargs)
                 fitted[g] = True
-            w = W1[:, j]
-            q = grid.quantize(w, scale[:, g], zero[:, g], bits)
+            s, z = scale_t[g], zero_t[g]
+            w = W1t[j]
+            q = torch.div(w, s).round_().add_(z).clamp_(0, maxq)               # grid.quantize
             Q[:, col] = q
-            wq = grid.dequantize(q, scale[:, g], zero[:, g])
-            e = (w - wq) / U[col, col]                                   # e = (w_j - q_j) / U_jj
-            W1[:, j:] -= e[:, None] * U[col, col:i2][None, :]            # w_k -= e U_jk within the block
+            e = q.sub_(z).mul_(s)                                             # grid.dequantize: w^_j
+            e = torch.sub(w, e).div_(U[col, col])                             # e = (w_j - w^_j) / U_jj
+            W1t[j:].addr_(U[col, col:i2], e, alpha=-1)                        # w_k -= e U_jk within the block
             Err1[:, j] = e
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]                                # lazy update of later columns
+    scale, zero = scale_t.t(), zero_t.t()
     inv = torch.argsort(perm)
     return Q[:, inv].to(torch.uint8), scale, zero

@@ -1,5 +1,6 @@
 """Block refiners through the BlockContext: hooks before each group and after the block, FP
 weights restored with every other linear quantized, re-quantization, roll-back."""
+import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -90,8 +91,9 @@ class Guarded(BlockRefiner):
 
 def test_a_redo_that_raises_the_block_error_is_rolled_back(tiny_llama, tmp_path):
     plugins = [plugin(Saboteur, Guarded)]
-    ref = onecomp_core.quantize(tiny_llama, tmp_path / "ref", plugins=plugins, refiners=["saboteur"], **KW)
-    bad = onecomp_core.quantize(tiny_llama, tmp_path / "bad", plugins=plugins, refiners=["saboteur", "guarded"], **KW)
+    kw = {**KW, "forward_dtype": "off"}        # the streams in one precision with and without a block refiner
+    ref = onecomp_core.quantize(tiny_llama, tmp_path / "ref", plugins=plugins, refiners=["saboteur"], **kw)
+    bad = onecomp_core.quantize(tiny_llama, tmp_path / "bad", plugins=plugins, refiners=["saboteur", "guarded"], **kw)
     assert all(li.get("pass_rejected") and li["pass"] == 1 for li in bad["layers"].values())
     assert {n: li["rel_error"] for n, li in bad["layers"].items()} == {n: li["rel_error"] for n, li in ref["layers"].items()}
     for b in ("00000", "00001"):
@@ -166,3 +168,54 @@ def test_the_fp_stream_runs_only_where_something_reads_it(tiny_llama, tmp_path, 
     calls.clear()
     onecomp_core.quantize(tiny_llama, tmp_path / "qep", refiners=["qep"], **kw)
     assert len(calls) == 2 * blocks
+
+
+def test_forward_dtype_changes_only_the_forwards_and_is_reported(tiny_llama, tmp_path):
+    """GPTQ with the pass's forwards autocast to bfloat16 (statistics only, or streams too) and
+    without: the report names what ran, every layer's relative error stays within 10% of the
+    float32 run's, and the stored bits are the same."""
+    kw = dict(bits=4, group_size=32, projector="gptq", num_samples=4, seq_len=32)
+    reps = {fd: onecomp_core.quantize(tiny_llama, tmp_path / fd, forward_dtype=fd, **kw)
+            for fd in ("off", "statistics", "bfloat16")}
+    f32, bf16 = "float32", "bfloat16"
+    assert {fd: r["summary"]["forward_dtype"] for fd, r in reps.items()} == {
+        "off": {"statistics": f32, "streams": f32}, "statistics": {"statistics": bf16, "streams": f32},
+        "bfloat16": {"statistics": bf16, "streams": bf16}}
+    ref = reps["off"]["layers"]
+    for fd in ("statistics", "bfloat16"):
+        got = reps[fd]["layers"]
+        assert got.keys() == ref.keys() and reps[fd]["summary"]["bpw"] == reps["off"]["summary"]["bpw"]
+        for n in ref:
+            assert abs(got[n]["rel_error"] - ref[n]["rel_error"]) <= 0.1 * ref[n]["rel_error"], (fd, n)
+
+
+@pytest.mark.parametrize("arch,correction,forward_dtype", [
+    (a, c, "off") for a in ("llama", "qwen3", "gemma2", "phi3", "mixtral") for c in ([], ["qep"])]
+    + [("llama", [], "bfloat16"), ("llama", ["qep"], "bfloat16")])
+def test_replaying_the_settled_attention_gives_the_same_bytes_with_fewer_forwards(arch, correction, forward_dtype,
+                                                                                 tiny_models, tmp_path, monkeypatch):
+    """Once q/k/v/o are quantized the attention's output is recorded once and replayed: the
+    checkpoint is byte-identical to recomputing it every time (float32 forwards), and fewer
+    linears run (the attention runs twice per block instead of four times under GPTQ)."""
+    from onecomp_core.adapters.decoder import DecoderAdapter
+    kw = dict(bits=3, group_size=16, projector="gptq", refiners=correction, num_samples=3, seq_len=16,
+              batch_size=2, forward_dtype=forward_dtype)
+    calls = {"n": 0}
+    real = torch.nn.Module.__call__
+
+    def counting(self, *a, **k):
+        if isinstance(self, torch.nn.Linear):             # the replayed attention's linears do not run
+            calls["n"] += 1
+        return real(self, *a, **k)
+    monkeypatch.setattr(torch.nn.Module, "__call__", counting)
+    counts = {}
+    for mode in ("replay", "plain"):
+        if mode == "plain":
+            monkeypatch.setattr(DecoderAdapter, "replayable", lambda self, block: [])
+        calls["n"] = 0
+        onecomp_core.quantize(tiny_models(arch), tmp_path / mode, **kw)
+        counts[mode] = calls["n"]
+    for f in ("model-block-00000.safetensors", "model-block-00001.safetensors"):
+        a, b = (load_file(str(tmp_path / m / f)) for m in ("replay", "plain"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (arch, f)
+    assert counts["replay"] < counts["plain"], counts

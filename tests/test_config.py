@@ -146,3 +146,21 @@ def test_api_options_take_tables_or_dotted_keys():
     assert a.options == b.options == {"gptq": {"damp": 0.05}}
     with pytest.raises(OnecompError, match=r"options\['gptq'\] must be a table"):
         make_config("m", options={"gptq": 0.05})
+
+
+def test_forward_dtype_is_checked_and_resolved(monkeypatch):
+    """calibration.forward_dtype: a bad value names the choices; auto autocasts to bfloat16 only on
+    a CPU with a native bfloat16 path and a float32 model."""
+    import torch
+    from onecomp_core import skeleton
+    with pytest.raises(OnecompError, match="config field 'forward_dtype': must be one of auto, bfloat16, statistics, off"):
+        from_dict({"model": "m", "calibration": {"forward_dtype": "float16"}})
+    assert make_config("m", forward_dtype="off").calibration.forward_dtype == "off"
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert skeleton.forward_autocast("off", cpu, torch.float32) is None
+    assert skeleton.forward_autocast("bfloat16", cuda, torch.float32) is torch.bfloat16
+    assert skeleton.forward_autocast("statistics", cpu, torch.float32) is torch.bfloat16
+    for native, dev, dtype, want in [(True, cpu, torch.float32, torch.bfloat16), (False, cpu, torch.float32, None),
+                                     (True, cpu, torch.bfloat16, None), (True, cuda, torch.float32, None)]:
+        monkeypatch.setattr(skeleton, "_mkldnn_bf16", lambda native=native: native)
+        assert skeleton.forward_autocast("auto", dev, dtype) is want, (native, dev, dtype)

@@ -117,3 +117,58 @@ def test_a_run_gives_the_same_checkpoint_whatever_the_batch_size(tiny_llama, tmp
     for f in ("model-block-00000.safetensors", "model-block-00001.safetensors"):
         a, b = load_file(str(tmp_path / "a" / f)), load_file(str(tmp_path / "b" / f))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3", "mixtral"])
+def test_linears_reading_one_input_share_one_gram_equal_to_each_alone(arch, tiny_models, monkeypatch):
+    """q/k/v (gate/up, each expert's gate/up) read the same tensor: its Gram is summed once and
+    every linear gets its own copy, bit-identical to gathering that linear alone."""
+    from onecomp_core.gather import gather_group
+    sk = Skeleton(tiny_models(arch), load_plugins().registry, pick_device("cpu"))
+    ids = torch.randint(3, 300, (3, 16), generator=torch.Generator().manual_seed(0))
+    inputs, kwargs = capture(sk, ids)
+    block = sk.block(0)
+    adds = []
+    real_add = Gram.add
+    monkeypatch.setattr(Gram, "add", lambda self, x: (adds.append(id(self)), real_add(self, x)))
+    for group in sk.adapter.linear_groups(block):
+        mods = {n: block.get_submodule(n) for n in group}
+        adds.clear()
+        together = gather_group(block, mods, inputs, kwargs[0], {"gram"}, 2)
+        distinct = len(set(adds))
+        alone = {n: gather_group(block, {n: m}, inputs, kwargs[0], {"gram"}, 2)[n]["gram"] for n, m in mods.items()}
+        for n in mods:
+            assert torch.equal(together[n]["gram"].sum, alone[n].sum) and together[n]["gram"].n == alone[n].n, n
+        sums = [together[n]["gram"].sum for n in mods]
+        assert len({s.data_ptr() for s in sums}) == len(sums)            # copies: one may be changed alone
+        if arch != "mixtral" and len(mods) > 1:
+            assert distinct == 1, group                                  # dense: one Gram per group
+    experts = [g for g in sk.adapter.linear_groups(block) if any(".experts." in n for n in g)]
+    if experts:                                                          # gate/up of one expert share, experts do not
+        mods = {n: block.get_submodule(n) for n in experts[0]}
+        adds.clear()
+        gather_group(block, mods, inputs, kwargs[0], {"gram"}, 2)
+        assert 0 < len(set(adds)) <= len({n.rsplit(".", 1)[0] for n in mods}) < len(mods)
+
+
+def test_bfloat16_forwards_give_statistics_close_to_float32_ones(tiny_llama):
+    """The layer-wise pass's forwards under bfloat16 autocast (the default on CPUs with native
+    bfloat16 matmuls): every linear's Gram within 1% (relative Frobenius) of the float32 one, and
+    still summed in float32."""
+    from onecomp_core.gather import gather_group
+    from onecomp_core.streams import forward_precision
+    sk = Skeleton(tiny_llama, load_plugins().registry, pick_device("cpu"))
+    ids = torch.randint(3, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    inputs, kwargs = capture(sk, ids)
+    block = sk.block(0)
+    worst = 0.0
+    for group in sk.adapter.linear_groups(block):
+        mods = {n: block.get_submodule(n) for n in group}
+        ref = gather_group(block, mods, inputs, kwargs[0], {"gram"}, 1)
+        with forward_precision(torch.bfloat16, torch.device("cpu")):
+            low = gather_group(block, mods, inputs, kwargs[0], {"gram"}, 1)
+        for n in mods:
+            H, Hb = ref[n]["gram"].H, low[n]["gram"].H
+            assert Hb.dtype == torch.float32
+            worst = max(worst, float((Hb - H).norm() / H.norm()))
+    assert 0 < worst < 1e-2                                              # bfloat16 did run, and stayed close

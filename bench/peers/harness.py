@@ -31,13 +31,15 @@ CELLS = {"4b-g128-sym": (4, 128, True), "4b-g128-asym": (4, 128, False), "3b-g12
          "3b-g128-asym": (3, 128, False), "4b-channel-sym": (4, -1, True), "4b-channel-asym": (4, -1, False)}
 
 
-def onecomp_run(model: str, tokens: Path, out: Path, bits: int, group: int, sym: bool, qep: bool) -> dict:
+def onecomp_run(model: str, tokens: Path, out: Path, bits: int, group: int, sym: bool, qep: bool,
+                extra: list[str] = ()) -> dict:
     """onecomp in this environment (its calibration is the same sampler on the same text: the
     harness checks the ids are the ones handed to the peers)."""
     flags = ["--bits", str(bits), "--group-size", str(group), "--sym" if sym else "--asym", "--projector", "gptq",
              "--calibration", str(CALIB), "--num-samples", "32", "--seq-len", "512"]
     if qep:
         flags += ["--correction", "qep"]
+    flags += list(extra)
     t0 = time.time()
     proc = subprocess.run([sys.executable, "-m", "onecomp_core.cli", "quantize", model, "--out", str(out), *flags],
                           capture_output=True, text=True, env={**os.environ, "ONECOMP_PROGRESS": "0"}, cwd=out.parent)
@@ -112,6 +114,8 @@ def main():
     ap.add_argument("--work", type=Path, default=None,
                     help="keep the artifacts here, with each run's row (CELL-TOOL.row.json): a rerun with the same "
                          "--work reuses the rows it finds instead of running again")
+    ap.add_argument("--onecomp-flags", default="", help="extra flags for onecomp's runs (one string, e.g. "
+                                                         "'--forward-dtype off'); use another --work for each")
     a = ap.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from onecomp_core.calibration import calibration_samples
@@ -137,7 +141,8 @@ def main():
                 print(json.dumps(rows[-1]), flush=True)
                 continue
             if tool.startswith("onecomp") and tool != "onecomp14":
-                r = onecomp_run(model, tokens, out, bits, group, sym, qep=tool.endswith("+qep"))
+                r = onecomp_run(model, tokens, out, bits, group, sym, qep=tool.endswith("+qep"),
+                                extra=a.onecomp_flags.split())
             else:
                 r = peer_run(tool, a.peers, model, tokens, out, bits, group, sym)
             if "error" not in r:

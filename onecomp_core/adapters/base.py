@@ -53,6 +53,13 @@ class ModelAdapter:
         ``mlp`` -> relative linear names."""
         return {}
 
+    def replayable(self, block: torch.nn.Module) -> list[str]:
+        """Submodules (relative names) whose output depends only on their input and their own
+        weights, called once per block forward: once their linears are final, the layer-wise
+        pass records their output in one forward and returns it in the later ones instead of
+        computing it again. Default: none."""
+        return []
+
     def residual_taps(self, block: torch.nn.Module) -> dict[str, str]:
         """Linears whose output is added unnormalised to the residual stream -> the module whose
         input is that residual stream value (for the residual-aware corrections)."""

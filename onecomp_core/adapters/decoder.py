@@ -79,6 +79,9 @@ class DecoderAdapter(ModelAdapter):
                 "mlp": pick("gate_proj", "up_proj", "gate_up_proj", "down_proj")}
         return {k: v for k, v in subs.items() if v}
 
+    def replayable(self, block):
+        return ["self_attn"] if isinstance(getattr(block, "self_attn", None), nn.Module) else []
+
     def residual_taps(self, block):
         if hasattr(block, "post_feedforward_layernorm"):      # Gemma: outputs are normed before the add
             return {}

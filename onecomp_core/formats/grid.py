@@ -72,16 +72,24 @@ def fit(w: torch.Tensor, bits: int, symmetric: bool, mse_steps: int = 0,
     if mse_steps <= 0:
         return scale, zero
     best = torch.full_like(scale, float("inf"))
+    buf = torch.empty_like(w)
     for i in range(int(max_shrink * mse_steps)):
         p = 1 - i / mse_steps
         s, z = _params_from_range(p * xmin, p * xmax, bits, symmetric, scale_dtype)
-        err = (dequantize(quantize(w, s[:, None], z[:, None], bits), s[:, None], z[:, None]) - w)
-        err = err.abs().pow(norm).sum(1)
+        err = _grid_error(w, s[:, None], z[:, None], bits, norm, buf)
         better = err < best
         best = torch.where(better, err, best)
         scale = torch.where(better, s, scale)
         zero = torch.where(better, z, zero)
     return scale, zero
+
+
+def _grid_error(w, s, z, bits: int, norm: float, buf: torch.Tensor) -> torch.Tensor:
+    """sum_j |w^ - w|^norm per row, w^ = dequantize(quantize(w)): the same operations as those two
+    functions, in place in ``buf`` (the clipping search's cost is memory traffic, not arithmetic)."""
+    e = torch.div(w, s, out=buf).round_().add_(z).clamp_(0, 2**bits - 1)       # q
+    e.sub_(z).mul_(s).sub_(w).abs_().pow_(norm)                                   # |s (q - z) - w|^norm
+    return e.sum(1)
 
 
 def fit_groups(W: torch.Tensor, bits: int, group_size: int, symmetric: bool, **mse):
