@@ -179,7 +179,11 @@ class Runner:
         self.device = rank_device(pick_device(run.device))
         self.batch = batch_size(run.calibration.batch_size, self.device)
         self.sk = Skeleton(self.folder, self.res.plugins.registry, self.device, run.dtype, run.store_dtype)
-        self.forward_dtype = forward_autocast(run.calibration.forward_dtype, self.device, self.sk.dtype)
+        # auto: block refiners (LPCD, blockptq) keep every forward in the compute dtype; measured: a
+        # tiny MoE's expert routed differently under bfloat16 gave LPCD a 100x layer error
+        fd = run.calibration.forward_dtype
+        fd = "off" if fd == "auto" and self.res.refiners_of("block") else fd
+        self.forward_dtype = forward_autocast(fd, self.device, self.sk.dtype)
         name = lambda d: str(d or self.sk.dtype).replace("torch.", "")
         streams = None if run.calibration.forward_dtype == "statistics" else self.forward_dtype
         self.forward_dtypes = {"statistics": name(self.forward_dtype), "streams": name(streams)}

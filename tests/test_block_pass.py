@@ -219,3 +219,10 @@ def test_replaying_the_settled_attention_gives_the_same_bytes_with_fewer_forward
         a, b = (load_file(str(tmp_path / m / f)) for m in ("replay", "plain"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (arch, f)
     assert counts["replay"] < counts["plain"], counts
+
+
+def test_auto_keeps_every_forward_in_float32_when_a_block_refiner_runs(tiny_llama, tmp_path):
+    """forward_dtype auto: block refiners (LPCD, blockptq) train on the streams and were measured
+    to suffer from bfloat16 routing on MoE models, so nothing autocasts when one runs."""
+    rep = onecomp_core.quantize(tiny_llama, tmp_path / "q", plugins=[plugin(Guarded)], refiners=["guarded"], **KW)
+    assert rep["summary"]["forward_dtype"] == {"statistics": "float32", "streams": "float32"}
