@@ -12,6 +12,7 @@ through the :class:`BlockContext`.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import time
@@ -34,14 +35,6 @@ def relative_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor | None) ->
     if H is None:
         return float((d * d).sum() / (W * W).sum().clamp_min(1e-30))
     return float(((d @ H) * d).sum() / ((W @ H) * W).sum().clamp_min(1e-30))
-
-
-def _both(a, b):
-    import contextlib
-    stack = contextlib.ExitStack()
-    stack.enter_context(a)
-    stack.enter_context(b)
-    return stack
 
 
 class BlockContext:
@@ -86,10 +79,12 @@ class BlockContext:
                 self.replays.add(self.block.get_submodule(m))
                 del self._settling[m]
 
+    @contextlib.contextmanager
     def rounds(self):
         """The context of one round of forwards of this block over all its calibration samples."""
         n = -(-self.q_inputs.shape[0] // max(1, self.batch))
-        return _both(self.replays.round(n), self._fp_replays.round(n))
+        with self.replays.round(n), self._fp_replays.round(n):
+            yield
 
     @property
     def linears(self) -> list[str]:

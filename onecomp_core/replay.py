@@ -10,6 +10,8 @@ block instead of four times).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -42,10 +44,7 @@ class Replay:
         self.pos = 0
 
     def end_round(self, batches: int) -> None:
-        if not self.recorded and len(self.outputs) == batches:
-            self.recorded = True
-        elif not self.recorded:
-            self.outputs = []
+        self.recorded = self.recorded or len(self.outputs) == batches   # a partial record is dropped next round
 
     def remove(self) -> None:
         if self._own is not None:
@@ -65,17 +64,13 @@ class Replays:
         if id(module) not in self.items:
             self.items[id(module)] = Replay(module)
 
+    @contextlib.contextmanager
     def round(self, batches: int):
-        import contextlib
-
-        @contextlib.contextmanager
-        def ctx():
-            for r in self.items.values():
-                r.start_round()
-            yield
-            for r in self.items.values():
-                r.end_round(batches)
-        return ctx()
+        for r in self.items.values():
+            r.start_round()
+        yield
+        for r in self.items.values():
+            r.end_round(batches)
 
     def remove(self) -> None:
         for r in self.items.values():
