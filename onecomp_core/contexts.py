@@ -65,6 +65,7 @@ class PreprocessContext:
     outer: object = None              # () -> (final norm, head) loaded (earlier transforms applied); None: no head
     release_outer: object = None      # () -> free them again
     max_memory: int | None = None     # bytes the run may use (--max-memory, else the machine's)
+    project: object = None            # (name, W, H) -> W^: the run's projector and grid on W, dequantized; None if excluded
 
 
 @attrs.define

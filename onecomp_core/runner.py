@@ -38,7 +38,7 @@ from .fit import RefineChoice
 from .reference_pass import measure_reference
 from .resources import memory_budget, parse_size, release_memory, set_threads
 from .report import peak_gpu_mb, peak_rss_mb, reset_stage_peak, rss_mb, stage_peak_mb, write_reports
-from .planners import uniform_specs
+from .planners import excluded, uniform_specs
 from .resolve import Resolved
 from .spec import LayerSpec, Plan
 from .skeleton import Skeleton, forward_autocast, pick_device
@@ -314,13 +314,26 @@ class Runner:
                                     calibration_ids=self.ids, device=self.device,
                                     batch=self.batch, model_config=sk.config, outer=self.outer_for_fit,
                                     release_outer=sk.release_outer,
-                                    max_memory=memory_budget(run.max_memory, self.device))
+                                    max_memory=memory_budget(run.max_memory, self.device),
+                                    project=self.project_uniform)
             t = pre.fit(ctx)
             if not isinstance(t, Transform):
                 raise OnecompError(f"preprocessor {pre.name!r}: fit() returned {type(t).__name__}, not a Transform")
             sk.transforms.append(t)
             self.transforms.append((pre.name, t))
         self.inputs, self.kwargs = capture(sk, self.ids)          # block-0 inputs under every transform
+
+    def project_uniform(self, name: str, W: torch.Tensor, H: torch.Tensor | None) -> torch.Tensor | None:
+        """W^ = the run's projector on W (input Gram H) under the run's one spec for ``name``,
+        dequantized to float32; None when ``name`` is excluded (a preprocessor's fit may judge a
+        transform by the error the real quantizer leaves, not a proxy's)."""
+        run = self.run_cfg
+        if excluded(name, run.exclude):
+            return None
+        fmt = self.res.formats[run.format]
+        spec = uniform_specs(run, {name: tuple(W.shape)}, fmt, self.sk.store_dtype)[name]
+        qt = self.res.component("projector", spec.projector).project(W.float(), H, spec, fmt)
+        return qt.dequantize(torch.float32)
 
     def outer_for_fit(self):
         """(final norm, head) of the model, loaded with the transforms so far (a preprocessor's fit)."""

@@ -67,17 +67,52 @@ class OuterSum(Statistic):
         self.n += b.shape[0]
 
 
+PANEL = 512      # rows per panel of a Gram's upper-triangle update
+
+
+def add_gram_upper(S: torch.Tensor, x: torch.Tensor, panel: int | None = None) -> None:
+    """S += x^T x on and above the diagonal blocks only (x: tokens x n): row panels
+    S[i0:i1, i0:] += x[:, i0:i1]^T x[:, i0:], (P + 1) / 2P of the full product's work for P
+    panels; the entries below them are left stale (see :func:`mirror_upper`)."""
+    n = S.shape[0]
+    parts = max(1, n // (panel or PANEL))
+    edges = [n * k // parts for k in range(parts + 1)]
+    for i0, i1 in zip(edges, edges[1:]):
+        S[i0:i1, i0:].addmm_(x[:, i0:i1].t(), x[:, i0:])
+
+
+def mirror_upper(S: torch.Tensor) -> None:
+    """S <- triu(S) + triu(S, 1)^T in place: the symmetric matrix the upper triangle says."""
+    lower = torch.triu(S, 1).t()
+    S.triu_().add_(lower)
+
+
 class Gram(OuterSum):
-    """H = X X^T / N over the inputs a linear sees."""
+    """H = X X^T / N over the inputs a linear sees. Sums the upper triangle only (H is
+    symmetric) and mirrors it the first time ``sum`` is read after an ``add``."""
 
     kind = "gram"
+
+    @property
+    def sum(self) -> torch.Tensor:
+        if self._stale:
+            mirror_upper(self._sum)
+            self._stale = False
+        return self._sum
+
+    @sum.setter
+    def sum(self, total: torch.Tensor) -> None:
+        self._sum, self._stale = total, False
 
     @classmethod
     def of(cls, in_features: int, device="cpu", dtype=torch.float32) -> "Gram":
         return cls.zeros(in_features, in_features, device=device, dtype=dtype)
 
     def add(self, x: torch.Tensor) -> None:
-        self.add_outer(x, x)
+        x = x.reshape(-1, x.shape[-1]).to(self._sum.dtype)
+        add_gram_upper(self._sum, x)
+        self._stale = True
+        self.n += x.shape[0]
 
     @property
     def H(self) -> torch.Tensor:

@@ -8,6 +8,7 @@ the previous streams file (kept until then), is current, so a kill at any point 
 consistent pair. The streams file also records the block it enters, checked on resume."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -57,10 +58,22 @@ def atomic_save_tensors(path: Path, tensors: dict, metadata: dict | None = None)
     _durable_replace(tmp, path)
 
 
-def atomic_torch_save(path: Path, obj) -> None:
+def atomic_torch_save(path: Path, obj, checksum: bool = True) -> None:
+    """torch.save through a temporary file; ``checksum=False`` skips the archive's CRC-32 (where
+    torch can), which is most of the time of saving a large tensor: for scratch files that the
+    atomic rename already guards, such as the streams between blocks."""
     tmp = _tmp(path)
-    torch.save(obj, tmp)
+    with contextlib.nullcontext() if checksum else _no_crc32():
+        torch.save(obj, tmp)
     _durable_replace(tmp, path)
+
+
+def _no_crc32():
+    try:
+        from torch.utils.serialization import config
+        return config.patch({"save.compute_crc32": False})
+    except (ImportError, AttributeError):        # torch < 2.6: no such setting
+        return contextlib.nullcontext()
 
 
 class RunStore:
@@ -109,7 +122,8 @@ class RunStore:
         """Block ``i`` is finished: its tensors, the streams entering block i + 1, then the state."""
         (self.work / "blocks").mkdir(parents=True, exist_ok=True)    # first write creates the folder
         atomic_save_tensors(self.block_file(i), tensors)
-        atomic_torch_save(self.streams_file(i + 1), {"entering": i + 1, **{k: v.cpu() for k, v in streams.items()}})
+        atomic_torch_save(self.streams_file(i + 1), {"entering": i + 1, **{k: v.cpu() for k, v in streams.items()}},
+                          checksum=False)
         layers = self.layer_info()
         layers.update(info)
         self._write_state(finished_blocks=i + 1, layers=layers, streams=self.streams_file(i + 1).name)

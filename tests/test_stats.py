@@ -72,6 +72,30 @@ def test_merging_two_halves_equals_one_pass(kind, d, samples, cut, seed):
     assert type(back) is type(merged) and back.n == merged.n and torch.equal(back.sum, merged.sum)
 
 
+@settings(max_examples=40, deadline=None)
+@given(d=st.integers(1, 40), panel=st.integers(1, 16), batches=st.lists(st.integers(1, 7), min_size=1, max_size=4),
+       seed=st.integers(0, 999))
+def test_gram_sums_the_upper_panels_and_reads_back_the_full_symmetric_product(d, panel, batches, seed):
+    """The Gram's upper-triangle update (row panels, fewer flops) reads back as the full X^T X,
+    exactly symmetric, also after a merge, a state_dict round trip and further adds."""
+    from unittest import mock
+    import onecomp_core.stats as stats
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(n, d, generator=g, dtype=torch.float64) for n in batches]
+    gram = Gram.of(d, dtype=torch.float64)
+    with mock.patch.object(stats, "PANEL", panel):
+        for x in xs:
+            gram.add(x)
+        X = torch.cat(xs)
+        assert torch.allclose(gram.sum, X.T @ X, rtol=1e-12, atol=1e-12)
+        assert torch.equal(gram.sum, gram.sum.T) and gram.n == X.shape[0]
+        back = from_state_dict(gram.state_dict())
+        back.add(xs[0])                                   # adds after a restore: the restored lower part is overwritten
+        more = torch.cat([X, xs[0]])
+        assert torch.allclose(back.sum, more.T @ more, rtol=1e-12, atol=1e-12) and torch.equal(back.sum, back.sum.T)
+        assert torch.allclose(gram.merge(back).H, (X.T @ X + more.T @ more) / (X.shape[0] + more.shape[0]), rtol=1e-12)
+
+
 def test_merge_refuses_another_kind_or_shape():
     from onecomp_core.errors import OnecompError
     with pytest.raises(OnecompError, match="cannot merge Cross"):

@@ -6,15 +6,16 @@ from __future__ import annotations
 import attrs
 import torch
 
-from onecomp_core.sdk import Gram, Preprocessor, Transform, bar, hookimpl, in_range, run_block
+from onecomp_core.sdk import Gram, Preprocessor, Transform, bar, boolean, hookimpl, in_range, run_block
 
-from .search import search
+from .search import projected_error, scales_for, search
 
 
 @attrs.define(frozen=True)
 class AWQOptions:
     steps: int = attrs.field(default=20, validator=in_range(1, 1000))       # alpha in {0, 1/steps, ...}
     samples: int = attrs.field(default=0, validator=in_range(0, 1 << 20))   # calibration samples used (0: all)
+    verify: bool = attrs.field(default=True, validator=boolean)   # keep s only if the run's projector agrees
 
 
 class _Inputs:
@@ -87,8 +88,13 @@ class AWQScaling(Transform):
     def describe(self):
         alphas = [r["alpha"] for r in self.report]
         gain = [1 - r["error"] / r["error_none"] for r in self.report if r["error_none"] > 0]
-        return {"groups": len(self.report), "mean_alpha": round(sum(alphas) / max(len(alphas), 1), 4),
-                "mean_error_reduction": round(sum(gain) / max(len(gain), 1), 4)}
+        d = {"groups": len(self.report), "mean_alpha": round(sum(alphas) / max(len(alphas), 1), 4),
+             "mean_error_reduction": round(sum(gain) / max(len(gain), 1), 4)}
+        checked = [r for r in self.report if "projector_error" in r]
+        if checked:             # the search's pick against s = 1 under the run's projector
+            d["verified"] = len(checked)
+            d["reverted"] = sum(r["reverted"] for r in checked)
+        return d
 
 
 class AWQ(Preprocessor):
@@ -119,22 +125,30 @@ class AWQ(Preprocessor):
                 finally:
                     col.close()
                 fold = []
-                for norm, readers in groups.items():
-                    ws = [block.get_submodule(r).weight.detach() for r in readers if r in quantized]
-                    if not ws:
-                        continue
-                    h = heads[norm]
-                    s, alpha, err, none = search(ws, col.gram[h].H, col.mean_abs(h), run.bits, run.group_size,
+                prefix = ctx.block_prefix(i)
+
+                def choose(names, h, group):
+                    ws = {f"{prefix}.{r}": block.get_submodule(r).weight.detach() for r in names}
+                    H = col.gram[h].H
+                    s, alpha, err, none = search(list(ws.values()), H, col.mean_abs(h), run.bits, run.group_size,
                                                  run.symmetric, o.steps)
-                    fold.append(("norm", norm, list(readers), s))
-                    report.append({"block": i, "group": norm, "alpha": alpha, "error": err, "error_none": none})
+                    row = {"block": i, "group": group, "alpha": alpha, "error": err, "error_none": none}
+                    if o.verify and alpha > 0 and ctx.project is not None:
+                        e_s = projected_error(ws, H, s, ctx.project)
+                        e_1 = projected_error(ws, H, scales_for(col.mean_abs(h), 0.0), ctx.project)
+                        row.update(projector_error=e_s, projector_error_none=e_1, reverted=e_s >= e_1)
+                        if e_s >= e_1:                  # the run's projector does better unscaled
+                            s, row["alpha"] = scales_for(col.mean_abs(h), 0.0), 0.0
+                    report.append(row)
+                    return s
+
+                for norm, readers in groups.items():
+                    names = [r for r in readers if r in quantized]
+                    if names:
+                        fold.append(("norm", norm, list(readers), choose(names, heads[norm], norm)))
                 if pair and pair[2] in quantized:
                     producer, first, consumer = pair
-                    s, alpha, err, none = search([block.get_submodule(consumer).weight.detach()], col.gram[consumer].H,
-                                                 col.mean_abs(consumer), run.bits, run.group_size, run.symmetric,
-                                                 o.steps)
-                    fold.append(("rows", producer, first, consumer, s))
-                    report.append({"block": i, "group": consumer, "alpha": alpha, "error": err, "error_none": none})
+                    fold.append(("rows", producer, first, consumer, choose([consumer], consumer, consumer)))
                 folds[i] = fold
                 ctx.release(i)
                 progress.update()

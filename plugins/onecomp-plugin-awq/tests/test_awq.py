@@ -52,3 +52,47 @@ def test_fitted_scales_keep_the_fp_function_on_every_architecture(arch, tiny_mod
     with torch.no_grad():
         a, b = ref(ids).logits, model(ids).logits
     assert ((a - b).abs().max() / a.abs().max()).item() < 1e-5, arch
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(0, 10_000), st.sampled_from([(3, 32, False), (4, -1, True)]))
+def test_projected_error_under_round_to_nearest_is_the_search_objective(seed, grid_):
+    """With round to nearest as the projector, the check measures exactly what the search did
+    (the scaled coordinates W diag(s), H_s give back the unscaled output error)."""
+    from onecomp_core.sdk import grid
+    from onecomp_plugin_awq.search import projected_error
+    bits, group, sym = grid_
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(256, 32, generator=g, dtype=torch.float64) * (torch.rand(32, generator=g, dtype=torch.float64) * 10 + 0.1)
+    H = X.T @ X / X.shape[0]
+    Ws = {f"m{k}": torch.randn(24, 32, generator=g) for k in range(2)}
+
+    def rtn(name, W, Hs):
+        q, sc, z = grid.rtn(W, bits, group, sym)
+        return grid.dequantize(q.float(), grid.expand(sc, 32, group), grid.expand(z, 32, group))
+
+    s = scales_for(X.abs().mean(0), 0.5)
+    expected = group_error(list(Ws.values()), H, s, bits, group, sym)
+    assert projected_error(Ws, H, s, rtn) == pytest.approx(expected, rel=1e-4)
+    assert projected_error(Ws, H, s, lambda *a: None) == 0.0           # modules left in full precision count nothing
+
+
+def test_scales_the_run_projector_does_worse_with_are_reverted(tiny_llama, tmp_path):
+    """verify (default): each searched scale is measured against none under the run's projector
+    (GPTQ here); the kept one is never worse there, and a reverted group is left unscaled."""
+    plugin, seen = spying(AWQ, "spyawq")
+    rep = onecomp_core.quantize(tiny_llama, tmp_path / "q", plugins=[plugin], preprocessors=["spyawq"],
+                                bits=3, group_size=32, projector="gptq", num_samples=2, seq_len=32)
+    t = seen[0]
+    checked = [r for r in t.report if "projector_error" in r]
+    assert checked and rep["preprocessors"][0]["verified"] == len(checked)
+    assert rep["preprocessors"][0]["reverted"] == sum(r["reverted"] for r in checked)
+    for r in checked:
+        assert r["reverted"] == (r["projector_error"] >= r["projector_error_none"])
+        if r["reverted"]:
+            assert r["alpha"] == 0.0
+    plugin2, seen2 = spying(AWQ, "spyawq2")
+    onecomp_core.quantize(tiny_llama, tmp_path / "q2", plugins=[plugin2], preprocessors=["spyawq2"],
+                          bits=3, group_size=32, projector="gptq", num_samples=2, seq_len=32,
+                          options={"spyawq2": {"verify": False}})
+    assert not any("projector_error" in r for r in seen2[0].report)
