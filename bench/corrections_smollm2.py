@@ -27,6 +27,8 @@ def main():
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--settings", default=",".join(f"{b}/{g}" for b, g in SETTINGS))
     ap.add_argument("--option", action="append", default=[], help="extra --option for every run, e.g. lpcd.alpha=0.5")
+    ap.add_argument("--forward-dtypes", default="auto", help="comma list of --forward-dtype values, each run with "
+                    "every setting and method (e.g. off,auto: float32 forwards against the default)")
     a = ap.parse_args()
     extra = [f for o in a.option for f in ("--option", o)]          # the default (asymmetric) grid
     tokens = 4096 if a.quick else 16384
@@ -34,11 +36,13 @@ def main():
     for setting in a.settings.split(","):
         bits, group = setting.split("/")
         for m in a.methods.split(","):
-            r = quantize_and_measure("smollm2-135m", ["--bits", bits, "--group-size", group, *METHODS[m], *extra], tokens)
-            r.update({"setting": f"{bits}b/{'g' + group if group != 'channel' else 'channel'}", "method": m,
-                      "options": a.option})
-            rows.append(r)
-            print(json.dumps(r), flush=True)
+            for fd in a.forward_dtypes.split(","):
+                r = quantize_and_measure("smollm2-135m", ["--bits", bits, "--group-size", group, *METHODS[m], *extra,
+                                                          "--forward-dtype", fd], tokens)
+                r.update({"setting": f"{bits}b/{'g' + group if group != 'channel' else 'channel'}", "method": m,
+                          "options": a.option, "forward_dtype": fd})
+                rows.append(r)
+                print(json.dumps(r), flush=True)
     print(json.dumps({"bench": "corrections_smollm2", "eval_tokens": tokens, "calibration_samples": 32,
                       "results": rows}))
 
