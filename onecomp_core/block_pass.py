@@ -67,17 +67,23 @@ class BlockContext:
         self.replays, self._fp_replays = Replays(), Replays()
         self._settling = {m: [n for n in self.linears if n.startswith(m + ".")]
                           for m in sk.adapter.replayable(block)} if lw.replay else {}
+        self._projections = {m: sk.adapter.output_projection(block, m) for m in self._settling}
         if self._fp_block is not None and lw.replay:            # the FP copy never changes
             for m in self._settling:
                 self._fp_replays.add(self._fp_block.get_submodule(m))
         self._settle()
 
     def _settle(self) -> None:
-        """Replay every replayable submodule whose linears are all quantized now."""
+        """Replay every replayable submodule whose linears are all quantized now, and the input
+        of the output projection of one whose other linears are."""
         for m, names in list(self._settling.items()):
             if self.quantized.issuperset(names):
                 self.replays.add(self.block.get_submodule(m))
                 del self._settling[m]
+                continue
+            proj = self._projections.get(m)
+            if proj in names and proj not in self.quantized and self.quantized.issuperset(set(names) - {proj}):
+                self.replays.add_projection(self.block.get_submodule(m), self.block.get_submodule(proj))
 
     @contextlib.contextmanager
     def rounds(self):

@@ -5,8 +5,13 @@ execution order (statistics of q/k/v, then o, then gate/up, then down, then the 
 Once every linear of a submodule such as the attention is final, its input (the stream entering
 the block, through a norm) and its weights no longer change, so its output is the same in every
 later forward: :class:`Replay` records it in the first complete round of forwards and returns the
-recorded values, batch by batch, in the rounds after (the attention is then computed twice per
-block instead of four times).
+recorded values, batch by batch, in the rounds after.
+
+One round earlier already, while only the attention's output projection (o_proj) is left: its
+input (the attention core over final q/k/v) cannot change any more, and the round that gathers
+o_proj's statistics sees it. :class:`ProjectionReplay` records that input, and once o_proj is
+quantized the attention's output is o_proj applied to the record: the attention core (q/k/v,
+rotary, the attention kernel) then runs once per block instead of four times.
 """
 from __future__ import annotations
 
@@ -54,15 +59,64 @@ class Replay:
         self.outputs = []
 
 
+class ProjectionReplay(Replay):
+    """Stands in for ``module.forward`` where ``module``'s first output is exactly its output
+    projection ``proj`` applied to an input that is final before ``proj`` is (the attention).
+    Records one complete round of ``proj``'s inputs (a forward pre-hook, placed before any
+    other, so a forward stopped at ``proj`` still records); afterwards each call returns
+    ``proj(recorded input)`` in the place of the first output. The first such call also runs the
+    real forward once and checks the two agree exactly (and that the other outputs are not
+    tensors, which could differ per batch); where they do not, it calls the real forward from
+    then on."""
+
+    def __init__(self, module: torch.nn.Module, proj: torch.nn.Module):
+        super().__init__(module)
+        self.proj = proj
+        self.agrees: bool | None = None  # None until the first use has compared with the real forward
+        self.rest = None                 # the outputs after the first (None: the module returns one tensor)
+        self._handle = proj.register_forward_pre_hook(self._record, prepend=True)
+
+    def _record(self, mod, args):
+        if not self.recorded:
+            self.outputs.append(args[0])
+
+    def _call(self, *args, **kwargs):
+        if not self.recorded or self.agrees is False:
+            return self._inner(*args, **kwargs)
+        x = self.outputs[self.pos]
+        self.pos += 1
+        if self.agrees is None:          # first use: the real forward once, to compare with
+            real = self._inner(*args, **kwargs)
+            first, self.rest = (real, None) if torch.is_tensor(real) else (real[0], tuple(real[1:]))
+            self.agrees = torch.equal(first, self.proj(x)) and not any(torch.is_tensor(r) for r in self.rest or ())
+            return real
+        y = self.proj(x)
+        return y if self.rest is None else (y, *self.rest)
+
+    def end_round(self, batches: int) -> None:
+        if not self.recorded:
+            super().end_round(batches)
+
+    def remove(self) -> None:
+        self._handle.remove()
+        super().remove()
+
+
 class Replays:
-    """The replays of one block: ``with replays.round(batches):`` around each round of forwards."""
+    """The replays of one block: ``with replays.round(batches):`` around each round of forwards.
+    A module may hold a :class:`ProjectionReplay` and later a :class:`Replay` on top of it; they
+    are removed in the reverse order."""
 
     def __init__(self):
-        self.items: dict[int, Replay] = {}
+        self.items: dict[tuple, Replay] = {}
 
     def add(self, module: torch.nn.Module) -> None:
-        if id(module) not in self.items:
-            self.items[id(module)] = Replay(module)
+        if ("out", id(module)) not in self.items:
+            self.items[("out", id(module))] = Replay(module)
+
+    def add_projection(self, module: torch.nn.Module, proj: torch.nn.Module) -> None:
+        if ("proj", id(module)) not in self.items and ("out", id(module)) not in self.items:
+            self.items[("proj", id(module))] = ProjectionReplay(module, proj)
 
     @contextlib.contextmanager
     def round(self, batches: int):
@@ -71,8 +125,12 @@ class Replays:
         yield
         for r in self.items.values():
             r.end_round(batches)
+        for (kind, key), r in list(self.items.items()):     # an output record makes the input record redundant
+            out = self.items.get(("out", key))
+            if kind == "proj" and out is not None and out.recorded:
+                r.outputs, r.agrees = [], False
 
     def remove(self) -> None:
-        for r in self.items.values():
+        for r in reversed(list(self.items.values())):
             r.remove()
         self.items = {}

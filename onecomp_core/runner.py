@@ -428,8 +428,9 @@ class Runner:
         stats = widest * widest * 4 * (2 if {"cross", "residual"} & needs else 1)
         factor = widest * widest * 36 if "gram" in needs else 0
         # the attention's output replayed in later forwards (replay.py): one stream-size record,
-        # two with paired statistics; none when block refiners run or the streams go to disk
-        replays = 0 if self.res.refiners_of("block") else (2 if {"cross", "residual"} & needs else 1)
+        # two with paired statistics, and o_proj's input while the first is made; none when block
+        # refiners run or the streams go to disk
+        replays = 0 if self.res.refiners_of("block") else (3 if {"cross", "residual"} & needs else 2)
         return int(rss_mb() * 2**20 + 3 * block * width + stats + factor), (2 + replays) * stream
 
     def streams_spill(self, base: int, streams: int) -> bool:

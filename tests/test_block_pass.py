@@ -194,11 +194,12 @@ def test_forward_dtype_changes_only_the_forwards_and_is_reported(tiny_llama, tmp
     + [("llama", [], "bfloat16"), ("llama", ["qep"], "bfloat16")])
 def test_replaying_the_settled_attention_gives_the_same_bytes_with_fewer_forwards(arch, correction, forward_dtype,
                                                                                  tiny_models, tmp_path, monkeypatch):
-    """Once q/k/v/o are quantized the attention's output is recorded once and replayed: the
-    checkpoint is byte-identical to recomputing it every time (float32 forwards), and fewer
-    linears run (the attention runs twice per block instead of four times under GPTQ)."""
+    """Once q/k/v/o are quantized the attention's output is recorded once and replayed, and once
+    q/k/v are, o_proj's input: the checkpoint is byte-identical to recomputing them every time,
+    and fewer linears run with each (under GPTQ the attention core runs once per block, plus one
+    batch to check against, instead of four times)."""
     from onecomp_core.adapters.decoder import DecoderAdapter
-    kw = dict(bits=3, group_size=16, projector="gptq", refiners=correction, num_samples=3, seq_len=16,
+    kw = dict(bits=3, group_size=16, projector="gptq", refiners=correction, num_samples=5, seq_len=16,
               batch_size=2, forward_dtype=forward_dtype)
     calls = {"n": 0}
     real = torch.nn.Module.__call__
@@ -209,16 +210,23 @@ def test_replaying_the_settled_attention_gives_the_same_bytes_with_fewer_forward
         return real(self, *a, **k)
     monkeypatch.setattr(torch.nn.Module, "__call__", counting)
     counts = {}
-    for mode in ("replay", "plain"):
+    for mode in ("projection", "replay", "plain"):
+        if mode == "replay":
+            monkeypatch.setattr(DecoderAdapter, "output_projection", lambda self, block, name: None)
         if mode == "plain":
             monkeypatch.setattr(DecoderAdapter, "replayable", lambda self, block: [])
         calls["n"] = 0
         onecomp_core.quantize(tiny_models(arch), tmp_path / mode, **kw)
         counts[mode] = calls["n"]
     for f in ("model-block-00000.safetensors", "model-block-00001.safetensors"):
-        a, b = (load_file(str(tmp_path / m / f)) for m in ("replay", "plain"))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (arch, f)
+        a, b, c = (load_file(str(tmp_path / m / f)) for m in ("projection", "replay", "plain"))
+        assert a.keys() == b.keys() == c.keys(), (arch, f)
+        assert all(torch.equal(a[k], c[k]) and torch.equal(b[k], c[k]) for k in a), (arch, f)
     assert counts["replay"] < counts["plain"], counts
+    if arch == "gemma2":    # eager attention returns its weights (a tensor per batch): o_proj's input is not
+        assert counts["projection"] == counts["replay"] + 2, counts      # replayed; one o_proj per block checked it
+    else:
+        assert counts["projection"] < counts["replay"], counts
 
 
 def test_auto_keeps_every_forward_in_float32_when_a_block_refiner_runs(tiny_llama, tmp_path):

@@ -60,6 +60,13 @@ class ModelAdapter:
         computing it again. Default: none."""
         return []
 
+    def output_projection(self, block: torch.nn.Module, name: str) -> str | None:
+        """The linear (relative name) whose output is exactly the first output of the replayable
+        submodule ``name`` (the attention's o_proj), or None. Once the submodule's other linears
+        are final, the pass records that linear's input and skips the rest of the submodule in
+        later forwards (checked against one real forward). Default: none."""
+        return None
+
     def residual_taps(self, block: torch.nn.Module) -> dict[str, str]:
         """Linears whose output is added unnormalised to the residual stream -> the module whose
         input is that residual stream value (for the residual-aware corrections)."""

@@ -82,6 +82,10 @@ class DecoderAdapter(ModelAdapter):
     def replayable(self, block):
         return ["self_attn"] if isinstance(getattr(block, "self_attn", None), nn.Module) else []
 
+    def output_projection(self, block, name):
+        proj = getattr(getattr(block, name, None), "o_proj", None) if name == "self_attn" else None
+        return f"{name}.o_proj" if isinstance(proj, nn.Linear) else None
+
     def residual_taps(self, block):
         if hasattr(block, "post_feedforward_layernorm"):      # Gemma: outputs are normed before the add
             return {}
