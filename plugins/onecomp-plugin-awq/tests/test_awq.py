@@ -77,6 +77,7 @@ def test_projected_error_under_round_to_nearest_is_the_search_objective(seed, gr
     assert projected_error(Ws, H, s, lambda *a: None) == 0.0           # modules left in full precision count nothing
 
 
+@pytest.mark.whole_suite                 # GPTQ is another distribution: not there in the isolated check
 def test_scales_the_run_projector_does_worse_with_are_reverted(tiny_llama, tmp_path):
     """verify (default): each searched scale is measured against none under the run's projector
     (GPTQ here); the kept one is never worse there, and a reverted group is left unscaled."""
