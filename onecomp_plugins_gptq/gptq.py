@@ -22,8 +22,11 @@ def prepare_hessian(H: torch.Tensor, W: torch.Tensor, damp: float):
 
 def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, symmetric: bool, *,
          damp: float = 0.01, block_size: int = 128, act_order: bool = False, static_groups: bool = True,
-         fit_kwargs: dict | None = None):
-    """-> codes (out, in) uint8, scale (out, G), zero (out, G) of the uniform grid."""
+         fit_kwargs: dict | None = None, clip_weight: str = "none"):
+    """-> codes (out, in) uint8, scale (out, G), zero (out, G) of the uniform grid.
+    ``clip_weight="hessian"``: the clipping search weighs column j's error by H_jj (the output
+    error that column alone would cause), instead of equally; ``"output"``: it minimises each
+    group's output error e H_gg e^T (H_gg: the group's diagonal block of H; the whole H per channel)."""
     fit_kwargs = fit_kwargs or {}
     out, cols = W.shape
     W = W.float()
@@ -33,9 +36,11 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, symmetric
     scale = torch.zeros(out, G, device=W.device)
     zero = torch.zeros(out, G, device=W.device)
     fitted = torch.zeros(G, dtype=torch.bool)
+    d = torch.diag(Hd).to(W.dtype, copy=True) if clip_weight == "hessian" else None   # E_j = H_jj (w_j - w^_j)^2
+    Hg = Hd.to(W.dtype, copy=True) if clip_weight == "output" else None               # E_g = e_g H_gg e_g^T
     if act_order and static_groups or group_size == grid.PER_CHANNEL:
         # static groups: parameters from the original weights, before any error feedback
-        s, z = grid.fit_groups(W, bits, group_size, symmetric, **fit_kwargs)
+        s, z = grid.fit_groups(W, bits, group_size, symmetric, weight=d, gram=Hg, **fit_kwargs)
         scale[:], zero[:], fitted[:] = s, z, True
     perm = torch.argsort(torch.diag(Hd), descending=True) if act_order else torch.arange(cols, device=W.device)
     if act_order:                 # natural order: no permuted copies of H (2 x in^2 floats)
@@ -59,7 +64,10 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, symmetric
                 # dynamic groups (natural order): fit when the group starts, on the updated weights
                 start = g * gsize
                 span = torch.cat([W1t[j:].t(), W[:, i2:]], 1)[:, : min(gsize, cols - start)]
-                scale_t[g], zero_t[g] = grid.fit(span, bits, symmetric, **fit_kwargs)
+                end = start + span.shape[1]
+                dg = None if d is None else d[start:end]
+                hg = None if Hg is None else Hg[start:end, start:end][None]
+                scale_t[g], zero_t[g] = grid.fit(span, bits, symmetric, weight=dg, gram=hg, **fit_kwargs)
                 fitted[g] = True
             s, z = scale_t[g], zero_t[g]
             w = W1t[j]

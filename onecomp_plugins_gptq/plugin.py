@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import attrs
 
-from onecomp_core.sdk import GridOptions, OnecompError, Projector, UniformFormat, boolean, hookimpl, in_range
+from onecomp_core.sdk import GridOptions, OnecompError, Projector, UniformFormat, boolean, hookimpl, in_range, one_of
 
 from .gptq import gptq
 
@@ -17,6 +17,9 @@ class GPTQOptions(GridOptions):
     block_size: int = attrs.field(default=128, validator=in_range(1, 1 << 20))
     act_order: bool = attrs.field(default=True, validator=boolean)
     static_groups: bool = attrs.field(default=True, validator=boolean)
+    # what the clipping search minimises: "none" (sum |w - w^|^norm), "hessian" (each column's
+    # error weighed by H_jj) or "output" (the group's output error e H_gg e^T)
+    clip_weight: str = attrs.field(default="none", validator=one_of("none", "hessian", "output"))
 
 
 class UniformProjector(Projector):
@@ -35,7 +38,8 @@ class UniformProjector(Projector):
 def run_gptq(o: GPTQOptions, W, H, spec):
     """GPTQ with the options ``o`` on one module: -> (codes, scale, zero)."""
     return gptq(W, H, spec.bits, spec.group_size, spec.symmetric, damp=o.damp, block_size=o.block_size,
-                act_order=o.act_order, static_groups=o.static_groups, fit_kwargs=o.fit_kwargs(spec))
+                act_order=o.act_order, static_groups=o.static_groups, fit_kwargs=o.fit_kwargs(spec),
+                clip_weight=o.clip_weight)
 
 
 class GPTQ(UniformProjector):

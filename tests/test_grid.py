@@ -59,3 +59,56 @@ def test_groups_fitted_together_equal_each_group_fitted_alone(bits, cols, group,
     for g in range(G):
         sg, zg = grid.fit(W[:, g * group:(g + 1) * group], bits, sym, mse_steps=mse)
         assert torch.equal(s[:, g], sg) and torch.equal(z[:, g], zg), g
+
+
+@settings(max_examples=30, deadline=None)
+@given(bits=st.sampled_from([2, 3, 4]), cols=st.integers(1, 80), group=st.sampled_from([8, 32, -1]),
+       sym=st.booleans(), seed=st.integers(0, 100))
+def test_weighted_clipping_search(bits, cols, group, sym, seed):
+    """Per-column weights d: ones give the unweighted search; grouped fits equal each group fitted
+    alone with its columns' weights; and the choice is never worse on sum_j d_j |w_j - w^_j|^2.4
+    than the unweighted search's."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(5, cols, generator=g) * 2
+    d = torch.rand(cols, generator=g) ** 4 * 10
+    s1, z1 = grid.fit_groups(W, bits, group, sym, mse_steps=20)
+    sw, zw = grid.fit_groups(W, bits, group, sym, mse_steps=20, weight=torch.ones(cols))
+    assert torch.equal(s1, sw) and torch.equal(z1, zw)
+    s, z = grid.fit_groups(W, bits, group, sym, mse_steps=20, weight=d)
+    size = cols if group == -1 else group
+    for k in range(grid.num_groups(cols, group)):
+        cs = slice(k * size, (k + 1) * size)
+        sg, zg = grid.fit(W[:, cs], bits, sym, mse_steps=20, weight=d[cs])
+        assert torch.equal(s[:, k], sg) and torch.equal(z[:, k], zg), k
+
+    def werr(sc, ze):
+        q = grid.quantize(W, grid.expand(sc, cols, group), grid.expand(ze, cols, group), bits)
+        return ((grid.dequantize(q, grid.expand(sc, cols, group), grid.expand(ze, cols, group)) - W).abs()
+                .pow(2.4) * d).sum(1)
+    assert torch.all(werr(s, z) <= werr(s1, z1) * (1 + 1e-5) + 1e-6)
+
+
+@settings(max_examples=30, deadline=None)
+@given(bits=st.sampled_from([2, 3, 4]), cols=st.integers(1, 80), group=st.sampled_from([8, 32, -1]),
+       sym=st.booleans(), seed=st.integers(0, 100))
+def test_output_error_clipping_search(bits, cols, group, sym, seed):
+    """With a Gram matrix H: each group is fitted on its own diagonal block (grouped fit = each
+    group alone), and the choice is never worse on the group's output error e H_gg e^T than the
+    plain search's."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(5, cols, generator=g) * 2
+    X = torch.randn(3 * cols + 8, cols, generator=g) * (torch.rand(cols, generator=g) * 3)
+    H = X.T @ X / X.shape[0]
+    s1, z1 = grid.fit_groups(W, bits, group, sym, mse_steps=20)
+    s, z = grid.fit_groups(W, bits, group, sym, mse_steps=20, gram=H)
+    size = cols if group == -1 else group
+    for k in range(grid.num_groups(cols, group)):
+        cs = slice(k * size, (k + 1) * size)
+        sg, zg = grid.fit(W[:, cs], bits, sym, mse_steps=20, gram=H[cs, cs][None])
+        assert torch.equal(s[:, k], sg) and torch.equal(z[:, k], zg), k
+
+        def oerr(sc, ze):
+            q = grid.quantize(W[:, cs], sc[:, k:k + 1], ze[:, k:k + 1], bits)
+            e = grid.dequantize(q, sc[:, k:k + 1], ze[:, k:k + 1]) - W[:, cs]
+            return ((e @ H[cs, cs]) * e).sum(1)
+        assert torch.all(oerr(s, z) <= oerr(s1, z1) * (1 + 1e-4) + 1e-6), k

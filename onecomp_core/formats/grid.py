@@ -62,9 +62,12 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
 
 
 def fit(w: torch.Tensor, bits: int, symmetric: bool, mse_steps: int = 0,
-        max_shrink: float = 0.8, norm: float = 2.4, scale_dtype=torch.float16):
+        max_shrink: float = 0.8, norm: float = 2.4, scale_dtype=torch.float16, weight: torch.Tensor | None = None,
+        gram: torch.Tensor | None = None):
     """Scale and zero for each row of ``w`` (rows x n): min/max range, optionally shrunk
-    over a grid of ``mse_steps`` factors keeping the smallest sum |w - w^|^norm per row."""
+    over a grid of ``mse_steps`` factors keeping the smallest sum_j d_j |w_j - w^_j|^norm per row
+    (d = ``weight``, (n,) or (rows, n), e.g. the Hessian's diagonal; all ones when None), or with
+    ``gram`` (k, n, n), rows ordered (r, k): the smallest output error e H_k e^T, e = w^ - w."""
     w = w.float()
     xmin = torch.clamp(w.min(dim=1).values, max=0)
     xmax = torch.clamp(w.max(dim=1).values, min=0)
@@ -76,7 +79,10 @@ def fit(w: torch.Tensor, bits: int, symmetric: bool, mse_steps: int = 0,
     for i in range(int(max_shrink * mse_steps)):
         p = 1 - i / mse_steps
         s, z = _params_from_range(p * xmin, p * xmax, bits, symmetric, scale_dtype)
-        err = _grid_error(w, s[:, None], z[:, None], bits, norm, buf)
+        if gram is None:
+            err = _grid_error(w, s[:, None], z[:, None], bits, norm, buf, weight)
+        else:
+            err = _output_error(w, s[:, None], z[:, None], bits, gram, buf)
         better = err < best
         best = torch.where(better, err, best)
         scale = torch.where(better, s, scale)
@@ -84,25 +90,44 @@ def fit(w: torch.Tensor, bits: int, symmetric: bool, mse_steps: int = 0,
     return scale, zero
 
 
-def _grid_error(w, s, z, bits: int, norm: float, buf: torch.Tensor) -> torch.Tensor:
-    """sum_j |w^ - w|^norm per row, w^ = dequantize(quantize(w)): the same operations as those two
-    functions, in place in ``buf`` (the clipping search's cost is memory traffic, not arithmetic)."""
+def _grid_error(w, s, z, bits: int, norm: float, buf: torch.Tensor, weight=None) -> torch.Tensor:
+    """sum_j d_j |w^ - w|^norm per row, w^ = dequantize(quantize(w)): the same operations as those
+    two functions, in place in ``buf`` (the clipping search's cost is memory traffic, not arithmetic)."""
     e = torch.div(w, s, out=buf).round_().add_(z).clamp_(0, 2**bits - 1)       # q
     e.sub_(z).mul_(s).sub_(w).abs_().pow_(norm)                                   # |s (q - z) - w|^norm
+    if weight is not None:
+        e.mul_(weight)                                                            # d_j |.|^norm
     return e.sum(1)
 
 
-def fit_groups(W: torch.Tensor, bits: int, group_size: int, symmetric: bool, **mse):
-    """(out, G) scales and zeros for every group of W."""
+def _output_error(w, s, z, bits: int, gram: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """e H_k e^T per row, e = w^ - w, H_k the Gram matrix of the row's group (rows ordered (r, k))."""
+    e = torch.div(w, s, out=buf).round_().add_(z).clamp_(0, 2**bits - 1)
+    e = e.sub_(z).mul_(s).sub_(w).view(-1, gram.shape[0], gram.shape[1])          # (r, k, n)
+    return (torch.einsum("rkn,knm->rkm", e, gram) * e).sum(-1).reshape(-1)      # e H_k e^T
+
+
+def fit_groups(W: torch.Tensor, bits: int, group_size: int, symmetric: bool, weight=None, gram=None, **mse):
+    """(out, G) scales and zeros for every group of W; ``weight`` (in,): each column's weight in
+    the clipping search's error; ``gram`` (in, in): search on each group's output error instead,
+    with the group's diagonal block of it."""
     out, cols = W.shape
     if group_size == PER_CHANNEL:
-        s, z = fit(W, bits, symmetric, **mse)
+        s, z = fit(W, bits, symmetric, weight=weight, gram=None if gram is None else gram[None], **mse)
         return s[:, None], z[:, None]
     full = cols // group_size                 # the whole groups, fitted together as rows of one matrix
-    s, z = fit(W[:, :full * group_size].reshape(out * full, group_size), bits, symmetric, **mse)
-    scales, zeros = [s.view(out, full)], [z.view(out, full)]
-    if cols > full * group_size:              # a shorter last group
-        s, z = fit(W[:, full * group_size:], bits, symmetric, **mse)
+    n = full * group_size
+    rows_w = None if weight is None else weight[:n].view(1, full, group_size).expand(
+        out, full, group_size).reshape(out * full, group_size)                 # row (o, g) -> group g's columns
+    scales, zeros = [], []
+    if full:
+        blocks = None if gram is None else torch.stack(
+            [gram[k * group_size:(k + 1) * group_size, k * group_size:(k + 1) * group_size] for k in range(full)])
+        s, z = fit(W[:, :n].reshape(out * full, group_size), bits, symmetric, weight=rows_w, gram=blocks, **mse)
+        scales, zeros = [s.view(out, full)], [z.view(out, full)]
+    if cols > n:                              # a shorter last group
+        s, z = fit(W[:, n:], bits, symmetric, weight=None if weight is None else weight[n:],
+                   gram=None if gram is None else gram[n:, n:][None], **mse)
         scales.append(s[:, None])
         zeros.append(z[:, None])
     return torch.cat(scales, 1), torch.cat(zeros, 1)

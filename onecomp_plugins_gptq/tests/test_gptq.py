@@ -79,3 +79,22 @@ def test_registered_by_name_and_beats_rtn_end_to_end(tiny_llama, tmp_path):
     for n in first:
         w_rtn = rtn["layers"][n]["rel_error"]
         assert gp["layers"][n]["rel_error"] < w_rtn, n
+
+
+@pytest.mark.parametrize("mode", ["hessian", "output"])
+@pytest.mark.parametrize("group,act_order", [(32, True), (32, False), (-1, True)])
+def test_weighted_clipping_codes_on_grid_and_below_rtn(group, act_order, mode):
+    """clip_weight "hessian" and "output" (static, dynamic and per-channel groups): valid codes,
+    scales that differ from the unweighted search somewhere, and still far below RTN on the layer
+    objective."""
+    cols = 200
+    X = correlated_inputs(cols)
+    H = X @ X.T / X.shape[1]
+    W = torch.randn(48, cols, generator=torch.Generator().manual_seed(1))
+    fk = {"mse_steps": 50}
+    codes, s, z = gptq(W, H, 3, group, False, act_order=act_order, block_size=64, fit_kwargs=fk, clip_weight=mode)
+    assert codes.dtype == torch.uint8 and int(codes.max()) <= 7 and torch.equal(z, z.round())
+    _, s0, _ = gptq(W, H, 3, group, False, act_order=act_order, block_size=64, fit_kwargs=fk)
+    assert not torch.equal(s, s0)
+    rtn = dense(*grid.rtn(W, 3, group, False), cols, group)
+    assert objective(W, dense(codes, s, z, cols, group), H) < 0.8 * objective(W, rtn, H)
