@@ -1,7 +1,9 @@
 """What every run_<tool>.py shares (each runs in its tool's own venv, beside this file): the
 command line and the peak-memory reading."""
 import argparse
+import json
 import resource
+import time
 
 
 def args():
@@ -24,3 +26,15 @@ def peak_rss_mb() -> float:
             if line.startswith("VmHWM:"):
                 return round(int(line.split()[1]) / 1024, 1)
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def measured(tool: str, quantize, save, dump, out: str) -> None:
+    """quantize() timed, save() after it, this process's peak then, dump(out) last (its dense
+    weights cost memory the tool's run did not need); prints the row's one JSON line."""
+    t0 = time.time()
+    quantize()
+    secs = time.time() - t0
+    save()
+    peak = peak_rss_mb()
+    dump(out)
+    print(json.dumps({"tool": tool, "seconds": round(secs, 1), "peak_rss_mb": peak}))

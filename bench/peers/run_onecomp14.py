@@ -6,9 +6,6 @@ identity, written to OUT/dense.safetensors. Prints one JSON line: seconds, peak 
 
     python run_onecomp14.py MODEL_DIR TOKENS.pt OUT --bits 4 --group-size 128 [--sym]
 """
-import json
-import time
-
 import torch
 
 import peer_cli
@@ -58,15 +55,7 @@ def main():
     runner = Runner(model_config=ModelConfig(path=a.model, dtype="float32", device="cpu"), quantizer=quantizer,
                     qep=True, calibration_config=CalibrationConfig(max_length=ids.shape[1],
                                                                    num_calibration_samples=ids.shape[0]))
-    t0 = time.time()
-    runner.run()
-    secs = time.time() - t0
-    runner.save_quantized_model(a.out)
-    peak = peer_cli.peak_rss_mb()
-    del runner
-    dump_dense(a.out)
-    print(json.dumps({"tool": "onecomp14", "seconds": round(secs, 1), "peak_rss_mb": peak}))
-
+    peer_cli.measured("onecomp14", runner.run, lambda: runner.save_quantized_model(a.out), dump_dense, a.out)
 
 if __name__ == "__main__":
     main()
