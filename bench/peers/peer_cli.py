@@ -29,12 +29,14 @@ def peak_rss_mb() -> float:
 
 
 def measured(tool: str, quantize, save, dump, out: str) -> None:
-    """quantize() timed, save() after it, this process's peak then, dump(out) last (its dense
-    weights cost memory the tool's run did not need); prints the row's one JSON line."""
+    """model = quantize() timed, save(model) after it, this process's peak then, dump(out) last
+    with the model released (its dense weights cost memory the tool's run did not need); prints
+    the row's one JSON line."""
     t0 = time.time()
-    quantize()
+    model = quantize()
     secs = time.time() - t0
-    save()
+    save(model)
     peak = peak_rss_mb()
+    del model
     dump(out)
     print(json.dumps({"tool": tool, "seconds": round(secs, 1), "peak_rss_mb": peak}))

@@ -5,7 +5,6 @@ OUT/dense.safetensors. Prints one JSON line: seconds, peak RSS.
 
     python run_gptqmodel.py MODEL_DIR TOKENS.pt OUT --bits 4 --group-size 128 [--sym]
 """
-
 import torch
 
 import peer_cli
@@ -35,12 +34,13 @@ def main():
     # its group-aware reordering refuses per-channel ("requires group_size > 0"): off there only
     extra = {"act_group_aware": False} if a.group_size == -1 else {}
     cfg = QuantizeConfig(bits=a.bits, group_size=a.group_size, sym=a.sym, **extra)
-    state = {}
 
     def quantize():
-        state["model"] = GPTQModel.load(a.model, cfg, device="cpu")
-        state["model"].quantize(calib, batch_size=1)
-    peer_cli.measured("gptqmodel", quantize, lambda: state.pop("model").save(a.out), dump_dense, a.out)
+        model = GPTQModel.load(a.model, cfg, device="cpu")
+        model.quantize(calib, batch_size=1)
+        return model
+    peer_cli.measured("gptqmodel", quantize, lambda model: model.save(a.out), dump_dense, a.out)
+
 
 if __name__ == "__main__":
     main()

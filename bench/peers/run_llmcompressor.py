@@ -3,7 +3,6 @@ Compressor saves it (compressed-tensors). Prints one JSON line: seconds, peak RS
 
     python run_llmcompressor.py MODEL_DIR TOKENS.pt OUT --bits 4 --group-size 128 --sym|--asym
 """
-
 import torch
 
 import peer_cli
@@ -23,14 +22,15 @@ def main():
                                group_size=None if a.group_size == -1 else a.group_size)
     recipe = GPTQModifier(config_groups={"g": QuantizationScheme(targets=["Linear"], weights=weights)},
                           ignore=["lm_head"])
-    state = {}
 
     def quantize():
-        state["model"] = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
-        oneshot(model=state["model"], dataset=ds, recipe=recipe, max_seq_length=ids.shape[1],
+        model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+        oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=ids.shape[1],
                 num_calibration_samples=ids.shape[0])
-    peer_cli.measured("llmcompressor", quantize, lambda: state.pop("model").save_pretrained(a.out, save_compressed=True),
+        return model
+    peer_cli.measured("llmcompressor", quantize, lambda model: model.save_pretrained(a.out, save_compressed=True),
                       dump_dense, a.out)
+
 
 def dump_dense(out: str) -> None:
     """The saved checkpoint loaded back by the tool's own loader (transformers + compressed-tensors,

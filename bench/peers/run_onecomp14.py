@@ -50,12 +50,17 @@ def main():
     from onecomp import GPTQ, CalibrationConfig, ModelConfig, Runner
     ids = torch.load(a.tokens)
     same_tokens(ids)
-    quantizer = GPTQ(wbits=a.bits, groupsize=a.group_size, sym=a.sym)
-    # float32 weights: OneComp's default float16 runs ~100x slower on CPU, and onecomp's statistics are float32
-    runner = Runner(model_config=ModelConfig(path=a.model, dtype="float32", device="cpu"), quantizer=quantizer,
-                    qep=True, calibration_config=CalibrationConfig(max_length=ids.shape[1],
-                                                                   num_calibration_samples=ids.shape[0]))
-    peer_cli.measured("onecomp14", runner.run, lambda: runner.save_quantized_model(a.out), dump_dense, a.out)
+
+    def quantize():
+        quantizer = GPTQ(wbits=a.bits, groupsize=a.group_size, sym=a.sym)
+        # float32 weights: OneComp's default float16 runs ~100x slower on CPU, and onecomp's statistics are float32
+        runner = Runner(model_config=ModelConfig(path=a.model, dtype="float32", device="cpu"), quantizer=quantizer,
+                        qep=True, calibration_config=CalibrationConfig(max_length=ids.shape[1],
+                                                                       num_calibration_samples=ids.shape[0]))
+        runner.run()
+        return runner
+    peer_cli.measured("onecomp14", quantize, lambda r: r.save_quantized_model(a.out), dump_dense, a.out)
+
 
 if __name__ == "__main__":
     main()

@@ -90,11 +90,16 @@ def fit(w: torch.Tensor, bits: int, symmetric: bool, mse_steps: int = 0,
     return scale, zero
 
 
-def _grid_error(w, s, z, bits: int, norm: float, buf: torch.Tensor, weight=None) -> torch.Tensor:
-    """sum_j d_j |w^ - w|^norm per row, w^ = dequantize(quantize(w)): the same operations as those
-    two functions, in place in ``buf`` (the clipping search's cost is memory traffic, not arithmetic)."""
+def _residual(w, s, z, bits: int, buf: torch.Tensor) -> torch.Tensor:
+    """e = w^ - w, w^ = dequantize(quantize(w)): the same operations as those two functions, in
+    place in ``buf`` (the clipping search's cost is memory traffic, not arithmetic)."""
     e = torch.div(w, s, out=buf).round_().add_(z).clamp_(0, 2**bits - 1)       # q
-    e.sub_(z).mul_(s).sub_(w).abs_().pow_(norm)                                   # |s (q - z) - w|^norm
+    return e.sub_(z).mul_(s).sub_(w)                                              # s (q - z) - w
+
+
+def _grid_error(w, s, z, bits: int, norm: float, buf: torch.Tensor, weight=None) -> torch.Tensor:
+    """sum_j d_j |w^ - w|^norm per row."""
+    e = _residual(w, s, z, bits, buf).abs_().pow_(norm)                          # |w^ - w|^norm
     if weight is not None:
         e.mul_(weight)                                                            # d_j |.|^norm
     return e.sum(1)
@@ -102,8 +107,7 @@ def _grid_error(w, s, z, bits: int, norm: float, buf: torch.Tensor, weight=None)
 
 def _output_error(w, s, z, bits: int, gram: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
     """e H_k e^T per row, e = w^ - w, H_k the Gram matrix of the row's group (rows ordered (r, k))."""
-    e = torch.div(w, s, out=buf).round_().add_(z).clamp_(0, 2**bits - 1)
-    e = e.sub_(z).mul_(s).sub_(w).view(-1, gram.shape[0], gram.shape[1])          # (r, k, n)
+    e = _residual(w, s, z, bits, buf).view(-1, gram.shape[0], gram.shape[1])     # (r, k, n)
     return (torch.einsum("rkn,knm->rkm", e, gram) * e).sum(-1).reshape(-1)      # e H_k e^T
 
 

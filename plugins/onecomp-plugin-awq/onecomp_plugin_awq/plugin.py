@@ -134,11 +134,12 @@ class AWQ(Preprocessor):
                                                  run.symmetric, o.steps)
                     row = {"block": i, "group": group, "alpha": alpha, "error": err, "error_none": none}
                     if o.verify and alpha > 0 and ctx.project is not None:
+                        ones = scales_for(col.mean_abs(h), 0.0)                       # s = 1: no scaling
                         e_s = projected_error(ws, H, s, ctx.project)
-                        e_1 = projected_error(ws, H, scales_for(col.mean_abs(h), 0.0), ctx.project)
+                        e_1 = projected_error(ws, H, ones, ctx.project)
                         row.update(projector_error=e_s, projector_error_none=e_1, reverted=e_s >= e_1)
                         if e_s >= e_1:                  # the run's projector does better unscaled
-                            s, row["alpha"] = scales_for(col.mean_abs(h), 0.0), 0.0
+                            s, row["alpha"] = ones, 0.0
                     report.append(row)
                     return s
 
