@@ -6,7 +6,7 @@ on enwiki_eval, mean KL to the FP model, seconds and peak RSS, one JSON line per
 JSON object with the stage-by-stage checks (each kept stage lowers both ppl and KL).
 
     OMP_NUM_THREADS=2 python bench/refine_smollm2.py [--settings u4g128,u3g128,u2g64,dbf1.5,mdbf1.5]
-        [--chains blockptq] [--option blockptq.epochs=2] [--quick] [--work DIR]
+        [--chains blockptq] [--option blockptq.epochs=2] [--refine-samples N] [--quick] [--work DIR]
 """
 from __future__ import annotations
 
@@ -40,6 +40,8 @@ def main():
     ap.add_argument("--settings", default=",".join(SETTINGS))
     ap.add_argument("--chains", default="blockptq", help="comma-separated chains, each refiners joined by '+'")
     ap.add_argument("--option", action="append", default=[], help="extra --option for every run")
+    ap.add_argument("--refine-samples", type=int, default=0,
+                    help="samples the model refiners train on (onecomp's --refine-samples; 0: the layer-wise pass's)")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--quick", action="store_true", help="4,096 eval tokens instead of 16,384")
     ap.add_argument("--work", type=Path, default=None,
@@ -51,6 +53,8 @@ def main():
     a = ap.parse_args()
     tokens = 4096 if a.quick else 16384
     extra = [f for o in a.option for f in ("--option", o)]
+    if a.refine_samples:
+        extra += ["--refine-samples", str(a.refine_samples)]
     chains = [[]] + [c.split("+") for c in a.chains.split(",") if c]
     rows, checks = [], {}
     for setting in a.settings.split(","):
@@ -67,7 +71,8 @@ def main():
                     r = refine_and_measure(a.work / f"{setting}-{'+'.join(['pivot', *prev_chain])}", out, rest, tokens, extra)
                 else:
                     r = quantize_and_measure(a.model, flags, tokens, keep_out=out)
-                r.update({"setting": setting, "stages": ["pivot", *chain], "options": a.option})
+                r.update({"setting": setting, "stages": ["pivot", *chain], "options": a.option,
+                          "refine_samples": a.refine_samples or None})
                 if saved is not None and "error" not in r:
                     saved.write_text(json.dumps(r))
             prev_chain = chain
