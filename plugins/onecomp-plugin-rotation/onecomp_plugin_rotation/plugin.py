@@ -4,11 +4,12 @@ from __future__ import annotations
 import attrs
 import torch
 
-from onecomp_core.sdk import OnecompError, Preprocessor, Transform, boolean, cast_floats, hookimpl, in_range, rss_bytes
+from onecomp_core.sdk import (OnecompError, Preprocessor, Transform, boolean, cast_floats, hookimpl, in_range, one_of,
+                              rss_bytes)
 
 from .fuse import columns_times, fold_norm, rotate_heads_columns, rotate_heads_rows, rows_times
 from .hadamard import largest_order, rotation
-from .spinquant import cayley_step, effective_params, orthonormalise
+from .spinquant import cayley_step, effective_params, orthonormalise, token_kl
 
 
 @attrs.define(frozen=True)
@@ -109,23 +110,29 @@ class SpinQuantOptions:
     steps: int = attrs.field(default=40, validator=in_range(1, 100_000))
     lr: float = attrs.field(default=1.5, validator=in_range(0.0, 100.0))
     samples: int = attrs.field(default=8, validator=in_range(1, 1 << 20))    # calibration samples it learns on
+    heldout: int = attrs.field(default=4, validator=in_range(0, 1 << 20))    # further samples judging the result
+    loss: str = attrs.field(default="kl", validator=one_of("kl", "ce"))      # KL to the FP model, or next-token CE
     r2: bool = attrs.field(default=True, validator=boolean)
 
 
-def _learn_bytes(cfg, samples_len: int) -> int:
+def _learn_bytes(cfg, samples_len: int, cached: int = 0) -> int:
     """Rough peak of SpinQuant's learning: the whole model in float32 twice (weights and their
-    rotated, fake-quantized copies per block in turn), each block's checkpointed input, logits."""
+    rotated, fake-quantized copies per block in turn), each block's checkpointed input, logits,
+    and the FP model's log-probabilities of ``cached`` sequences (the KL loss's teacher)."""
     d, layers = int(cfg.hidden_size), int(cfg.num_hidden_layers)
     inter = int(getattr(cfg, "intermediate_size", 4 * d)) * int(getattr(cfg, "num_local_experts", 1) or 1)
     per_block = 4 * d * d + 3 * d * inter
     vocab = int(cfg.vocab_size)
-    return 4 * (layers * per_block + 2 * vocab * d) + 4 * 12 * layers * samples_len * d + 4 * 3 * samples_len * vocab
+    return (4 * (layers * per_block + 2 * vocab * d) + 4 * 12 * layers * samples_len * d
+            + 4 * (3 + cached) * samples_len * vocab)
 
 
 class SpinQuant(Preprocessor):
-    """SpinQuant (Liu et al.): R1 and R2 learned by Cayley SGD against the cross-entropy of the
-    model with its weights rotated and fake-quantized to the run's grid, from the Hadamard
-    rotations; the learned rotations are fused like ``hadamard``'s. Needs the whole model."""
+    """SpinQuant (Liu et al.): R1 and R2 learned by Cayley SGD against the loss (KL to the FP
+    model by default, or next-token cross-entropy) of the model with its weights rotated and
+    fake-quantized to the run's grid, from the Hadamard rotations, kept only if the loss on
+    held-out samples fell; the learned rotations are fused like ``hadamard``'s. Needs the whole
+    model."""
     name = "spinquant"
     Options = SpinQuantOptions
 
@@ -135,14 +142,16 @@ class SpinQuant(Preprocessor):
         x0, kwargs = ctx.inputs()
         ids = ctx.calibration_ids
         n = min(o.samples, x0.shape[0])
-        need = rss_bytes() + _learn_bytes(cfg, x0.shape[1])          # what the process holds now, plus the learning
+        m = min(o.heldout, x0.shape[0] - n)                           # held-out: the samples after the training ones
+        cached = n + m if o.loss == "kl" else 0
+        need = rss_bytes() + _learn_bytes(cfg, x0.shape[1], cached)   # what the process holds now, plus the learning
         if ctx.max_memory is not None and need > ctx.max_memory:
             raise OnecompError(f"spinquant needs ~{need / 2**30:.1f} GB to learn its rotations (the whole model "
                                f"resident), max-memory {ctx.max_memory / 2**30:.1f} GB: raise --max-memory or use "
                                f"--preprocessor hadamard")
         blocks = [ctx.block(i) for i in range(ctx.num_blocks)]
         try:
-            t = self._learn(ctx, blocks, x0[:n].float(), kwargs, ids[:n], arch)
+            t = self._learn(ctx, blocks, x0[:n + m].float(), kwargs, ids[:n + m], n, arch)
             t.learned["predicted_peak_mb"] = round(need / 2**20, 1)
             return t
         finally:
@@ -151,7 +160,9 @@ class SpinQuant(Preprocessor):
             if ctx.release_outer is not None:
                 ctx.release_outer()
 
-    def _learn(self, ctx, blocks, x0, kwargs, ids, arch):
+    def _learn(self, ctx, blocks, x0, kwargs, ids, n, arch):
+        """Learn on the first ``n`` of ``x0``/``ids``; judge on the rest (on the first ``n`` where
+        there is no rest)."""
         import torch.nn.functional as F
         from torch.func import functional_call
         from torch.utils.checkpoint import checkpoint
@@ -170,6 +181,19 @@ class SpinQuant(Preprocessor):
         grid_args = (run.bits, run.group_size, run.symmetric)
         dev = x0.device
 
+        teacher = {}
+
+        def teacher_logp(k):
+            """log p of the FP model on sample k (rotations leave the FP function as it is)."""
+            if k not in teacher:
+                with torch.no_grad():
+                    x = x0[k:k + 1]
+                    for i, blk in enumerate(blocks):
+                        y = blk(x, **cast_floats(kwargs[i], torch.float32))
+                        x = y[0] if isinstance(y, tuple) else y
+                    teacher[k] = F.log_softmax(functional_call(norm.float(), flat, (x,)) @ Wh.T, -1)[0]
+            return teacher[k]
+
         def loss_of(R1, R2, k):
             x = x0[k:k + 1] @ R1
             for i, blk in enumerate(blocks):
@@ -180,11 +204,15 @@ class SpinQuant(Preprocessor):
                 x = checkpoint(step, x, R1, R2, use_reentrant=False)
             h = functional_call(norm.float(), flat, (x,))
             logits = h @ (Wh @ R1).T
+            if o.loss == "kl":
+                return token_kl(logits[0], teacher_logp(k))
             return F.cross_entropy(logits[0, :-1], ids[k, 1:].to(dev))
+
+        judge = range(n, x0.shape[0]) if x0.shape[0] > n else range(n)
 
         def objective(R1, R2):
             with torch.no_grad():
-                return sum(float(loss_of(R1, R2, k)) for k in range(x0.shape[0])) / x0.shape[0]
+                return sum(float(loss_of(R1, R2, k)) for k in judge) / len(judge)
 
         R1 = rotation(int(cfg.hidden_size), o.seed).float().to(dev)
         R2 = rotation(lays[0].head_dim, o.seed + 1).float().to(dev) if o.r2 else None
@@ -196,7 +224,7 @@ class SpinQuant(Preprocessor):
                 r1 = R1.clone().requires_grad_(True)
                 r2 = None if R2 is None else R2.clone().requires_grad_(True)
                 with torch.enable_grad():
-                    loss = loss_of(r1, r2, t % x0.shape[0])
+                    loss = loss_of(r1, r2, t % n)
                     grads = torch.autograd.grad(loss, [r for r in (r1, r2) if r is not None])
                 R1 = cayley_step(R1, grads[0], lr)
                 if R2 is not None:
@@ -205,12 +233,12 @@ class SpinQuant(Preprocessor):
         R1, R2 = orthonormalise(R1).float(), None if R2 is None else orthonormalise(R2).float()
         loss_end = objective(R1, R2)
         kept = loss_end < loss_start
-        if not kept:                                  # never worse than the Hadamard start on its own objective
+        if not kept:                                  # never worse than the Hadamard start on held-out samples
             R1, R2 = start
         t = HadamardRotation(adapter, R1.double(), None if R2 is None else R2.double(),
                              bool(getattr(cfg, "tie_word_embeddings", False)), arch)
-        t.learned = {"steps": o.steps, "loss_start": round(loss_start, 5), "loss_end": round(loss_end, 5),
-                     "kept_learned": kept}
+        t.learned = {"steps": o.steps, "loss": o.loss, "heldout_samples": x0.shape[0] - n,
+                     "loss_start": round(loss_start, 5), "loss_end": round(loss_end, 5), "kept_learned": kept}
         return t
 
 

@@ -6,6 +6,7 @@ Effective weights (fuse.py's rotation, written as functions of R1, R2):
   stream   x' = x R1 (the captured block-0 inputs),  head  W_h diag(g_f) R1,  every norm gain 1 - c,
 with B2 = diag(R2, ..., R2). Quantized linears are fake-quantized by round-to-nearest on the run's
 grid with a straight-through gradient: Q(W) = W + (dequant(quant(W)) - W) held constant.
+Loss (default): KL(p_FP || p_Q) per token, p_FP from the unrotated FP model (rotations keep it).
 Cayley SGD on the Stiefel manifold (Li et al. 2020): with G = dL/dR,
   A = G R^T - R G^T (skew),  R <- (I + lr/2 A)^-1 (I - lr/2 A) R,
 which is orthogonal whenever R is.
@@ -24,6 +25,12 @@ def fake_quant(W: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> 
         cols = W.shape[1]
         Wq = grid.dequantize(q.float(), grid.expand(s, cols, group_size), grid.expand(z, cols, group_size))
     return W + (Wq.to(W.dtype) - W).detach()
+
+
+def token_kl(logits: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(p_FP || p_Q): sum_v p_FP (log p_FP - log p_Q), logits (L, V)."""
+    logq = torch.log_softmax(logits.float(), -1)
+    return (teacher_logp.exp() * (teacher_logp - logq)).sum(-1).mean()
 
 
 def per_head(h: int, n: int, R2: torch.Tensor) -> torch.Tensor:

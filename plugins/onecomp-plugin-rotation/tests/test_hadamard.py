@@ -185,16 +185,17 @@ def test_cayley_step_keeps_rotations_orthogonal():
 
 
 @pytest.mark.whole_suite                 # pipeline runs: in the whole suite, not the isolated check
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_spinquant_learns_rotations_that_keep_the_function_and_lower_its_loss(arch, tiny_models, tmp_path):
+@pytest.mark.parametrize("arch, loss", [("llama", "kl"), ("qwen2", "ce")])
+def test_spinquant_learns_rotations_that_keep_the_function_and_lower_its_loss(arch, loss, tiny_models, tmp_path):
     from onecomp_plugin_rotation.plugin import SpinQuant
     plugin, seen = spying(SpinQuant, "spyspin")
     folder = tiny_models(arch)
     rep = onecomp_core.quantize(folder, tmp_path / "q", plugins=[plugin], preprocessors=["spyspin"],
-                                options={"spyspin": {"steps": 4, "samples": 2, "lr": 0.5}},
-                                bits=3, group_size=32, projector="rtn", num_samples=2, seq_len=32)
+                                options={"spyspin": {"steps": 4, "samples": 2, "lr": 0.5, "loss": loss}},
+                                bits=3, group_size=32, projector="rtn", num_samples=3, seq_len=32)
     d = rep["preprocessors"][0]
-    assert d["steps"] == 4 and d["loss_end"] >= 0 and (d["kept_learned"] == (d["loss_end"] < d["loss_start"]))
+    assert d["steps"] == 4 and d["loss"] == loss and d["heldout_samples"] == 1     # learns on 2, judged on the 3rd
+    assert d["loss_end"] >= 0 and (d["kept_learned"] == (d["loss_end"] < d["loss_start"]))
     t = seen[0]
     eye = torch.eye(t.R1.shape[0], dtype=torch.float64)
     assert torch.allclose(t.R1 @ t.R1.T, eye, atol=1e-6)
@@ -212,17 +213,28 @@ def test_spinquant_learns_rotations_that_keep_the_function_and_lower_its_loss(ar
     assert ((a - b).abs().max() / a.abs().max()).item() < 1e-5
 
 
+def test_token_kl_is_zero_on_the_teacher_itself_and_positive_elsewhere():
+    from onecomp_plugin_rotation.spinquant import token_kl
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(5, 11, generator=g)
+    logp = torch.log_softmax(z, -1)
+    assert token_kl(z + 3.0, logp).abs().item() < 1e-6                 # same distribution (logits shifted)
+    other = torch.randn(5, 11, generator=g)
+    direct = (logp.exp() * (logp - torch.log_softmax(other, -1))).sum(-1).mean()
+    assert torch.isclose(token_kl(other, logp), direct) and direct > 0
+
+
 def test_spinquant_refuses_a_memory_budget_it_cannot_fit():
     from transformers import LlamaConfig
     from onecomp_core.testing import COMMON
     from onecomp_plugin_rotation.plugin import SpinQuant, SpinQuantOptions, _learn_bytes
     cfg = LlamaConfig(**COMMON)
     from onecomp_core.sdk import rss_bytes
-    need = _learn_bytes(cfg, 32) + rss_bytes()
+    need = _learn_bytes(cfg, 32, 2) + rss_bytes()              # the default KL loss caches the FP log-probs
     ctx = SimpleNamespace(model_config=cfg, run=None, adapter=None, inputs=lambda: (torch.zeros(2, 32, 64), [{}, {}]),
                           calibration_ids=torch.zeros(2, 32, dtype=torch.long), max_memory=need - 2**20)
     with pytest.raises(OnecompError, match=r"spinquant needs ~.* GB to learn its rotations .* max-memory"):
         SpinQuant(SpinQuantOptions()).fit(ctx)
     smol = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                        num_key_value_heads=3, vocab_size=49152)
-    assert 1e9 < _learn_bytes(smol, 512) < 4e9                      # SmolLM2: fits the 8 GB
+    assert 1e9 < _learn_bytes(smol, 512, 12) < 5e9                  # SmolLM2, 8 + 4 samples cached: fits 8 GB
