@@ -14,6 +14,7 @@ import json
 from common import quantize_and_measure
 
 SETTINGS = {
+    "3b-channel-gptq": ["--bits", "3", "--group-size", "-1", "--projector", "gptq"],
     "3b-channel-gptq+qep": ["--bits", "3", "--group-size", "-1", "--projector", "gptq", "--correction", "qep"],
     "3b-g128-gptq": ["--bits", "3", "--group-size", "128", "--projector", "gptq"],
     "3b-g128-gptq+qep": ["--bits", "3", "--group-size", "128", "--projector", "gptq", "--correction", "qep"],
