@@ -196,6 +196,20 @@ def calibration_samples(source: str | None, tokenizer, num_samples: int, seq_len
     return ids
 
 
+def available_samples(source: str | None, tokenizer, seq_len: int, strategy: str = "concat_chunk",
+                      text_field: str = "text", split: str = "train", bos: int | None = None) -> int:
+    """How many samples of ``seq_len`` tokens the source gives under ``strategy`` (what
+    :func:`calibration_samples` can draw, held-out ones included)."""
+    docs = read_documents(str(source) if source else str(DEFAULT_TEXT), text_field, split)
+    if strategy == "concat_chunk":
+        docs = ["\n\n".join(docs)]
+    lengths = [len(tokenizer(d, add_special_tokens=False)["input_ids"]) for d in docs]
+    text = seq_len - (bos is not None)
+    if strategy == "concat_chunk":
+        return sum(lengths) // max(text, 1)
+    return sum(n >= text for n in lengths)
+
+
 def _cache_key(src, tokenizer, *parts) -> str:
     """The calibration cache key: the source by content (a file's or a saved dataset folder's
     bytes; a hub dataset by name), the tokenizer by what it does, and the sampling settings."""

@@ -73,7 +73,8 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
 
 def _add_refine_sample_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refine-samples", type=int,
-                   help="calibration samples model refiners train on (default: --num-samples)")
+                   help="calibration samples model refiners train on (default: 4x --num-samples, at most 128, "
+                        "as far as the calibration text gives them)")
     p.add_argument("--heldout", type=int, help="further samples judging model refiners (default: 10%% of those)")
 
 

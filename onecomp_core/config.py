@@ -74,7 +74,7 @@ class CalibrationConfig:
     split: str = attrs.field(default="train", validator=_type(str, "a string"))
     cache: bool = attrs.field(default=True, validator=_type(bool, "true or false"))
     batch_size: int = attrs.field(default=0, validator=_int_in(0, 4096))    # samples per block forward; 0: by device
-    refine_samples: int = attrs.field(default=0, validator=_int_in(0, 1 << 20))  # model refiners train on; 0: num_samples
+    refine_samples: int = attrs.field(default=0, validator=_int_in(0, 1 << 20))  # model refiners train on; 0: auto (runner.refine_counts)
     heldout: int = attrs.field(default=0, validator=_int_in(0, 4096))       # samples judging model refiners; 0: 10%
     stats_dtype: str = attrs.field(default="float32", validator=_one_of(("float32", "float64")))  # statistics' sums
     # the layer-wise pass's block forwards: auto = bfloat16 on a CPU with native bfloat16 matmuls; off = the compute dtype

@@ -194,11 +194,13 @@ def scope_of(refiner) -> str:
 
 def run_model_refiners(refiners, store: RefineStore | None, *, plan, formats, plugins, reference, load_reference,
                        heldout_ref, train_ids, heldout_ids, device, run, choose=None, ranks=None,
-                       out: Path | None = None) -> list[dict]:
+                       out: Path | None = None, block_train_ids=None) -> list[dict]:
     """Each model refiner in order on ``store.current``; -> one record per refiner.
     ``choose(refiner, mctx)``: whether it runs (the resource-adaptive choice). ``load_reference()``:
     the FP model, for the refiners that ask for it; ``heldout_ref``: what judges each stage (the FP
     model's ReferenceLogProbs over ``heldout_ids``, or the model itself; None on other ranks).
+    Model refiners train on ``train_ids``; block refiners over the checkpoint's blocks on
+    ``block_train_ids`` (default ``train_ids``).
 
     Data-parallel (``ranks`` active, every refiner ``data_parallel``): rank 0 owns ``store``,
     decides (done before a kill, chosen or skipped), judges and writes; it tells the other ranks
@@ -216,8 +218,9 @@ def run_model_refiners(refiners, store: RefineStore | None, *, plan, formats, pl
 
     def context(refiner) -> ModelContext:
         current = work / "current"
+        ids = block_train_ids if block_train_ids is not None and scope_of(refiner) == "block" else train_ids
         return ModelContext(checkpoint=current, reference=reference, plan=plan, formats=formats,
-                            calibration_ids=train_ids, heldout_ids=heldout_ids, device=device,
+                            calibration_ids=ids, heldout_ids=heldout_ids, device=device,
                             load=load, load_reference=load_reference, run=run,
                             quantized=lambda: quantized_tensors(current, plugins.registry),
                             scratch=scratch(refiner), ranks=ranks)
@@ -256,7 +259,8 @@ def run_model_refiners(refiners, store: RefineStore | None, *, plan, formats, pl
         result = refiner.refine(mctx) or {}
         same_on_every_rank(ranks, refiner, result)
         record = {"name": refiner.name, "scope": key[1], "modules": len(result), "before": before, "after": before,
-                  "kept": False}
+                  "kept": False, "train_samples": int(mctx.calibration_ids.shape[0]),
+                  "heldout_samples": int(heldout_ids.shape[0])}
         if result:
             write_candidate(store.current, store.next, refiner.name, result, plan, formats)
             record["after"] = heldout_kl(load(store.next), heldout_ref, heldout_ids)

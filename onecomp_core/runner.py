@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .calibration import bos_id, calibration_samples
+from .calibration import available_samples, bos_id, calibration_samples
 from .checkpoint import load_quantized, read_meta
 from .checkpoint_blocks import CheckpointBlocks
 from .components import Transform
@@ -96,11 +96,23 @@ def refine_pending(out: Path, fp: str) -> bool:
         return False
 
 
-def refine_counts(cal) -> tuple[int, int]:
-    """(samples the model refiners train on, held-out samples judging them): ``refine_samples``
-    (default: the layer-wise pass's) and ``heldout`` (default: 10% of those, at least 1)."""
-    train = max(cal.refine_samples or cal.num_samples, cal.num_samples)
-    return train, cal.heldout or max(1, -(-train // 10))
+REFINE_SAMPLES_AUTO = 128     # auto: model refiners train on 4x the layer-wise pass's samples, at most this many
+
+
+def refine_counts(cal, available: int | None = None) -> tuple[int, int]:
+    """(samples the model refiners train on, held-out samples judging them): ``refine_samples``,
+    or where it is 0 (auto) 4x the layer-wise pass's ``num_samples`` up to REFINE_SAMPLES_AUTO
+    (never fewer than ``num_samples``), fewer where the source gives only ``available`` samples in
+    all; ``heldout`` (default: 10% of the training samples, at least 1)."""
+    def held(t):
+        return cal.heldout or max(1, -(-t // 10))
+    if cal.refine_samples:
+        train = max(cal.refine_samples, cal.num_samples)
+    else:
+        train = min(4 * cal.num_samples, max(REFINE_SAMPLES_AUTO, cal.num_samples))
+        while available is not None and train > cal.num_samples and train + held(train) > available:
+            train -= 1
+    return train, held(train)
 
 
 class Runner:
@@ -289,12 +301,18 @@ class Runner:
 
     def calibrate(self) -> None:
         cal = self.run_cfg.calibration
-        train, heldout = refine_counts(cal) if self.stage_refiners() else (cal.num_samples, 0)
+        train, heldout = (cal.num_samples, 0)
+        if self.stage_refiners():
+            have = None if cal.refine_samples else available_samples(
+                cal.source, self.tokenizer, cal.seq_len, cal.strategy, cal.text_field, cal.split, bos=self.bos)
+            train, heldout = refine_counts(cal, have)
         ids = calibration_samples(cal.source, self.tokenizer, train, cal.seq_len, cal.strategy,
                                   cal.seed, cal.text_field, cal.split, cal.cache, bos=self.bos, heldout=heldout)
         # the layer-wise pass: the first num_samples; model refiners: the first `train`; the rest (spread
-        # over the source) judges them
+        # over the source) judges them; block refiners on a finished checkpoint: the layer-wise pass's
+        # (as they had inside it), unless refine_samples was set
         self.ids, self.refine_ids, self.heldout_ids = ids[:cal.num_samples], ids[:train], ids[train:]
+        self.block_refine_ids = self.refine_ids if cal.refine_samples else self.ids
 
     def capture(self) -> None:
         self.inputs, self.kwargs = capture(self.sk, self.ids)
@@ -544,7 +562,7 @@ class Runner:
         self.refined = run_model_refiners(
             self.stage_refiners(), self.refine_store, plan=self.plan_, formats=self.res.formats,
             plugins=self.res.plugins, reference=self.folder, load_reference=reference_model, heldout_ref=judge,
-            train_ids=self.refine_ids,
+            train_ids=self.refine_ids, block_train_ids=self.block_refine_ids,
             heldout_ids=self.heldout_ids, device=self.device, run=run, choose=choose, ranks=ranks, out=Path(run.out))
         if self.ranks.leader:
             self.final = self.refine_store.current

@@ -126,3 +126,35 @@ def test_digests_follow_content():
     y = x.clone()
     y[3] = 7
     assert tensor_digest(x) != tensor_digest(y)
+
+
+@pytest.mark.parametrize("strategy", ["concat_chunk", "drop_head"])
+def test_available_samples_is_what_the_sampler_can_draw(tok, tmp_path, strategy):
+    from onecomp_core.calibration import available_samples
+    text = tmp_path / "t.txt"
+    text.write_text("\n\n".join(f"document {i} " + "word " * (30 + 7 * i) for i in range(12)))
+    have = available_samples(str(text), tok, 24, strategy, bos=None)
+    assert have >= 2
+    assert calibration_samples(str(text), tok, have, 24, strategy, use_cache=False).shape == (have, 24)
+    with pytest.raises(OnecompError, match="give more text|calibration text has"):
+        calibration_samples(str(text), tok, have + 1, 24, strategy, use_cache=False)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 200), refine=st.integers(0, 300), heldout=st.integers(0, 20),
+       available=st.one_of(st.none(), st.integers(1, 2000)))
+def test_refine_counts_auto_is_four_times_the_pass_up_to_128_and_fits_the_source(n, refine, heldout, available):
+    from types import SimpleNamespace
+    from onecomp_core.runner import refine_counts
+    cal = SimpleNamespace(num_samples=n, refine_samples=refine, heldout=heldout)
+    train, held = refine_counts(cal, available)
+    assert held == (heldout or max(1, -(-train // 10))) and train >= n
+    if refine:
+        assert train == max(refine, n)                      # asked for: exactly that (the source must give it)
+    else:
+        auto = min(4 * n, max(128, n))
+        assert train <= auto
+        if available is None or auto + (heldout or max(1, -(-auto // 10))) <= available:
+            assert train == auto
+        elif train > n:
+            assert train + held <= available                  # the most the source gives

@@ -121,7 +121,7 @@ class Repair(ModelRefiner):
     name = "repair"
 
     def refine(self, mctx):
-        assert mctx.heldout_ids.shape[0] == 1 and mctx.calibration_ids.shape[0] == 2     # held out: 10%, at least 1
+        assert mctx.heldout_ids.shape[0] == 1 and mctx.calibration_ids.shape[0] == 8     # auto: 4 x 2; held out 1
         model = mctx.load()
         out = {}
         for name in ("model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj"):
@@ -172,6 +172,7 @@ def test_model_refiners_are_kept_only_when_the_heldout_metric_does_not_get_worse
     assert ruin["name"] == "ruin" and not ruin["kept"] and ruin["after"] > ruin["before"]
     assert repair["name"] == "repair" and repair["kept"] and repair["after"] < repair["before"]
     assert repair["before"] == ruin["before"]                     # the ruin was not kept
+    assert repair["train_samples"] == 8 and repair["heldout_samples"] == 1   # auto: 4x the pass's 2; 10%, at least 1
     a = load_file(str(tmp_path / "plain" / "model-block-00001.safetensors"))
     b = load_file(str(tmp_path / "q" / "model-block-00001.safetensors"))
     assert torch.equal(a["model.layers.1.mlp.down_proj.weight_scale"], b["model.layers.1.mlp.down_proj.weight_scale"])
