@@ -112,6 +112,7 @@ class SpinQuantOptions:
     samples: int = attrs.field(default=8, validator=in_range(1, 1 << 20))    # calibration samples it learns on
     heldout: int = attrs.field(default=4, validator=in_range(0, 1 << 20))    # further samples judging the result
     loss: str = attrs.field(default="kl", validator=one_of("kl", "ce"))      # KL to the FP model, or next-token CE
+    clip_steps: int = attrs.field(default=20, validator=in_range(0, 1000))    # fake quantizer's clipping search; 0: min/max
     r2: bool = attrs.field(default=True, validator=boolean)
 
 
@@ -178,7 +179,7 @@ class SpinQuant(Preprocessor):
         c = adapter.norm_offset(None, "norm")
         Wh = (head.weight.detach().float() * (c + norm.weight.detach().float())[None, :])
         flat = {"weight": torch.full_like(norm.weight.detach().float(), 1.0 - c)}
-        grid_args = (run.bits, run.group_size, run.symmetric)
+        grid_args = (run.bits, run.group_size, run.symmetric, o.clip_steps)
         dev = x0.device
 
         teacher = {}
@@ -237,7 +238,7 @@ class SpinQuant(Preprocessor):
             R1, R2 = start
         t = HadamardRotation(adapter, R1.double(), None if R2 is None else R2.double(),
                              bool(getattr(cfg, "tie_word_embeddings", False)), arch)
-        t.learned = {"steps": o.steps, "loss": o.loss, "heldout_samples": x0.shape[0] - n,
+        t.learned = {"steps": o.steps, "loss": o.loss, "clip_steps": o.clip_steps, "heldout_samples": x0.shape[0] - n,
                      "loss_start": round(loss_start, 5), "loss_end": round(loss_end, 5), "kept_learned": kept}
         return t
 

@@ -5,7 +5,9 @@ Effective weights (fuse.py's rotation, written as functions of R1, R2):
   readers  W diag(g) R1 (a value projection then B2^T per head),  writers  R1^T W (o_proj then B2)
   stream   x' = x R1 (the captured block-0 inputs),  head  W_h diag(g_f) R1,  every norm gain 1 - c,
 with B2 = diag(R2, ..., R2). Quantized linears are fake-quantized by round-to-nearest on the run's
-grid with a straight-through gradient: Q(W) = W + (dequant(quant(W)) - W) held constant.
+grid with a straight-through gradient: Q(W) = W + (dequant(quant(W)) - W) held constant; the
+grid's range per group shrunk by GPTQ's clipping search (clip_steps; unweighted: sum |e|^2.4), as
+the run's projector clips, so that the model learned against is near the one the run will make.
 Loss (default): KL(p_FP || p_Q) per token, p_FP from the unrotated FP model (rotations keep it).
 Cayley SGD on the Stiefel manifold (Li et al. 2020): with G = dL/dR,
   A = G R^T - R G^T (skew),  R <- (I + lr/2 A)^-1 (I - lr/2 A) R,
@@ -18,10 +20,11 @@ import torch
 from onecomp_core.sdk import grid
 
 
-def fake_quant(W: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> torch.Tensor:
-    """Q(W) with a straight-through gradient (the grid fitted to the detached weights)."""
+def fake_quant(W: torch.Tensor, bits: int, group_size: int, symmetric: bool, clip_steps: int = 0) -> torch.Tensor:
+    """Q(W) with a straight-through gradient (the grid fitted to the detached weights; with
+    ``clip_steps``, each group's range shrunk by GPTQ's clipping search, unweighted)."""
     with torch.no_grad():
-        q, s, z = grid.rtn(W.detach().float(), bits, group_size, symmetric)
+        q, s, z = grid.rtn(W.detach().float(), bits, group_size, symmetric, mse_steps=clip_steps)
         cols = W.shape[1]
         Wq = grid.dequantize(q.float(), grid.expand(s, cols, group_size), grid.expand(z, cols, group_size))
     return W + (Wq.to(W.dtype) - W).detach()
@@ -39,7 +42,8 @@ def per_head(h: int, n: int, R2: torch.Tensor) -> torch.Tensor:
 
 
 def effective_params(block, lay, R1, R2, quantized: set, grid_args: tuple) -> dict:
-    """{parameter name: tensor} of ``block`` rotated by (R1, R2) and fake-quantized."""
+    """{parameter name: tensor} of ``block`` rotated by (R1, R2) and fake-quantized
+    (``grid_args``: fake_quant's bits, group_size, symmetric[, clip_steps])."""
     params = dict(block.named_parameters())
     out = {}
     for norm, readers in lay.norms.items():

@@ -224,6 +224,24 @@ def test_token_kl_is_zero_on_the_teacher_itself_and_positive_elsewhere():
     assert torch.isclose(token_kl(other, logp), direct) and direct > 0
 
 
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), bits=st.sampled_from([2, 3, 4]), group=st.sampled_from([-1, 16]),
+       symmetric=st.booleans())
+def test_fake_quant_with_the_clipping_search_is_never_worse_on_its_own_error(seed, bits, group, symmetric):
+    from onecomp_plugin_rotation.spinquant import fake_quant
+    W = torch.randn(6, 32, generator=torch.Generator().manual_seed(seed)) * torch.rand(6, 1) ** 3
+    W[0, 0] = 8.0                                                   # an outlier the search may clip
+    W.requires_grad_(True)
+
+    def err(Q):
+        e = (Q - W).detach().abs().pow(2.4)
+        return e.view(6, -1, 32 if group == -1 else group).sum(-1)        # each group's |e|^2.4
+    plain, clipped = fake_quant(W, bits, group, symmetric), fake_quant(W, bits, group, symmetric, clip_steps=20)
+    assert (err(clipped) <= err(plain) * (1 + 1e-5) + 1e-6).all()
+    clipped.sum().backward()                                        # straight-through: dQ/dW = I
+    assert torch.equal(W.grad, torch.ones_like(W))
+
+
 def test_spinquant_refuses_a_memory_budget_it_cannot_fit():
     from transformers import LlamaConfig
     from onecomp_core.testing import COMMON
