@@ -112,7 +112,7 @@ class SpinQuantOptions:
     samples: int = attrs.field(default=8, validator=in_range(1, 1 << 20))    # calibration samples it learns on
     heldout: int = attrs.field(default=4, validator=in_range(0, 1 << 20))    # further samples judging the result
     loss: str = attrs.field(default="kl", validator=one_of("kl", "ce"))      # KL to the FP model, or next-token CE
-    clip_steps: int = attrs.field(default=20, validator=in_range(0, 1000))    # fake quantizer's clipping search; 0: min/max
+    clip_steps: int = attrs.field(default=0, validator=in_range(0, 1000))     # fake quantizer's clipping search; 0: min/max
     r2: bool = attrs.field(default=True, validator=boolean)
 
 

@@ -6,7 +6,7 @@ Effective weights (fuse.py's rotation, written as functions of R1, R2):
   stream   x' = x R1 (the captured block-0 inputs),  head  W_h diag(g_f) R1,  every norm gain 1 - c,
 with B2 = diag(R2, ..., R2). Quantized linears are fake-quantized by round-to-nearest on the run's
 grid with a straight-through gradient: Q(W) = W + (dequant(quant(W)) - W) held constant; the
-grid's range per group shrunk by GPTQ's clipping search (clip_steps; unweighted: sum |e|^2.4), as
+grid's range per group optionally shrunk by GPTQ's clipping search (clip_steps; unweighted: sum |e|^2.4), as
 the run's projector clips, so that the model learned against is near the one the run will make.
 Loss (default): KL(p_FP || p_Q) per token, p_FP from the unrotated FP model (rotations keep it).
 Cayley SGD on the Stiefel manifold (Li et al. 2020): with G = dL/dR,
