@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 from .errors import OnecompError
 from .hashing import files_digest, tokenizer_digest
 from .model_source import cache_root, looks_local, offline
+from .store import atomic_json, atomic_torch_save
 
 STRATEGIES = ("concat_chunk", "drop_head", "drop_rand")
 DEFAULT_TEXT = Path(__file__).parent / "data" / "enwiki_excerpt.txt"
@@ -119,7 +119,7 @@ def select(docs_tokens: list[list[int]], n: int, seq_len: int, strategy: str, se
     rng = random.Random(seed)
     if strategy == "concat_chunk":
         flat = [t for d in docs_tokens for t in d]
-        have = len(flat) // seq_len
+        have = _available([len(flat)], seq_len, strategy)
         if have == 0:
             raise OnecompError(f"calibration text has {len(flat)} tokens, shorter than one sample of "
                                f"{seq_len}; give more text or lower calibration.seq_len")
@@ -132,7 +132,7 @@ def select(docs_tokens: list[list[int]], n: int, seq_len: int, strategy: str, se
         return torch.cat([chunks[:n], chunks[[n + (2 * k + 1) * rest // (2 * spread) for k in range(spread)]]])
     if strategy not in STRATEGIES:
         raise OnecompError(f"unknown calibration strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
-    long = [d for d in docs_tokens if len(d) >= seq_len]
+    long = [d for d in docs_tokens if len(d) >= seq_len]           # _available's count for these strategies
     if len(long) < n + spread:
         raise OnecompError(f"strategy {strategy} needs {n + spread} documents of at least {seq_len} tokens, the "
                            f"calibration text has {len(long)}; use concat_chunk or lower seq_len/num_samples")
@@ -177,10 +177,7 @@ def calibration_samples(source: str | None, tokenizer, num_samples: int, seq_len
     cache = cache_root() / "calibration" / f"{key}.pt"
     if use_cache and cache.is_file():
         return torch.load(cache, weights_only=True)
-    docs = read_documents(src, text_field, split)
-    if strategy == "concat_chunk":   # the running text, as perplexity sees it
-        docs = ["\n\n".join(docs)]
-    tokens = [tokenizer(d, add_special_tokens=False)["input_ids"] for d in docs]
+    tokens = _tokenized(src, tokenizer, strategy, text_field, split)
     if bos is None:
         ids = select(tokens, num_samples, seq_len, strategy, seed, heldout)
     else:
@@ -190,24 +187,43 @@ def calibration_samples(source: str | None, tokenizer, num_samples: int, seq_len
         ids = torch.cat([torch.full((text.shape[0], 1), bos, dtype=text.dtype), text], 1)
     if use_cache:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".tmp{os.getpid()}")
-        torch.save(ids, tmp)
-        os.replace(tmp, cache)
+        atomic_torch_save(cache, ids)
     return ids
 
 
-def available_samples(source: str | None, tokenizer, seq_len: int, strategy: str = "concat_chunk",
-                      text_field: str = "text", split: str = "train", bos: int | None = None) -> int:
-    """How many samples of ``seq_len`` tokens the source gives under ``strategy`` (what
-    :func:`calibration_samples` can draw, held-out ones included)."""
-    docs = read_documents(str(source) if source else str(DEFAULT_TEXT), text_field, split)
+def _tokenized(src: str, tokenizer, strategy: str, text_field: str, split: str) -> list[list[int]]:
+    """The source's documents as token ids (for ``concat_chunk`` one document: the running text,
+    as perplexity sees it)."""
+    docs = read_documents(src, text_field, split)
     if strategy == "concat_chunk":
         docs = ["\n\n".join(docs)]
-    lengths = [len(tokenizer(d, add_special_tokens=False)["input_ids"]) for d in docs]
-    text = seq_len - (bos is not None)
+    return [tokenizer(d, add_special_tokens=False)["input_ids"] for d in docs]
+
+
+def _available(lengths: list[int], seq_len: int, strategy: str) -> int:
+    """Samples of ``seq_len`` tokens that documents of these lengths give under ``strategy``
+    (:func:`select`'s rule: concat_chunk cuts the running text, the others take one window of
+    each document at least that long)."""
     if strategy == "concat_chunk":
-        return sum(lengths) // max(text, 1)
-    return sum(n >= text for n in lengths)
+        return sum(lengths) // max(seq_len, 1)
+    return sum(n >= seq_len for n in lengths)
+
+
+def available_samples(source: str | None, tokenizer, seq_len: int, strategy: str = "concat_chunk",
+                      text_field: str = "text", split: str = "train", bos: int | None = None,
+                      use_cache: bool = True) -> int:
+    """How many samples of ``seq_len`` tokens the source gives under ``strategy`` (what
+    :func:`calibration_samples` can draw, held-out ones included); cached beside the samples."""
+    src = str(source) if source else str(DEFAULT_TEXT)
+    cache = cache_root() / "calibration" / f"{_cache_key(src, tokenizer, 'available', seq_len, strategy, text_field, split, bos)}.json"
+    if use_cache and cache.is_file():
+        return int(json.loads(cache.read_text()))
+    lengths = [len(t) for t in _tokenized(src, tokenizer, strategy, text_field, split)]
+    have = _available(lengths, seq_len - (bos is not None), strategy)
+    if use_cache:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_json(cache, have)
+    return have
 
 
 def _cache_key(src, tokenizer, *parts) -> str:

@@ -304,7 +304,8 @@ class Runner:
         train, heldout = (cal.num_samples, 0)
         if self.stage_refiners():
             have = None if cal.refine_samples else available_samples(
-                cal.source, self.tokenizer, cal.seq_len, cal.strategy, cal.text_field, cal.split, bos=self.bos)
+                cal.source, self.tokenizer, cal.seq_len, cal.strategy, cal.text_field, cal.split, bos=self.bos,
+                use_cache=cal.cache)
             train, heldout = refine_counts(cal, have)
         ids = calibration_samples(cal.source, self.tokenizer, train, cal.seq_len, cal.strategy,
                                   cal.seed, cal.text_field, cal.split, cal.cache, bos=self.bos, heldout=heldout)
