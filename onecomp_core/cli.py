@@ -26,13 +26,10 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refiner", "--correction", action="append", dest="refiners", metavar="NAME",
                    help="refiner (repeatable, in order): corrections such as qep, lpcd; block refiners such as "
                         "blockcomp, blockptq; model refiners such as globalptq")
-    p.add_argument("--refine", choices=["manual", "auto"],
-                   help="auto: add the refiners (blockptq, globalptq) that fit --max-memory and --time-budget")
-    p.add_argument("--max-memory", help="memory the run may use, e.g. 8GB (default: the machine's; the GPU's on CUDA)")
+    _add_budget_flags(p)
     p.add_argument("--spill-streams", choices=["auto", "always", "never"],
                    help="keep the layer-wise pass's hidden-state streams in files on disk: auto (default) when "
                         "--max-memory says they do not fit")
-    p.add_argument("--time-budget", help="time the whole run may take, e.g. 45m or 2h (--refine auto skips what would not fit)")
     p.add_argument("--planner", help="planner name (uniform, autobit, ...)")
     p.add_argument("--target-bpw", type=float, help="budget: average bits per weight of the quantized linears")
     p.add_argument("--budget-bytes", help="budget: size of the quantized linears, e.g. 60MB")
@@ -69,6 +66,13 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
                    help="calibration and evaluation sequences start with BOS: auto, as the tokenizer does (default)")
     p.add_argument("--overwrite", action="store_const", const=True,
                    help="replace an existing output folder (and start an unfinished run of another config over)")
+
+
+def _add_budget_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--refine", choices=["manual", "auto"],
+                   help="auto: add the refiners (blockptq, globalptq) that fit --max-memory and --time-budget")
+    p.add_argument("--max-memory", help="memory the run may use, e.g. 8GB (default: the machine's; the GPU's on CUDA)")
+    p.add_argument("--time-budget", help="time the whole run may take, e.g. 45m or 2h (--refine auto skips what would not fit)")
 
 
 def _add_refine_sample_flags(p: argparse.ArgumentParser) -> None:
@@ -135,12 +139,16 @@ def cmd_refine(a) -> int:
     old = Path(a.dir) / "report.json"
     earlier = len(json.loads(old.read_text()).get("refine", [])) if old.is_file() else 0
     report = refine(a.dir, refiners=a.refiners or [], options=_options(a.option), eval_text=a.eval_text,
-                    refine_samples=a.refine_samples, heldout=a.heldout, device=a.device, dtype=a.dtype)
+                    refine_samples=a.refine_samples, heldout=a.heldout, device=a.device, dtype=a.dtype,
+                    refine=a.refine, max_memory=a.max_memory, time_budget=a.time_budget)
     if report.get("rank"):                           # a data-parallel rank other than 0: rank 0 reports
         return 0
     for rec in report["refine"][earlier:]:
-        verdict = "kept" if rec["kept"] else "discarded"
         what = rec["name"] + (" (its blocks)" if rec.get("scope") == "block" else "")
+        if rec.get("skipped"):
+            print(f"{what}: skipped, does not fit (held-out KL stays {rec['before']:.4f})")
+            continue
+        verdict = "kept" if rec["kept"] else "discarded"
         print(f"{what}: held-out KL {rec['before']:.4f} -> {rec['after']:.4f}, {verdict} ({rec['seconds']} s)")
     print(f"{report['out']}: {report['summary'].get('stage')}")
     if report.get("evaluation"):
@@ -266,9 +274,10 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("refine", help="run refiners (model refiners, and block refiners such as blockptq over its "
                                       "blocks) on an onecomp checkpoint, replacing it if they help")
     r.add_argument("dir", help="an onecomp output folder (a pivot or an already refined checkpoint)")
-    r.add_argument("--refiner", action="append", dest="refiners", metavar="NAME", required=True,
-                   help="refiner (repeatable, in order), e.g. blockptq, globalptq")
+    r.add_argument("--refiner", action="append", dest="refiners", metavar="NAME",
+                   help="refiner (repeatable, in order), e.g. blockptq, globalptq; or --refine auto")
     r.add_argument("--option", action="append", default=[], metavar="COMPONENT.KEY=VALUE")
+    _add_budget_flags(r)
     _add_refine_sample_flags(r)
     r.add_argument("--eval-text", help="afterwards, measure perplexity and KL on this text")
     r.add_argument("--device", help="auto, cpu, cuda or cuda:N")

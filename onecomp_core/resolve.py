@@ -50,6 +50,7 @@ class Resolved:
         self.preprocessors = [self.component("preprocessor", n) for n in run.preprocessors]
         names = list(run.refiners)
         self.auto_refiners: list[str] = []     # added by --refine auto: run only where they fit
+        self.auto_dropped: list[dict] = []     # added by --refine auto, then found unable to run (drop_auto)
         if run.refine == "auto":
             self.auto_refiners = [n for n in AUTO_REFINERS if n in reg.names("refiner") and n not in names]
             missing = [n for n in AUTO_REFINERS if n not in reg.names("refiner")]
@@ -74,6 +75,14 @@ class Resolved:
             siblings = tuple(reg.get(k, name) for k in KINDS if k != kind and name in reg.names(k))
             self._built[key] = cls(build_options(kind, name, cls, self.run.component_options(name), siblings))
         return self._built[key]
+
+    def drop_auto(self, name: str, reason: str) -> None:
+        """A refiner ``--refine auto`` added cannot run here: leave it out, with one line and a
+        ``refine_choice`` entry saying why."""
+        self.refiners = [r for r in self.refiners if r.name != name]
+        self.auto_refiners = [n for n in self.auto_refiners if n != name]
+        print(f"onecomp: {name} skipped: {reason}", file=sys.stderr, flush=True)
+        self.auto_dropped.append({"name": name, "run": False, "reason": reason})
 
     def refiners_of(self, scope: str) -> list:
         """The refiners acting at ``scope`` (layer, block, model), in config order."""

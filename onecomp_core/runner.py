@@ -428,9 +428,12 @@ class Runner:
         base, streams = self.layerwise_parts()
         return base if self.streams_spill(base, streams) else base + streams
 
-    def layerwise_parts(self) -> tuple[int, int]:
+    def layerwise_parts(self, rows: int | None = None, needs: set | None = None,
+                        replays: int | None = None) -> tuple[int, int]:
         """(bytes of the layer-wise pass besides its streams, bytes of the two streams and the
-        replayed attention outputs). The first:
+        replayed attention outputs), for this run's pass, or with ``rows`` samples, ``needs``
+        statistics and ``replays`` replayed records (a block refiner's pass over a finished
+        checkpoint: its samples, no statistics, no replays). The first:
         what is resident now (skeleton, calibration inputs), three copies of the largest block
         (live, FP copy, loading), the largest input statistics (H, and C when paired) and, for a
         Hessian-based projector, its work on the widest H: at most four float64 copies at once
@@ -440,16 +443,17 @@ class Runner:
         width = torch.finfo(sk.dtype).bits // 8
         block = self.largest_block_params()
         cal = self.run_cfg.calibration
-        rows = -(-cal.num_samples // self.ranks.world)          # this rank's shard (all of them in one process)
+        rows = -(-cal.num_samples // self.ranks.world) if rows is None else rows    # this rank's shard
         stream = rows * cal.seq_len * int(getattr(sk.config, "hidden_size", 0)) * width
         widest = max(s[1] for s in self.shapes.values())
-        needs = self.statistics_needed()
+        needs = self.statistics_needed() if needs is None else needs
         stats = widest * widest * 4 * (2 if {"cross", "residual"} & needs else 1)
         factor = widest * widest * 36 if "gram" in needs else 0
         # the attention's output replayed in later forwards (replay.py): one stream-size record,
         # two with paired statistics, and o_proj's input while the first is made; none when block
         # refiners run or the streams go to disk
-        replays = 0 if self.res.refiners_of("block") else (3 if {"cross", "residual"} & needs else 2)
+        if replays is None:
+            replays = 0 if self.res.refiners_of("block") else (3 if {"cross", "residual"} & needs else 2)
         return int(rss_mb() * 2**20 + 3 * block * width + stats + factor), (2 + replays) * stream
 
     def streams_spill(self, base: int, streams: int) -> bool:
@@ -476,12 +480,16 @@ class Runner:
                                           if k.startswith(sk.block_prefix(i) + ".")) for i in range(len(sk.blocks)))
         return self._largest_block
 
-    def estimate_context(self) -> EstimateContext:
+    def estimate_context(self, train_samples: int | None = None) -> EstimateContext:
+        """What block refiners' estimates see: this run's shape and samples (``train_samples``
+        for a pass over a finished checkpoint)."""
         sk, cal = self.sk, self.run_cfg.calibration
         sizes = [[n for n in self.plan_.specs if n.startswith(sk.block_prefix(i) + ".")] for i in range(len(sk.blocks))]
         weights = max(sum(self.shapes[n][0] * self.shapes[n][1] for n in ns) for ns in sizes)
         return EstimateContext(model_config=sk.config, num_blocks=len(sk.blocks), block_weights=weights,
-                               block_params=self.largest_block_params(), train_samples=cal.num_samples, seq_len=cal.seq_len,
+                               block_params=self.largest_block_params(),
+                               train_samples=cal.num_samples if train_samples is None else train_samples,
+                               seq_len=cal.seq_len,
                                device=self.device, time_block_step=self.time_block_step)
 
     def time_block_step(self) -> float:
@@ -491,7 +499,8 @@ class Runner:
         self.sk.release_block(0)
         for p in blk.parameters():
             p.requires_grad_(True)
-        x, kw = self.inputs[:1].float(), cast_floats(self.kwargs[0], torch.float32)
+        inputs, kwargs = (self.inputs, self.kwargs) if hasattr(self, "inputs") else capture(self.sk, self.ids[:1])
+        x, kw = inputs[:1].float(), cast_floats(kwargs[0], torch.float32)
         secs = 0.0
         for _ in range(2):
             t0 = time.time()
@@ -501,9 +510,16 @@ class Runner:
             secs = time.time() - t0
         return secs
 
+    def refine_choice(self) -> RefineChoice:
+        """The resource-adaptive choice of this run, with the refiners ``--refine auto`` had to
+        leave out already recorded."""
+        choice = RefineChoice(self.run_cfg, self.res.auto_refiners, self.device, self.t_start)
+        choice.decisions.extend(self.res.auto_dropped)
+        return choice
+
     def choose_block_refiners(self) -> None:
         res = self.res
-        self.choice = RefineChoice(self.run_cfg, res.auto_refiners, self.device, self.t_start)
+        self.choice = self.refine_choice()
         need = self.layerwise_need_bytes()
         self.choice.check_pivot(need)
         for r in res.refiners_of("block"):
@@ -555,9 +571,13 @@ class Runner:
         judge = heldout_reference(self.folder, self.heldout_ids, self.device, run.dtype, self.res.plugins) \
             if self.ranks.leader else None
         if not hasattr(self, "choice"):
-            self.choice = RefineChoice(run, self.res.auto_refiners, self.device, self.t_start)
+            self.choice = self.refine_choice()
 
         def choose(refiner, mctx) -> bool:
+            if isinstance(refiner, CheckpointBlocks):    # a block refiner's pass over the checkpoint's blocks
+                rows = int(mctx.calibration_ids.shape[0])
+                return self.choice.allow(refiner, refiner.inner.estimate(self.estimate_context(rows)),
+                                         base=sum(self.layerwise_parts(rows, needs=set(), replays=0)))
             return self.choice.allow(refiner, refiner.estimate(mctx))
 
         self.refined = run_model_refiners(

@@ -239,3 +239,65 @@ def test_a_block_step_on_a_saved_pivot_never_loads_the_whole_fp_model(tiny_llama
     assert [(r["name"], r["scope"]) for r in rep["refine"]] == [("blockptq", "block")] and loads == []
     onecomp_core.refine(tmp_path / "q", refiners=["globalptq"], options={"globalptq": {"epochs": 1}})
     assert len(loads) == 1                                      # a model refiner that asks loads it once
+
+
+@pytest.mark.skipif(not (installed("refiner", "blockptq") and installed("refiner", "globalptq")),
+                    reason="needs the blockptq and globalptq distributions")
+def test_refine_auto_on_a_saved_pivot_runs_what_fits_and_leaves_the_pivot_where_nothing_does(tiny_llama, tmp_path,
+                                                                                              capsys):
+    q = tmp_path / "q"
+    onecomp_core.quantize(tiny_llama, q, bits=4, group_size=32, projector="rtn", num_samples=4, seq_len=32)
+    files = {p.name: p.read_bytes() for p in q.glob("*.safetensors")}
+    with pytest.raises(OnecompError, match="--refine auto"):
+        onecomp_core.refine(q)
+    capsys.readouterr()
+    # nothing fits 1 MB: both are estimated (blockptq's pass over the blocks with its timed probe) and skipped
+    rep = onecomp_core.refine(q, refine="auto", max_memory="1MB")
+    assert [(r["name"], r["scope"], r["skipped"]) for r in rep["refine"]] == [("blockptq", "block", True),
+                                                                              ("globalptq", "model", True)]
+    choice = {d["name"]: d for d in rep["refine_choice"]}
+    assert not choice["blockptq"]["run"] and choice["blockptq"]["predicted_peak_mb"] > 1
+    assert choice["blockptq"]["predicted_seconds"] is not None and choice["globalptq"]["predicted_seconds"] > 0
+    assert {p.name: p.read_bytes() for p in q.glob("*.safetensors")} == files      # DIR: still the pivot
+    err = capsys.readouterr().err
+    assert "onecomp: blockptq skipped: needs ~" in err and "onecomp: globalptq skipped: needs ~" in err
+    # the machine's memory and no time budget: both run, blockptq over the blocks first
+    opts = {"blockptq": {"epochs": 1}, "globalptq": {"epochs": 1}}
+    rep = onecomp_core.refine(q, refine="auto", options=opts)
+    new = rep["refine"][-2:]
+    assert [(r["name"], r["scope"]) for r in new] == [("blockptq", "block"), ("globalptq", "model")]
+    assert not any(r.get("skipped") for r in new) and all(d["run"] for d in rep["refine_choice"][-2:])
+    onecomp_core.load_quantized(q)
+
+
+@pytest.mark.skipif(not (installed("refiner", "blockptq") and installed("preprocessor", "hadamard")),
+                    reason="needs the blockptq and rotation distributions")
+def test_refine_auto_leaves_out_a_block_refiner_that_cannot_run_on_the_checkpoint(tiny_llama, tmp_path, capsys,
+                                                                                   monkeypatch):
+    q = tmp_path / "rotated"
+    onecomp_core.quantize(tiny_llama, q, bits=4, group_size=32, projector="rtn", num_samples=4, seq_len=32,
+                          preprocessors=["hadamard"])
+    with pytest.raises(OnecompError, match="was transformed first"):            # named: an error, as before
+        onecomp_core.refine(q, refiners=["blockptq"])
+    rep = onecomp_core.refine(q, refine="auto", max_memory="1MB")
+    choice = {d["name"]: d for d in rep["refine_choice"]}
+    assert not choice["blockptq"]["run"] and "was transformed first" in choice["blockptq"]["reason"]
+    assert "blockptq" not in [r["name"] for r in rep["refine"]]
+    assert "onecomp: blockptq skipped: refiner 'blockptq' on a finished checkpoint" in capsys.readouterr().err
+    monkeypatch.setattr(onecomp_core.resolve, "AUTO_REFINERS", ("blockptq",))       # nothing else to add
+    with pytest.raises(OnecompError, match="--refine auto found no refiner that can act on"):
+        onecomp_core.refine(q, refine="auto")
+
+
+def test_the_refine_command_takes_the_budget_flags(tiny_llama, tmp_path, capsys):
+    q = tmp_path / "q"
+    onecomp_core.quantize(tiny_llama, q, bits=4, group_size=32, projector="rtn", num_samples=4, seq_len=32)
+    capsys.readouterr()
+    assert main(["refine", str(q)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--refiner NAME" in err and "--refine auto" in err
+    assert main(["refine", str(q), "--refine", "auto", "--time-budget", "soon"]) == 2
+    assert "'time_budget': must be a duration such as 45m" in capsys.readouterr().err
+    assert main(["refine", str(q), "--refine", "auto", "--max-memory", "1MB"]) == 0
+    out = capsys.readouterr().out
+    assert "blockptq (its blocks): skipped, does not fit" in out and "globalptq: skipped, does not fit" in out
