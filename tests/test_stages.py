@@ -189,6 +189,49 @@ def test_a_model_refiner_must_keep_the_format_and_bits(tiny_llama, tmp_path):
                               **quick())
 
 
+def test_a_candidate_is_written_file_by_file_even_where_a_module_spans_two_files(tiny_llama, tmp_path):
+    """write_candidate makes each module's stored form just before its file is written; a module
+    whose tensors lie in two files (a sharded checkpoint) gets each in its own file."""
+    import json as _json
+    import shutil
+    from safetensors.torch import save_file
+    from onecomp_core.checkpoint import quantized_tensors, read_meta
+    from onecomp_core.plugins import load_plugins
+    from onecomp_core.refine_stage import write_candidate
+    from onecomp_core.spec import LayerSpec
+    q = tmp_path / "q"
+    onecomp_core.quantize(tiny_llama, q, bits=4, group_size=32, projector="rtn", num_samples=2, seq_len=32)
+    name = "model.layers.0.mlp.down_proj"
+    index_path = q / "model.safetensors.index.json"
+    index = _json.loads(index_path.read_text())
+    home = q / index["weight_map"][f"{name}.weight_scale"]
+    t = load_file(str(home))
+    save_file({f"{name}.weight_scale": t.pop(f"{name}.weight_scale")}, str(q / "model-extra.safetensors"),
+              metadata={"format": "pt"})
+    save_file(t, str(home), metadata={"format": "pt"})
+    index["weight_map"][f"{name}.weight_scale"] = "model-extra.safetensors"
+    index_path.write_text(_json.dumps(index))
+    plugins = load_plugins()
+    qts = quantized_tensors(q, plugins.registry)
+    changed = {n: qt for n, qt in qts.items() if n.startswith("model.layers.0.")}
+    for qt in changed.values():
+        qt.scale.mul_(2)
+    names = {a.name for a in LayerSpec.__attrs_attrs__}
+    plan = {n: LayerSpec(**{k: v for k, v in m.items() if k in names}) for n, m in read_meta(q)["modules"].items()}
+    formats = {"uniform": plugins.registry.get("format", "uniform")(plugins.registry.get("format", "uniform").Options())}
+    write_candidate(q, tmp_path / "next", "double", changed, plan, formats)
+    again = quantized_tensors(tmp_path / "next", plugins.registry)
+    for n, qt in qts.items():
+        assert torch.equal(again[n].scale, qt.scale) and torch.equal(again[n].codes, qt.codes), n
+    assert set(load_file(str(tmp_path / "next" / "model-extra.safetensors"))) == {f"{name}.weight_scale"}
+    changed[name] = type(qts[name])(codes=qts[name].codes[:, :-1], scale=qts[name].scale, zero=qts[name].zero,
+                                    bits=4, group_size=32, symmetric=False)
+    shutil.rmtree(tmp_path / "next")
+    with pytest.raises(OnecompError, match="changed how model.layers.0"):
+        write_candidate(q, tmp_path / "next", "cut", changed, plan, formats)
+    assert not (tmp_path / "next").exists()                           # nothing half-written is left
+
+
 CORE_ONLY = """
 import sys
 import onecomp_core
