@@ -79,7 +79,12 @@ def main():
             rows.append(r)
             print(json.dumps(r), flush=True)
             if prev is not None and "ppl" in r and "ppl" in prev:
-                checks[f"{setting}: {'+'.join(chain)} lowers ppl and KL"] = r["ppl"] < prev["ppl"] and r["kl"] < prev["kl"]
+                key = f"{setting}: {'+'.join(chain)} lowers ppl and KL"
+                added = r.get("stage_table", [])[-(len(chain) - len(prev["stages"]) + 1):]
+                if added and not any(rec.get("kept") for rec in added):
+                    checks[key] = "discarded (the checkpoint stays the one before)"   # the check is on kept stages
+                else:
+                    checks[key] = r["ppl"] < prev["ppl"] and r["kl"] < prev["kl"]
             prev = r
     print(json.dumps({"bench": "refine_smollm2", "eval_tokens": tokens, "calibration_samples": 32, "results": rows,
                       "checks": checks}))

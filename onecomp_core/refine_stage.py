@@ -273,6 +273,7 @@ def run_model_refiners(refiners, store: RefineStore | None, *, plan, formats, pl
             continue
         if before is None:
             before = heldout_kl(load(), heldout_ref, heldout_ids)
+            release_memory()          # the judged model's pages, before the refiner's own peak
         t0 = time.time()
         mctx = context(refiner)
         if choose is not None and not choose(refiner, attrs.evolve(mctx, ranks=None)):   # its probe runs here alone
@@ -291,6 +292,7 @@ def run_model_refiners(refiners, store: RefineStore | None, *, plan, formats, pl
         if result:
             write_candidate(store.current, store.next, refiner.name, result, plan, formats)
             record["after"] = heldout_kl(load(store.next), heldout_ref, heldout_ids)
+            release_memory()
             record["kept"] = record["after"] < before
         record["seconds"] = round(time.time() - t0, 2)
         record["peak_rss_mb"] = round(peak_rss_mb(), 1)     # of the process, up to the end of this refiner
