@@ -291,6 +291,8 @@ def run_model_refiners(refiners, store: RefineStore | None, *, plan, formats, pl
                   "heldout_samples": int(heldout_ids.shape[0])}
         if result:
             write_candidate(store.current, store.next, refiner.name, result, plan, formats)
+            result = None             # on disk now: not resident beside the judged model (DBF: ~0.7 GB)
+            release_memory()
             record["after"] = heldout_kl(load(store.next), heldout_ref, heldout_ids)
             release_memory()
             record["kept"] = record["after"] < before
