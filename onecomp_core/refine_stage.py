@@ -71,10 +71,12 @@ def write_candidate(current: Path, nxt: Path, refiner: str, result: dict, plan, 
     index = json.loads((current / "model.safetensors.index.json").read_text())["weight_map"]
     weights = LazyWeights(current)
     by_file: dict[str, list[str]] = {}               # where each module's tensors are stored now
+    stored_keys: dict[str, list[str]] = {}
     for name in result:
         if name not in plan:
             raise OnecompError(f"model refiner {refiner!r} returned {name!r}, which is not a quantized module")
-        for f in dict.fromkeys(index[k] for k in module_keys(weights.keys(), name) if k in index) or [None]:
+        stored_keys[name] = module_keys(weights.keys(), name)
+        for f in dict.fromkeys(index[k] for k in stored_keys[name] if k in index) or [None]:
             by_file.setdefault(f, []).append(name)
     if None in by_file:                              # a module with no stored tensors: it cannot be replaced
         name = by_file[None][0]
@@ -92,7 +94,8 @@ def write_candidate(current: Path, nxt: Path, refiner: str, result: dict, plan, 
                 continue
             tensors = load_file(str(p))
             for name in by_file[p.name]:
-                stored = made.pop(name, None) or _stored_form(name, result[name], weights, index, plan, formats, refiner)
+                stored = made.pop(name, None) or _stored_form(name, result[name], stored_keys[name], weights, index,
+                                                              plan, formats, refiner)
                 for k, t in stored.items():
                     if index[k] != p.name:
                         made.setdefault(name, {})[k] = t
@@ -111,10 +114,11 @@ def write_candidate(current: Path, nxt: Path, refiner: str, result: dict, plan, 
         raise
 
 
-def _stored_form(name, qt, weights, index, plan, formats, refiner) -> dict:
-    """Module ``name``'s tensors as its format stores them, in the dtype its floats are stored in;
-    a key the checkpoint does not have is a changed format (one-line error)."""
-    floats = [weights.dtype_of(k) for k in module_keys(weights.keys(), name) if weights.dtype_of(k).is_floating_point]
+def _stored_form(name, qt, keys, weights, index, plan, formats, refiner) -> dict:
+    """Module ``name``'s tensors as its format stores them, in the dtype its floats (``keys``, its
+    tensors in the checkpoint now) are stored in; a key the checkpoint does not have is a changed
+    format (one-line error)."""
+    floats = [weights.dtype_of(k) for k in keys if weights.dtype_of(k).is_floating_point]
     dtype = floats[0] if floats else weights.dtype()
     stored = formats[plan[name].format].to_tensors(name, qt, dtype)
     for k in stored:
