@@ -41,10 +41,23 @@ class CheckpointBlocks(ModelRefiner):
     model-scope step of the refine stage (record ``scope: "block"``)."""
     scope = "block"
 
-    def __init__(self, inner, plugins, batch: int):
+    def __init__(self, inner, plugins, batch: int, pass_estimate=None):
         super().__init__(inner.options)
         self.inner, self.plugins, self.batch = inner, plugins, batch
         self.name = inner.name
+        self.pass_estimate = pass_estimate
+
+    def estimate(self, mctx):
+        """The layer-wise pass over the checkpoint's blocks on this stage's samples plus the
+        block refiner's own estimate (``pass_estimate(rows)`` -> (EstimateContext, bytes of
+        that pass), from the runner); None without it."""
+        if self.pass_estimate is None:
+            return None
+        ectx, base = self.pass_estimate(int(mctx.calibration_ids.shape[0]))
+        est = self.inner.estimate(ectx)
+        if est is None:
+            return None
+        return {**est, "memory_bytes": base + int(est.get("memory_bytes", 0))}
 
     def refine(self, mctx) -> dict:
         return refine_blocks(self.inner, mctx, self.plugins, self.batch)

@@ -26,14 +26,20 @@ class RefineChoice:
             raise OnecompError(f"--max-memory {human_bytes(self.budget)} is below what the layer-wise pass needs "
                                f"(~{human_bytes(need)}): raise it, or lower --num-samples / --seq-len")
 
-    def allow(self, refiner, estimate: dict | None, base: int = 0) -> bool:
+    def allow(self, refiner, estimate: dict | None, base: int = 0, floor: int = 0) -> bool:
         """Run ``refiner``? Refiners named in the config always run (their estimate is only
         recorded); those ``--refine auto`` added run only if the estimate, plus ``base`` bytes
-        already needed, fits."""
+        already needed, fits. ``floor``: the process's peak so far, reached in work this step
+        repeats (the refine stage judges each candidate as it has just judged the checkpoint); a
+        stage's measured peak is the process's, so the predicted one is the larger of the two,
+        while the verdict weighs the refiner's own need alone."""
         d = {"name": refiner.name, "run": True, "reason": "no estimate"}
         if estimate is not None:
             mem, secs = base + int(estimate.get("memory_bytes", 0)), estimate.get("seconds")
-            d.update(predicted_peak_mb=round(mem / 2**20, 1), predicted_seconds=None if secs is None else round(secs, 1))
+            d.update(predicted_peak_mb=round(max(mem, floor) / 2**20, 1),
+                     predicted_seconds=None if secs is None else round(secs, 1))
+            if floor > mem:
+                d["predicted_refiner_mb"] = round(mem / 2**20, 1)
             d["reason"] = f"~{human_bytes(mem)}" + ("" if secs is None else f", ~{human_seconds(secs)}")
             if refiner.name in self.auto and mem > self.budget:
                 d.update(run=False, reason=f"needs ~{human_bytes(mem)}, max-memory {human_bytes(self.budget)}")

@@ -281,7 +281,7 @@ class Runner:
         for r in self.res.refiners:
             scopes = r.active_scopes()
             if "block" in scopes:
-                steps.append(CheckpointBlocks(r, self.res.plugins, self.batch))
+                steps.append(CheckpointBlocks(r, self.res.plugins, self.batch, self.checkpoint_pass_estimate))
             if "model" in scopes:
                 steps.append(r)
         return steps
@@ -492,6 +492,11 @@ class Runner:
                                seq_len=cal.seq_len,
                                device=self.device, time_block_step=self.time_block_step)
 
+    def checkpoint_pass_estimate(self, rows: int):
+        """(EstimateContext, bytes) of a block refiner's pass over a finished checkpoint's blocks
+        on ``rows`` samples: the layer-wise pass with no statistics and no replays."""
+        return self.estimate_context(rows), sum(self.layerwise_parts(rows, needs=set(), replays=0))
+
     def time_block_step(self) -> float:
         """Seconds of one float32 forward + backward of block 0 on one calibration sample (the
         second of two, the first warms up)."""
@@ -574,11 +579,9 @@ class Runner:
             self.choice = self.refine_choice()
 
         def choose(refiner, mctx) -> bool:
-            if isinstance(refiner, CheckpointBlocks):    # a block refiner's pass over the checkpoint's blocks
-                rows = int(mctx.calibration_ids.shape[0])
-                return self.choice.allow(refiner, refiner.inner.estimate(self.estimate_context(rows)),
-                                         base=sum(self.layerwise_parts(rows, needs=set(), replays=0)))
-            return self.choice.allow(refiner, refiner.estimate(mctx))
+            # the held-out judgement of the checkpoint has just run; the candidate's repeats it
+            judged = peak_gpu_mb() if self.device.type == "cuda" else peak_rss_mb()
+            return self.choice.allow(refiner, refiner.estimate(mctx), floor=int((judged or 0) * 2**20))
 
         self.refined = run_model_refiners(
             self.stage_refiners(), self.refine_store, plan=self.plan_, formats=self.res.formats,

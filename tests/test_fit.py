@@ -39,6 +39,12 @@ def test_the_choice_skips_what_does_not_fit_and_says_why(capsys):
     assert err == ["onecomp: mine runs: named in the config (~931.3 GB)", "onecomp: a runs: ~858 MB, ~5 s",
                    "onecomp: b skipped: needs ~1.0 GB, max-memory 954 MB", "onecomp: c runs: no estimate"]
     assert [d["run"] for d in c.decisions] == [True, True, False, True] and c.decisions[1]["predicted_peak_mb"] == 858.3
+    # a peak already reached by work the step repeats (the held-out judgement) raises the predicted
+    # peak, never the verdict: the refiner's own need is what must fit
+    f = RefineChoice(_run(max_memory="1GB"), ["a"], torch.device("cpu"), t_start=0.0)
+    assert f.allow(R("a"), {"memory_bytes": 4 * 10**8}, floor=2 * 10**9)
+    assert f.decisions[0]["predicted_peak_mb"] == 1907.3 and f.decisions[0]["predicted_refiner_mb"] == 381.5
+    assert f.allow(R("a"), {"memory_bytes": 4 * 10**8}, floor=10**8) and "predicted_refiner_mb" not in f.decisions[1]
     import time
     t = RefineChoice(_run(time_budget="10m"), ["a"], torch.device("cpu"), t_start=time.time() - 590)
     assert not t.allow(R("a"), {"memory_bytes": 1, "seconds": 60})
