@@ -435,7 +435,8 @@ class Runner:
         statistics and ``replays`` replayed records (a block refiner's pass over a finished
         checkpoint: its samples, no statistics, no replays). The first:
         what is resident now (skeleton, calibration inputs), three copies of the largest block
-        (live, FP copy, loading), the largest input statistics (H, and C when paired) and, for a
+        (live, FP copy, loading), the largest input statistics (H, and C when paired; none when
+        nothing is gathered: RTN, or a pass over a checkpoint's blocks) and, for a
         Hessian-based projector, its work on the widest H: at most four float64 copies at once
         during the damped Cholesky factorisation and its inverse, and the float32 factor (36
         bytes per entry: 2.4 GB for an 8192-wide down_proj)."""
@@ -447,7 +448,7 @@ class Runner:
         stream = rows * cal.seq_len * int(getattr(sk.config, "hidden_size", 0)) * width
         widest = max(s[1] for s in self.shapes.values())
         needs = self.statistics_needed() if needs is None else needs
-        stats = widest * widest * 4 * (2 if {"cross", "residual"} & needs else 1)
+        stats = widest * widest * 4 * (2 if {"cross", "residual"} & needs else 1) if needs else 0
         factor = widest * widest * 36 if "gram" in needs else 0
         # the attention's output replayed in later forwards (replay.py): one stream-size record,
         # two with paired statistics, and o_proj's input while the first is made; none when block
