@@ -50,8 +50,11 @@ class BinaryFactorTensor:
 class BinaryFactorLinear(torch.nn.Module):
     """y = L (R^T x): two matmuls through the rank-k factors (never the dense weight), the
     envelopes as trainable parameters; :meth:`train_signs` makes the signs trainable through a
-    straight-through estimator."""
+    straight-through estimator. Without gradients, L and R are kept between calls only for short
+    inputs (decoding): making them costs ~(l + 1) / rows of the matmuls' work, and keeping them
+    costs ~4 bytes per sign, more than the model's float32 dense weights at 1.5 bpw."""
     onecomp_quantized = True
+    cache_rows = 16          # inputs of at most this many rows (tokens: decoding) reuse L and R
 
     def __init__(self, t: BinaryFactorTensor, bias=None):
         super().__init__()
@@ -84,7 +87,9 @@ class BinaryFactorLinear(torch.nn.Module):
         return L @ R.T
 
     def forward(self, x):
-        if torch.is_grad_enabled() or self.latent_a is not None:
+        rows = x.numel() // max(1, x.shape[-1])
+        if torch.is_grad_enabled() or self.latent_a is not None or rows > self.cache_rows:
+            self._cache = None                       # a long input: a short one before it left them
             L, R = self.factors()
         else:
             key = tuple(p._version for p in (self.A, self.P, self.B, self.G)) + (x.dtype,)

@@ -209,10 +209,15 @@ def test_save_load_round_trip_and_inference_module():
     back = fmt.from_tensors("m", fmt.to_tensors("m", t, torch.float32), {})
     assert torch.equal(back.dequantize(), t.dequantize())
     lin = BinaryFactorLinear(back, bias=torch.randn(24))
-    x = torch.randn(3, 7, 40)
+    x = torch.randn(2, 5, 40)
     with torch.no_grad():
         y = lin(x)
     assert torch.allclose(y, x @ t.dequantize().T + lin.bias, atol=1e-4)
+    assert lin._cache is not None                    # 10 rows (decoding): L and R kept for the next call
+    long = torch.randn(1, lin.cache_rows + 1, 40)
+    with torch.no_grad():                            # a long input drops them
+        y_long = lin(long)
+    assert lin._cache is None and torch.allclose(y_long, long @ t.dequantize().T + lin.bias, atol=1e-4)
     lin.train_signs()
     lin(x).sum().backward()
     assert lin.A.grad is not None and lin.latent_a.grad is not None
