@@ -69,12 +69,23 @@ def module_keys(keys, name: str) -> list[str]:
 def quantized_tensors(folder, registry) -> dict:
     """{module name: its stored quantized tensor} of an onecomp checkpoint, read through the
     formats' ``from_tensors`` (what a refiner builds trainable views from)."""
+    read = quantized_tensor_reader(folder, registry)
+    return {name: read(name) for name in read.modules}
+
+
+def quantized_tensor_reader(folder, registry):
+    """-> ``read(name)``: one quantized module's stored tensor of an onecomp checkpoint, read
+    when asked (``read.modules``: their names), so a pass over the blocks holds one block's
+    at a time (a DBF model's unpacked signs are ~4 bytes per sign)."""
     from .lazy_weights import LazyWeights
     meta = read_meta(Path(folder))
     weights = LazyWeights(Path(folder))
     keys = list(weights.keys())
-    formats, out = {}, {}
-    for name, m in meta["modules"].items():
+    formats = {}
+
+    def read(name):
+        m = meta["modules"][name]
         fmt = formats.setdefault(m["format"], registry.get("format", m["format"])())
-        out[name] = fmt.from_tensors(name, {k: weights.get(k) for k in module_keys(keys, name)}, m)
-    return out
+        return fmt.from_tensors(name, {k: weights.get(k) for k in module_keys(keys, name)}, m)
+    read.modules = list(meta["modules"])
+    return read

@@ -10,12 +10,13 @@ refiner: it returns the refined stored tensors, which are kept only if the held-
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
-from safetensors.torch import load_file
+from safetensors import safe_open
 
 from .block_pass import LayerwisePass
-from .checkpoint import module_keys, read_meta
+from .checkpoint import module_keys, quantized_tensor_reader, read_meta
 from .components import ModelRefiner, Projector
 from .errors import OnecompError
 from .skeleton import Skeleton
@@ -24,16 +25,17 @@ from .streams import capture
 
 
 class StoredTensors(Projector):
-    """Stands in for the projector that wrote a checkpoint: each module's stored tensor."""
+    """Stands in for the projector that wrote a checkpoint: each module's stored tensor, read
+    from the checkpoint when its block reaches it (``read``: checkpoint.quantized_tensor_reader)."""
     name = "stored"
     needs_hessian = False
 
-    def __init__(self, tensors: dict):
+    def __init__(self, read):
         super().__init__()
-        self.tensors = tensors
+        self.read = read
 
     def project(self, W, H, spec, fmt):
-        return self.tensors[spec.name]
+        return self.read(spec.name)
 
 
 class CheckpointBlocks(ModelRefiner):
@@ -77,15 +79,15 @@ def check_on_checkpoint(refiner, meta: dict) -> None:
 
 
 def refine_blocks(refiner, mctx, plugins, batch: int) -> dict:
-    """-> {module name: stored tensor} of every quantized module of ``mctx.checkpoint`` after
+    """-> {module name: stored tensor} (read when asked) of every quantized module of ``mctx.checkpoint`` after
     ``refiner.refine_block`` acted on each block, on ``mctx.calibration_ids``."""
     run, plan = mctx.run, mctx.plan
     meta = read_meta(Path(mctx.checkpoint))
     check_on_checkpoint(refiner, meta)
     sk = Skeleton(mctx.reference, plugins.registry, mctx.device, run.dtype, run.store_dtype)
     store = RunStore(Path(mctx.scratch) / "blocks", "checkpoint-blocks", overwrite=False)
-    stored = mctx.quantized()
-    projectors = {s.projector: StoredTensors(stored) for s in plan.specs.values()}
+    stored = StoredTensors(quantized_tensor_reader(mctx.checkpoint, plugins.registry))
+    projectors = {s.projector: stored for s in plan.specs.values()}
     lw = LayerwisePass(sk, plan, projectors, mctx.formats, [], [refiner], store, plugins.hook, needs=set(),
                        batch=batch)
     start = store.finished
@@ -98,12 +100,26 @@ def refine_blocks(refiner, mctx, plugins, batch: int) -> dict:
             fp, q = inputs, inputs.clone()
         del inputs
         lw.run(fp, q, kwargs, start)
-    out = {}
-    for i in range(len(sk.blocks)):
-        tensors = load_file(str(store.block_file(i)))
-        prefix = sk.block_prefix(i) + "."
-        for name in [n for n in plan.specs if n.startswith(prefix)]:
-            fmt = mctx.formats[plan[name].format]
-            out[name] = fmt.from_tensors(name, {k: tensors[k] for k in module_keys(tensors, name)},
-                                         meta["modules"][name])
-    return out
+    where = {name: store.block_file(i) for i in range(len(sk.blocks))
+             for name in plan.specs if name.startswith(sk.block_prefix(i) + ".")}
+    return CommittedBlocks(where, plan, mctx.formats, meta)
+
+
+class CommittedBlocks(Mapping):
+    """{module name: its refined stored tensor}, read from the stage's committed block file when
+    asked, so the refined model is never resident whole (the candidate is written a file at a
+    time)."""
+
+    def __init__(self, where: dict, plan, formats, meta: dict):
+        self.where, self.plan, self.formats, self.meta = where, plan, formats, meta
+
+    def __getitem__(self, name):
+        with safe_open(str(self.where[name]), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in module_keys(list(f.keys()), name)}
+        return self.formats[self.plan[name].format].from_tensors(name, tensors, self.meta["modules"][name])
+
+    def __iter__(self):
+        return iter(self.where)
+
+    def __len__(self) -> int:
+        return len(self.where)
