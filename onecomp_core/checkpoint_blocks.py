@@ -61,7 +61,7 @@ class CheckpointBlocks(ModelRefiner):
             return None
         return {**est, "memory_bytes": base + int(est.get("memory_bytes", 0))}
 
-    def refine(self, mctx) -> dict:
+    def refine(self, mctx) -> Mapping:
         return refine_blocks(self.inner, mctx, self.plugins, self.batch)
 
 
@@ -78,7 +78,7 @@ def check_on_checkpoint(refiner, meta: dict) -> None:
                            f"with --refiner {refiner.name}")
 
 
-def refine_blocks(refiner, mctx, plugins, batch: int) -> dict:
+def refine_blocks(refiner, mctx, plugins, batch: int) -> Mapping:
     """-> {module name: stored tensor} (read when asked) of every quantized module of ``mctx.checkpoint`` after
     ``refiner.refine_block`` acted on each block, on ``mctx.calibration_ids``."""
     run, plan = mctx.run, mctx.plan
