@@ -51,11 +51,11 @@ class CheckpointBlocks(ModelRefiner):
 
     def estimate(self, mctx):
         """The layer-wise pass over the checkpoint's blocks on this stage's samples plus the
-        block refiner's own estimate (``pass_estimate(rows)`` -> (EstimateContext, bytes of
-        that pass), from the runner); None without it."""
+        block refiner's own estimate (``pass_estimate(rows, checkpoint)`` -> (EstimateContext,
+        bytes of that pass), from the runner); None without it."""
         if self.pass_estimate is None:
             return None
-        ectx, base = self.pass_estimate(int(mctx.calibration_ids.shape[0]))
+        ectx, base = self.pass_estimate(int(mctx.calibration_ids.shape[0]), Path(mctx.checkpoint))
         est = self.inner.estimate(ectx)
         if est is None:
             return None

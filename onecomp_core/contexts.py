@@ -80,6 +80,7 @@ class EstimateContext:
     seq_len: int
     device: torch.device
     time_block_step: object           # () -> seconds of one fp32 forward + backward of block 0 on one sample
+    step_with_views: bool = False     # the probe trains block 0 through its trainable views (a finished checkpoint's)
 
 
 @attrs.define

@@ -19,15 +19,17 @@ import sys
 import time
 from pathlib import Path
 
+import attrs
 import torch
 
 from . import __version__
 from .calibration import available_samples, bos_id, calibration_samples
-from .checkpoint import load_quantized, read_meta
+from .checkpoint import load_quantized, quantized_tensor_reader, read_meta
 from .checkpoint_blocks import CheckpointBlocks
 from .components import Transform
 from .contexts import EstimateContext, ExportContext, PlanContext, PreprocessContext
 from .errors import OnecompError
+from .formats.trainable import attach_views
 from .evaluate import evaluate, load_reference, text_tokens
 from .hashing import weights_digest
 from .gather import input_diagonals, input_statistics
@@ -493,18 +495,28 @@ class Runner:
                                seq_len=cal.seq_len,
                                device=self.device, time_block_step=self.time_block_step)
 
-    def checkpoint_pass_estimate(self, rows: int):
-        """(EstimateContext, bytes) of a block refiner's pass over a finished checkpoint's blocks
-        on ``rows`` samples: the layer-wise pass with no statistics and no replays."""
-        return self.estimate_context(rows), sum(self.layerwise_parts(rows, needs=set(), replays=0))
+    def checkpoint_pass_estimate(self, rows: int, checkpoint: Path):
+        """(EstimateContext, bytes) of a block refiner's pass over the blocks of the finished
+        ``checkpoint`` on ``rows`` samples: the layer-wise pass with no statistics and no
+        replays; the probe trains block 0 through the trainable views of its stored tensors."""
+        read = quantized_tensor_reader(checkpoint, self.res.plugins.registry)
+        ectx = attrs.evolve(self.estimate_context(rows), time_block_step=lambda: self.time_block_step(read),
+                            step_with_views=True)
+        return ectx, sum(self.layerwise_parts(rows, needs=set(), replays=0))
 
-    def time_block_step(self) -> float:
+    def time_block_step(self, stored=None) -> float:
         """Seconds of one float32 forward + backward of block 0 on one calibration sample (the
-        second of two, the first warms up)."""
+        second of two, the first warms up); with ``stored`` (module name -> its stored tensor),
+        the gradients go to the trainable views of block 0's quantized linears instead."""
         blk = copy.deepcopy(self.sk.block(0)).float()
         self.sk.release_block(0)
         for p in blk.parameters():
-            p.requires_grad_(True)
+            p.requires_grad_(stored is None)
+        if stored is not None:
+            prefix = self.sk.block_prefix(0) + "."
+            names = [n for n in self.plan_.specs if n.startswith(prefix)]
+            attach_views(blk, {n[len(prefix):]: stored(n) for n in names},
+                         {n[len(prefix):]: self.plan_[n] for n in names}, self.res.formats)
         inputs, kwargs = (self.inputs, self.kwargs) if hasattr(self, "inputs") else capture(self.sk, self.ids[:1])
         x, kw = inputs[:1].float(), cast_floats(kwargs[0], torch.float32)
         secs = 0.0

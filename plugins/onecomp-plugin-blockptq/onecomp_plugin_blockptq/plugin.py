@@ -74,7 +74,8 @@ class BlockPTQ(BlockRefiner, ModelRefiner):
         code latent, gradient, materialised weight and the estimator's saved tensors (~20 B;
         +8 B of Adam moments when codes train); an fp32 copy of the block; one step's
         activations (~24 hidden + 8 intermediate values per token, attention scores). Time: the
-        probe's fp32 forward + backward of block 0, x 1.3 for the views, per sample, epoch and block."""
+        probe's fp32 forward + backward of block 0 (x 1.3 for the views, unless the probe trained
+        through them: ``step_with_views``), per sample, epoch and block."""
         o, cfg = self.options, ctx.model_config
         hidden = int(getattr(cfg, "hidden_size", 0))
         inter = int(getattr(cfg, "intermediate_size", 4 * hidden) or 4 * hidden)
@@ -84,7 +85,8 @@ class BlockPTQ(BlockRefiner, ModelRefiner):
         acts = tokens * (24 * hidden + 8 * inter) * 4 + o.batch * heads * ctx.seq_len ** 2 * 4 * 2
         memory = ctx.block_weights * per_weight + ctx.block_params * 4 + acts
         train = max(1, ctx.train_samples - max(1, round(o.heldout * ctx.train_samples)))
-        seconds = ctx.num_blocks * o.epochs * train * 1.3 * ctx.time_block_step()
+        views = 1.0 if getattr(ctx, "step_with_views", False) else 1.3
+        seconds = ctx.num_blocks * o.epochs * train * views * ctx.time_block_step()
         return {"memory_bytes": int(memory), "seconds": seconds}
 
     def refine_block(self, bctx):
