@@ -342,7 +342,9 @@ class Runner:
                 raise OnecompError(f"preprocessor {pre.name!r}: fit() returned {type(t).__name__}, not a Transform")
             sk.transforms.append(t)
             self.transforms.append((pre.name, t))
+        del captured
         self.inputs, self.kwargs = capture(sk, self.ids)          # block-0 inputs under every transform
+        release_memory()              # the fits' temporaries, else kept by the C heap into the layer-wise stage
 
     def project_uniform(self, name: str, W: torch.Tensor, H: torch.Tensor | None) -> torch.Tensor | None:
         """W^ = the run's projector on W (input Gram H) under the run's one spec for ``name``,
