@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from functools import cache
 from pathlib import Path
 
 from .errors import OnecompError
@@ -69,23 +71,34 @@ def module_keys(keys, name: str) -> list[str]:
 def quantized_tensors(folder, registry) -> dict:
     """{module name: its stored quantized tensor} of an onecomp checkpoint, read through the
     formats' ``from_tensors`` (what a refiner builds trainable views from)."""
-    read = quantized_tensor_reader(folder, registry)
-    return {name: read(name) for name in read.modules}
+    return dict(stored_modules(folder, registry))
 
 
-def quantized_tensor_reader(folder, registry):
-    """-> ``read(name)``: one quantized module's stored tensor of an onecomp checkpoint, read
-    when asked (``read.modules``: their names), so a pass over the blocks holds one block's
-    at a time (a DBF model's unpacked signs are ~4 bytes per sign)."""
+class StoredModules(Mapping):
+    """{module name: its stored quantized tensor}, each rebuilt by its format's ``from_tensors``
+    when asked, so a pass over the blocks holds one block's at a time (a DBF model's unpacked
+    signs are ~4 bytes per sign). ``tensors_of(name)``: that module's stored tensors by key;
+    ``format_of(format name)``: the format instance."""
+
+    def __init__(self, modules: dict, tensors_of, format_of):
+        self.modules, self.tensors_of, self.format_of = modules, tensors_of, format_of
+
+    def __getitem__(self, name):
+        m = self.modules[name]
+        return self.format_of(m["format"]).from_tensors(name, self.tensors_of(name), m)
+
+    def __iter__(self):
+        return iter(self.modules)
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+
+def stored_modules(folder, registry) -> StoredModules:
+    """The quantized modules of the onecomp checkpoint at ``folder``, read when asked."""
     from .lazy_weights import LazyWeights
     meta = read_meta(Path(folder))
     weights = LazyWeights(Path(folder))
     keys = list(weights.keys())
-    formats = {}
-
-    def read(name):
-        m = meta["modules"][name]
-        fmt = formats.setdefault(m["format"], registry.get("format", m["format"])())
-        return fmt.from_tensors(name, {k: weights.get(k) for k in module_keys(keys, name)}, m)
-    read.modules = list(meta["modules"])
-    return read
+    return StoredModules(meta["modules"], lambda name: {k: weights.get(k) for k in module_keys(keys, name)},
+                         cache(lambda f: registry.get("format", f)()))

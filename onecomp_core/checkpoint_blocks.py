@@ -16,7 +16,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from .block_pass import LayerwisePass
-from .checkpoint import module_keys, quantized_tensor_reader, read_meta
+from .checkpoint import StoredModules, module_keys, read_meta, stored_modules
 from .components import ModelRefiner, Projector
 from .errors import OnecompError
 from .skeleton import Skeleton
@@ -26,7 +26,7 @@ from .streams import capture
 
 class StoredTensors(Projector):
     """Stands in for the projector that wrote a checkpoint: each module's stored tensor, read
-    from the checkpoint when its block reaches it (``read``: checkpoint.quantized_tensor_reader)."""
+    from the checkpoint when its block reaches it (``read``: checkpoint.stored_modules)."""
     name = "stored"
     needs_hessian = False
 
@@ -35,7 +35,7 @@ class StoredTensors(Projector):
         self.read = read
 
     def project(self, W, H, spec, fmt):
-        return self.read(spec.name)
+        return self.read[spec.name]
 
 
 class CheckpointBlocks(ModelRefiner):
@@ -86,7 +86,7 @@ def refine_blocks(refiner, mctx, plugins, batch: int) -> Mapping:
     check_on_checkpoint(refiner, meta)
     sk = Skeleton(mctx.reference, plugins.registry, mctx.device, run.dtype, run.store_dtype)
     store = RunStore(Path(mctx.scratch) / "blocks", "checkpoint-blocks", overwrite=False)
-    stored = StoredTensors(quantized_tensor_reader(mctx.checkpoint, plugins.registry))
+    stored = StoredTensors(stored_modules(mctx.checkpoint, plugins.registry))
     projectors = {s.projector: stored for s in plan.specs.values()}
     lw = LayerwisePass(sk, plan, projectors, mctx.formats, [], [refiner], store, plugins.hook, needs=set(),
                        batch=batch)
@@ -102,24 +102,14 @@ def refine_blocks(refiner, mctx, plugins, batch: int) -> Mapping:
         lw.run(fp, q, kwargs, start)
     where = {name: store.block_file(i) for i in range(len(sk.blocks))
              for name in plan.specs if name.startswith(sk.block_prefix(i) + ".")}
-    return CommittedBlocks(where, plan, mctx.formats, meta)
+    return committed_blocks(where, mctx.formats, meta)
 
 
-class CommittedBlocks(Mapping):
-    """{module name: its refined stored tensor}, read from the stage's committed block file when
-    asked, so the refined model is never resident whole (the candidate is written a file at a
-    time)."""
-
-    def __init__(self, where: dict, plan, formats, meta: dict):
-        self.where, self.plan, self.formats, self.meta = where, plan, formats, meta
-
-    def __getitem__(self, name):
-        with safe_open(str(self.where[name]), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in module_keys(list(f.keys()), name)}
-        return self.formats[self.plan[name].format].from_tensors(name, tensors, self.meta["modules"][name])
-
-    def __iter__(self):
-        return iter(self.where)
-
-    def __len__(self) -> int:
-        return len(self.where)
+def committed_blocks(where: dict, formats, meta: dict) -> StoredModules:
+    """{module name: its refined stored tensor}, read from the stage's committed block file
+    (``where[name]``) when asked, so the refined model is never resident whole (the candidate
+    is written a file at a time)."""
+    def tensors_of(name):
+        with safe_open(str(where[name]), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in module_keys(list(f.keys()), name)}
+    return StoredModules({name: meta["modules"][name] for name in where}, tensors_of, formats.__getitem__)

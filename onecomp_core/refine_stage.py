@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import attrs
@@ -62,7 +63,7 @@ def link_tree(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
-def write_candidate(current: Path, nxt: Path, refiner: str, result: dict, plan, formats) -> None:
+def write_candidate(current: Path, nxt: Path, refiner: str, result: Mapping, plan, formats) -> None:
     """``nxt`` = ``current`` with ``result``'s tensors in place. Each must be stored exactly as
     the module's format stores it (same keys, shapes and dtypes), else a one-line error. One
     file at a time: each module's stored form is made just before its file is written, so the

@@ -24,7 +24,7 @@ import torch
 
 from . import __version__
 from .calibration import available_samples, bos_id, calibration_samples
-from .checkpoint import load_quantized, quantized_tensor_reader, read_meta
+from .checkpoint import load_quantized, read_meta, stored_modules
 from .checkpoint_blocks import CheckpointBlocks
 from .components import Transform
 from .contexts import EstimateContext, ExportContext, PlanContext, PreprocessContext
@@ -501,7 +501,7 @@ class Runner:
         """(EstimateContext, bytes) of a block refiner's pass over the blocks of the finished
         ``checkpoint`` on ``rows`` samples: the layer-wise pass with no statistics and no
         replays; the probe trains block 0 through the trainable views of its stored tensors."""
-        read = quantized_tensor_reader(checkpoint, self.res.plugins.registry)
+        read = stored_modules(checkpoint, self.res.plugins.registry)
         ectx = attrs.evolve(self.estimate_context(rows), time_block_step=lambda: self.time_block_step(read),
                             step_with_views=True)
         return ectx, sum(self.layerwise_parts(rows, needs=set(), replays=0))
@@ -517,7 +517,7 @@ class Runner:
         if stored is not None:
             prefix = self.sk.block_prefix(0) + "."
             names = [n for n in self.plan_.specs if n.startswith(prefix)]
-            attach_views(blk, {n[len(prefix):]: stored(n) for n in names},
+            attach_views(blk, {n[len(prefix):]: stored[n] for n in names},
                          {n[len(prefix):]: self.plan_[n] for n in names}, self.res.formats)
         inputs, kwargs = (self.inputs, self.kwargs) if hasattr(self, "inputs") else capture(self.sk, self.ids[:1])
         x, kw = inputs[:1].float(), cast_floats(kwargs[0], torch.float32)
