@@ -145,9 +145,12 @@ class Runner:
         self.hook.onecomp_stage_start(stage=name, info=info)
         t0 = time.time()
         own = reset_stage_peak()
+        start = rss_mb()
         result = fn()
         self.stages[name] = time.time() - t0
-        self.stage_memory[name] = {"rss_mb": round(rss_mb(), 1), "peak_rss_mb": round(peak_rss_mb(), 1)}
+        # resident at the start and end, and the process's peak so far
+        self.stage_memory[name] = {"start_rss_mb": round(start, 1), "rss_mb": round(rss_mb(), 1),
+                                   "peak_rss_mb": round(peak_rss_mb(), 1)}
         if own:                                      # this stage's own peak (the one above is the process's so far)
             self.stage_memory[name]["stage_peak_rss_mb"] = round(stage_peak_mb(), 1)
         self.hook.onecomp_stage_finish(stage=name, info={"seconds": self.stages[name]})

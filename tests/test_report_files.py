@@ -54,7 +54,7 @@ def test_model_card_of_a_format_without_compressed_tensors_scheme(tiny_llama, tm
 
 
 def test_each_stage_reports_its_own_peak(tiny_llama, tmp_path):
-    """A stage's own peak is at most the process's peak and at least what it held at its end;
+    """A stage's own peak is at most the process's peak and at least what it held at its start and end;
     the summary's peak is the largest of them (the high-water mark reset per stage is kept aside)."""
     import sys
     out = tmp_path / "q"
@@ -65,6 +65,7 @@ def test_each_stage_reports_its_own_peak(tiny_llama, tmp_path):
         pytest.skip("per-stage peaks need Linux's /proc/self/clear_refs")
     for name, m in mem.items():
         assert m["rss_mb"] <= m["stage_peak_rss_mb"] + 1 and m["stage_peak_rss_mb"] <= m["peak_rss_mb"] + 1e-6, name
+        assert 0 < m["start_rss_mb"] <= m["stage_peak_rss_mb"] + 1, name
     assert rep["summary"]["peak_rss_mb"] >= max(m["stage_peak_rss_mb"] for m in mem.values())
 
 
