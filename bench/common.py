@@ -46,6 +46,7 @@ def quantize_and_measure(model: str, flags: list[str], eval_tokens: int = 16384,
             "s_per_layer": round(sum(li["seconds"] for li in rep["layers"].values()) / max(len(rep["layers"]), 1), 3), "peak_rss_mb": s["peak_rss_mb"],
             "peak_rss_mb_with_eval": s.get("peak_rss_mb_with_eval"),
             "stage_peak_rss_mb": {k: v.get("stage_peak_rss_mb") for k, v in rep.get("stage_memory", {}).items()},
+            "stage_start_rss_mb": {k: v.get("start_rss_mb") for k, v in rep.get("stage_memory", {}).items()},
             "preprocessors": rep.get("preprocessors", [])}
 
 
