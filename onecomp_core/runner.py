@@ -504,9 +504,9 @@ class Runner:
         """(EstimateContext, bytes) of a block refiner's pass over the blocks of the finished
         ``checkpoint`` on ``rows`` samples: the layer-wise pass with no statistics and no
         replays; the probe trains block 0 through the trainable views of its stored tensors."""
-        read = stored_modules(checkpoint, self.res.plugins.registry)
-        ectx = attrs.evolve(self.estimate_context(rows), time_block_step=lambda: self.time_block_step(read),
-                            step_with_views=True)
+        def probe():                 # the checkpoint is opened only if the refiner asks for the timing
+            return self.time_block_step(stored_modules(checkpoint, self.res.plugins.registry))
+        ectx = attrs.evolve(self.estimate_context(rows), time_block_step=probe, step_with_views=True)
         return ectx, sum(self.layerwise_parts(rows, needs=set(), replays=0))
 
     def time_block_step(self, stored=None) -> float:
