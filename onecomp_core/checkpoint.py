@@ -87,6 +87,10 @@ class StoredModules(Mapping):
         m = self.modules[name]
         return self.format_of(m["format"]).from_tensors(name, self.tensors_of(name), m)
 
+    def shape(self, name) -> tuple:
+        """(out, in) of module ``name``, from the checkpoint's metadata (nothing read)."""
+        return tuple(self.modules[name]["shape"])
+
     def __iter__(self):
         return iter(self.modules)
 

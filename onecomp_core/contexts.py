@@ -97,7 +97,7 @@ class ModelContext:
     load: object                      # () -> the checkpoint as a runnable model (quantized modules trainable)
     load_reference: object            # () -> the FP model
     run: object = None
-    quantized: object = None          # () -> {module name: stored quantized tensor} of the checkpoint
+    quantized: object = None          # () -> Mapping {module name: stored quantized tensor}, each read when asked; .shape(name)
     scratch: Path | None = None       # this refiner's own folder in the run's work folder (resume state)
     ranks: object = None              # data-parallel ranks (distributed.Ranks); None: one process
 

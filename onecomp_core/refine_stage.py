@@ -23,7 +23,7 @@ from pathlib import Path
 import attrs
 from safetensors.torch import load_file
 
-from .checkpoint import load_quantized, module_keys, quantized_tensors
+from .checkpoint import load_quantized, module_keys, stored_modules
 from .contexts import ModelContext
 from .distributed import map_tensors
 from .errors import OnecompError
@@ -254,7 +254,7 @@ def run_model_refiners(refiners, store: RefineStore | None, *, plan, formats, pl
         return ModelContext(checkpoint=current, reference=reference, plan=plan, formats=formats,
                             calibration_ids=ids, heldout_ids=heldout_ids, device=device,
                             load=load, load_reference=load_reference, run=run,
-                            quantized=lambda: quantized_tensors(current, plugins.registry),
+                            quantized=lambda: stored_modules(current, plugins.registry),
                             scratch=scratch(refiner), ranks=ranks)
 
     def tell(runs: bool) -> bool:             # the leader's decision, on every rank

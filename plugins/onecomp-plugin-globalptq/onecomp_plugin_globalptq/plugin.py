@@ -70,12 +70,12 @@ class GlobalPTQ(ModelRefiner):
         token). Time: one timed step (student forward + backward, teacher forward) on
         ``batch`` samples, the second of two (the first warms up), x the steps (x2 with SAM)."""
         o = self.options
-        cfg = mctx.load_reference().config
+        reference = mctx.load_reference()
+        cfg = reference.config
         qts = mctx.quantized()
-        quant = sum(math.prod(qt.shape) for qt in qts.values())
-        del qts
+        quant = sum(math.prod(qts.shape(name)) for name in qts)        # from the metadata: no tensor is read
         width = 4 if o.dtype == "float32" else 2
-        total = sum(p.numel() for p in mctx.load_reference().parameters())
+        total = sum(p.numel() for p in reference.parameters())
         layers, hidden = int(cfg.num_hidden_layers), int(cfg.hidden_size)
         inter = int(getattr(cfg, "intermediate_size", 4 * hidden) or 4 * hidden)
         heads, vocab = int(getattr(cfg, "num_attention_heads", 1)), int(cfg.vocab_size)
