@@ -2,6 +2,7 @@
 distributions against a reference model."""
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -272,5 +273,20 @@ def load_reference(model_spec: str, device: str = "auto", dtype: str = "auto"):
     folder = resolve_model(model_spec)
     dev = pick_device(device)
     dt = compute_dtype(LazyWeights(folder).dtype(), dev, dtype)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dt).to(dev).eval()
+    with quiet_loading():
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dt).to(dev).eval()
     return model, folder
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """transformers' own per-tensor loading bar off while a model loads (the run's stages print
+    their progress; the bar would break a one-line error that follows a load)."""
+    from transformers.utils import logging as hf_logging
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()

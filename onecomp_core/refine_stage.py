@@ -179,12 +179,16 @@ class RefineStore:
             stale.unlink()
         if state is None:
             self._write()
+        return self.records()
+
+    def records(self) -> list[dict]:
+        """The outcomes recorded so far (none before the first refiner finishes)."""
         return list((self._state() or {}).get("records", []))
 
     def record(self, record: dict) -> None:
         """One refiner's outcome; a kept one's candidate becomes ``current`` (the state says so
         first, so a kill in between finishes the move on the next ``open``)."""
-        records = list((self._state() or {}).get("records", [])) + [record]
+        records = self.records() + [record]
         self._write(records=records, pending=bool(record["kept"]))
         if record["kept"]:
             self._promote()

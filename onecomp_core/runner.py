@@ -36,7 +36,7 @@ from .gather import input_diagonals, input_statistics
 from .block_pass import LayerwisePass
 from .model_source import resolve_model
 from .refine_stage import RefineStore, heldout_reference, refine_work, run_model_refiners
-from .fit import RefineChoice
+from .fit import OverBudget, RefineChoice
 from .reference_pass import measure_reference
 from .resources import memory_budget, parse_size, release_memory, set_threads
 from .report import peak_gpu_mb, peak_rss_mb, reset_stage_peak, rss_mb, stage_peak_mb, write_reports
@@ -601,11 +601,17 @@ class Runner:
             judged = peak_gpu_mb() if self.device.type == "cuda" else peak_rss_mb()
             return self.choice.allow(refiner, refiner.estimate(mctx), floor=int((judged or 0) * 2**20))
 
-        self.refined = run_model_refiners(
-            self.stage_refiners(), self.refine_store, plan=self.plan_, formats=self.res.formats,
-            plugins=self.res.plugins, reference=self.folder, load_reference=reference_model, heldout_ref=judge,
-            train_ids=self.refine_ids, block_train_ids=self.block_refine_ids,
-            heldout_ids=self.heldout_ids, device=self.device, run=run, choose=choose, ranks=ranks, out=Path(run.out))
+        try:
+            self.refined = run_model_refiners(
+                self.stage_refiners(), self.refine_store, plan=self.plan_, formats=self.res.formats,
+                plugins=self.res.plugins, reference=self.folder, load_reference=reference_model, heldout_ref=judge,
+                train_ids=self.refine_ids, block_train_ids=self.block_refine_ids,
+                heldout_ids=self.heldout_ids, device=self.device, run=run, choose=choose, ranks=ranks, out=Path(run.out))
+        except OverBudget:
+            # `onecomp refine` refused before any refiner finished: the checkpoint is as it was, nothing to resume
+            if self.refine_only and self.refine_store is not None and not self.refine_store.records():
+                shutil.rmtree(self.refine_store.work, ignore_errors=True)
+            raise
         if self.ranks.leader:
             self.final = self.refine_store.current
 

@@ -157,6 +157,9 @@ CASES = [
     ("refine-a-layer-refiner", lambda f: ["refine", f.checkpoint, "--refiner", "qep"],
      "refiner 'qep' works inside the layer-wise pass, not on a finished checkpoint: quantize again with --refiner qep",
      True),
+    ("refine-named-over-max-memory", lambda f: ["refine", f.checkpoint, "--refiner", "globalptq", "--max-memory", "1MB"],
+     r"^onecomp: error: globalptq needs ~[\d.]+ [MG]B, over --max-memory 1 MB: raise --max-memory or drop --refiner "
+     r"globalptq$", True),
     ("refine-bad-option", lambda f: ["refine", f.checkpoint, "--refiner", "globalptq", "--option", "globalptq.epochs=-1"],
      "epochs", True),
     ("eval-missing-dir", lambda f: ["eval", f.tmp.as_posix() + "/nockpt", "--text", f.file("t.txt", TEXT)],

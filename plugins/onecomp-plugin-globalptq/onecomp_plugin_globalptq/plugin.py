@@ -84,7 +84,7 @@ class GlobalPTQ(ModelRefiner):
         acts = per_layer + layers * o.batch * seq * hidden * width if o.checkpointing else layers * per_layer
         memory = (rss_bytes() + (total - quant) * width + quant * (16 + (8 if o.train_codes else 0))
                   + acts + o.batch * seq * vocab * 4 * 6)
-        return {"memory_bytes": int(memory), "seconds": self._probe_seconds(mctx)}
+        return {"memory_bytes": int(memory), "seconds": lambda: self._probe_seconds(mctx)}   # probed only if it fits
 
     def _probe_seconds(self, mctx) -> float:
         o = self.options
