@@ -3,6 +3,8 @@ calibration stream, gathers each input group's Gram matrix and mean |x|, searche
 exponent (search.py) and keeps the scales; the transform folds them into each block as it loads."""
 from __future__ import annotations
 
+import sys
+
 import attrs
 import torch
 
@@ -153,7 +155,17 @@ class AWQ(Preprocessor):
                 folds[i] = fold
                 ctx.release(i)
                 progress.update()
+        if report and all(r["alpha"] == 0 for r in report):
+            print(f"onecomp: note: {kept_none(report)}", file=sys.stderr, flush=True)
         return AWQScaling(adapter, folds, report)
+
+
+def kept_none(report: list) -> str:
+    """The line that says awq scaled nothing, and why (e.g. GPTQ with QEP already does better unscaled)."""
+    reverted = sum(bool(r.get("reverted")) for r in report)
+    return (f"awq kept no scales ({len(report)} groups: {len(report) - reverted} chose alpha 0, {reverted} did "
+            f"worse under the run's projector): the model is quantized as it is; drop --preprocessor awq to save "
+            f"its time")
 
 
 @hookimpl

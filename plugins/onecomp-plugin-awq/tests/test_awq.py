@@ -97,3 +97,21 @@ def test_scales_the_run_projector_does_worse_with_are_reverted(tiny_llama, tmp_p
                           bits=3, group_size=32, projector="gptq", num_samples=2, seq_len=32,
                           options={"spyawq2": {"verify": False}})
     assert not any("projector_error" in r for r in seen2[0].report)
+
+
+def test_a_run_where_awq_keeps_no_scales_says_so_in_one_line(tiny_llama, tmp_path, capsys):
+    """steps=1 leaves alpha = 0 alone in the grid: nothing is scaled, and the run says so."""
+    from onecomp_plugin_awq.plugin import kept_none
+    rep = onecomp_core.quantize(tiny_llama, tmp_path / "q", preprocessors=["awq"], bits=3, group_size=32,
+                                projector="rtn", num_samples=2, seq_len=32, options={"awq": {"steps": 1}})
+    groups = rep["preprocessors"][0]["groups"]
+    assert groups > 0 and rep["preprocessors"][0]["mean_alpha"] == 0
+    line = (f"onecomp: note: awq kept no scales ({groups} groups: {groups} chose alpha 0, 0 did worse under the "
+            f"run's projector): the model is quantized as it is; drop --preprocessor awq to save its time")
+    assert line in capsys.readouterr().err.splitlines()
+    assert "2 chose alpha 0, 1 did worse" in kept_none([{"alpha": 0.0}, {"alpha": 0.0},
+                                                        {"alpha": 0.0, "reverted": True}])
+    capsys.readouterr()
+    onecomp_core.quantize(tiny_llama, tmp_path / "q2", preprocessors=["awq"], bits=3, group_size=32,
+                          projector="rtn", num_samples=2, seq_len=32)        # the default grid scales some groups
+    assert "awq kept no scales" not in capsys.readouterr().err
