@@ -345,3 +345,24 @@ def test_the_refine_command_takes_the_budget_flags(tiny_llama, tmp_path, capsys)
     assert main(["refine", str(q), "--refine", "auto", "--max-memory", "1MB"]) == 0
     out = capsys.readouterr().out
     assert "blockptq (its blocks): skipped, does not fit" in out and "globalptq: skipped, does not fit" in out
+
+
+@pytest.mark.skipif(not (installed("preprocessor", "hadamard") and installed("preprocessor", "awq")),
+                    reason="needs the rotation and awq distributions")
+def test_preprocessors_chain_in_config_order_and_keep_the_function(tiny_llama, tmp_path):
+    """--preprocessor hadamard --preprocessor awq: awq is fitted on the rotated model, both are
+    fused, and the checkpoint (8 bits, float32 storage) computes the source model's function."""
+    from transformers import AutoModelForCausalLM
+    out = tmp_path / "q"
+    rep = onecomp_core.quantize(tiny_llama, out, preprocessors=["hadamard", "awq"], bits=8, group_size=32,
+                                projector="rtn", num_samples=2, seq_len=32, store_dtype="float32")
+    assert [p["name"] for p in rep["preprocessors"]] == ["hadamard", "awq"]
+    assert rep["preprocessors"][1]["groups"] > 0
+    src = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    ids = torch.randint(3, 300, (1, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref, got = src(ids).logits, onecomp_core.load_quantized(out, "cpu")(ids).logits
+    assert ((got - ref).abs().max() / ref.abs().max()).item() < 0.05
+    stored = {k: t for f in out.glob("*.safetensors") for k, t in load_file(str(f)).items()}
+    gains = [t for k, t in stored.items() if k.endswith("input_layernorm.weight")]
+    assert gains and not all(torch.equal(g, torch.ones_like(g)) for g in gains)   # awq's 1/s after hadamard's fold
