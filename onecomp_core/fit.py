@@ -39,16 +39,17 @@ class RefineChoice:
         line before it starts (the time budget stays advisory for them: an overrun loses nothing).
         The estimate's ``seconds`` may be a zero-argument callable (a timed probe that itself needs
         the refiner's memory): it is called only when the memory fits or the refiner runs anyway.
-        ``floor``: the process's peak so far, reached in work this step repeats (the refine stage judges each candidate as it has just judged the checkpoint); a
-        stage's measured peak is the process's, so the predicted one is the larger of the two,
-        while the verdict weighs the refiner's own need alone."""
+        ``floor``: the process's peak so far, reached in work this step repeats (the refine stage
+        judges each candidate as it has just judged the checkpoint); a stage's measured peak is
+        the process's, so the predicted one is the larger of the two, while the verdict weighs the
+        refiner's own need alone."""
         d = {"name": refiner.name, "run": True, "reason": "no estimate"}
         if estimate is not None:
             mem, secs = base + int(estimate.get("memory_bytes", 0)), estimate.get("seconds")
             auto = refiner.name in self.auto
             if mem > self.budget and not auto and self.explicit:
                 raise OverBudget(f"{refiner.name} needs ~{human_bytes(mem)}, over --max-memory "
-                                   f"{human_bytes(self.budget)}: raise --max-memory or drop --refiner {refiner.name}")
+                                 f"{human_bytes(self.budget)}: raise --max-memory or drop --refiner {refiner.name}")
             if callable(secs):                       # the probe would need the memory that does not fit
                 secs = secs() if mem <= self.budget or not auto else None
             d.update(predicted_peak_mb=round(max(mem, floor) / 2**20, 1),
