@@ -125,7 +125,7 @@ def cmd_quantize(a) -> int:
     if report.get("rank"):                           # a data-parallel rank other than 0: rank 0 reports
         return 0
     s, ev = report["summary"], report.get("evaluation")
-    line = f"wrote {report['out']}: {s['bpw']} bits per weight, {s['wall_seconds']} s, peak RSS {s['peak_rss_mb']} MB"
+    line = f"wrote {report['out']}: {s['bpw']} bits per weight, {s['wall_seconds']} s, peak RSS {s['peak_rss_mb']} MiB"
     if ev:
         line += f", ppl {ev['ppl']:.3f}" + (f" (FP {ev['ppl_ref']:.3f}), KL {ev['kl']:.4f}" if "kl" in ev else "")
     print(line)

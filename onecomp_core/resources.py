@@ -36,7 +36,8 @@ def parse_duration(text) -> float:
 
 
 def human_bytes(n: float) -> str:
-    return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"
+    """Binary units, labelled as such (``--max-memory 2GB`` is 2e9 bytes: 1.9 GiB)."""
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
 def human_seconds(s: float) -> str:

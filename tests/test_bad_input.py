@@ -144,7 +144,7 @@ CASES = [
     ("bpw-below-reach", lambda f: Q + [f.model, "--planner", "autobit", "--target-bpw", "0.5"],
      "bpw", True),
     ("max-memory-below-pivot", lambda f: Q + [f.model, *RTN, "--max-memory", "10MB"],
-     r"--max-memory 10 MB is below what the layer-wise pass needs", True),
+     r"--max-memory 10 MiB is below what the layer-wise pass needs", True),
     ("max-memory-garbage", lambda f: Q + [f.model, "--max-memory", "12 parsecs"], "'max_memory': must be a size", True),
     ("time-budget-garbage", lambda f: Q + [f.model, "--time-budget", "later"], "duration", True),
     ("refine-mode-unknown", lambda f: Q + [f.model, "--refine", "sometimes"], "invalid choice: 'sometimes'", True),
@@ -158,7 +158,7 @@ CASES = [
      "refiner 'qep' works inside the layer-wise pass, not on a finished checkpoint: quantize again with --refiner qep",
      True),
     ("refine-named-over-max-memory", lambda f: ["refine", f.checkpoint, "--refiner", "globalptq", "--max-memory", "1MB"],
-     r"^onecomp: error: globalptq needs ~[\d.]+ [MG]B, over --max-memory 1 MB: raise --max-memory or drop --refiner "
+     r"^onecomp: error: globalptq needs ~[\d.]+ [MG]iB, over --max-memory 1 MiB: raise --max-memory or drop --refiner "
      r"globalptq$", True),
     ("refine-bad-option", lambda f: ["refine", f.checkpoint, "--refiner", "globalptq", "--option", "globalptq.epochs=-1"],
      "epochs", True),

@@ -234,6 +234,6 @@ def test_quantize_ends_with_one_summary_line(tiny_llama, tmp_path, capsys):
                  "--seq-len", "32", "--eval-text", str(text)]) == 0
     line, evaluation = capsys.readouterr().out.strip().splitlines()[-2:]
     ev = json.loads(evaluation)
-    assert re.fullmatch(r"wrote .*/q: [0-9.]+ bits per weight, [0-9.]+ s, peak RSS [0-9.]+ MB, "
+    assert re.fullmatch(r"wrote .*/q: [0-9.]+ bits per weight, [0-9.]+ s, peak RSS [0-9.]+ MiB, "
                         r"ppl [0-9.]+ \(FP [0-9.]+\), KL [0-9.]+", line), line
     assert f"ppl {ev['ppl']:.3f} (FP {ev['ppl_ref']:.3f}), KL {ev['kl']:.4f}" in line

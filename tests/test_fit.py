@@ -36,8 +36,8 @@ def test_the_choice_skips_what_does_not_fit_and_says_why(capsys):
     assert not c.allow(R("b"), {"memory_bytes": 6 * 10**8}, base=5 * 10**8)
     assert c.allow(R("c"), None)                                 # no estimate: runs
     err = capsys.readouterr().err.splitlines()
-    assert err == ["onecomp: mine runs: named in the config (~858 MB)", "onecomp: a runs: ~858 MB, ~5 s",
-                   "onecomp: b skipped: needs ~1.0 GB, max-memory 954 MB", "onecomp: c runs: no estimate"]
+    assert err == ["onecomp: mine runs: named in the config (~858 MiB)", "onecomp: a runs: ~858 MiB, ~5 s",
+                   "onecomp: b skipped: needs ~1.0 GiB, max-memory 954 MiB", "onecomp: c runs: no estimate"]
     assert [d["run"] for d in c.decisions] == [True, True, False, True] and c.decisions[1]["predicted_peak_mb"] == 858.3
     # a peak already reached by work the step repeats (the held-out judgement) raises the predicted
     # peak, never the verdict: the refiner's own need is what must fit
@@ -53,7 +53,7 @@ def test_the_choice_skips_what_does_not_fit_and_says_why(capsys):
 
 def test_a_named_refiner_over_an_explicit_max_memory_stops_with_one_line_and_the_machines_limit_does_not(capsys):
     c = RefineChoice(_run(max_memory="1GB"), [], torch.device("cpu"), t_start=0.0)
-    with pytest.raises(OnecompError, match=r"^mine needs ~931.3 GB, over --max-memory 954 MB: raise --max-memory or "
+    with pytest.raises(OnecompError, match=r"^mine needs ~931.3 GiB, over --max-memory 954 MiB: raise --max-memory or "
                                            r"drop --refiner mine$"):
         c.allow(R("mine"), {"memory_bytes": 10**12, "seconds": 5})
     assert c.decisions == []
@@ -74,13 +74,13 @@ def test_a_callable_time_probe_runs_only_when_the_memory_fits(capsys):
     assert probed == [] and c.decisions[0]["predicted_seconds"] is None
     assert c.allow(R("b"), {"memory_bytes": 10**8, "seconds": probe})
     assert probed == [1] and c.decisions[1]["predicted_seconds"] == 60.0
-    assert capsys.readouterr().err.splitlines() == ["onecomp: a skipped: needs ~1.9 GB, max-memory 954 MB",
-                                                    "onecomp: b runs: ~95 MB, ~60 s"]
+    assert capsys.readouterr().err.splitlines() == ["onecomp: a skipped: needs ~1.9 GiB, max-memory 954 MiB",
+                                                    "onecomp: b runs: ~95 MiB, ~60 s"]
 
 
 def test_max_memory_below_the_pivots_needs_stops_before_any_work(tiny_llama, tmp_path):
     out = tmp_path / "q"
-    with pytest.raises(OnecompError, match=r"^--max-memory 10 MB is below what the layer-wise pass needs \(~\d+ MB\)"):
+    with pytest.raises(OnecompError, match=r"^--max-memory 10 MiB is below what the layer-wise pass needs \(~\d+ MiB\)"):
         onecomp_core.quantize(tiny_llama, out, max_memory="10MB", projector="rtn", num_samples=2, seq_len=32)
     assert not out.exists() and not (tmp_path / "q.onecomp-partial" / "blocks").exists()
 
@@ -122,7 +122,7 @@ class _Hungry:
 
 def test_a_named_block_refiner_over_max_memory_stops_before_any_work(tiny_llama, tmp_path):
     out = tmp_path / "q"
-    with pytest.raises(OnecompError, match=r"^hungry-block needs ~93\d\d\.\d GB, over --max-memory 64.0 GB"):
+    with pytest.raises(OnecompError, match=r"^hungry-block needs ~93\d\d\.\d GiB, over --max-memory 64.0 GiB"):
         onecomp_core.quantize(tiny_llama, out, max_memory="64GiB", projector="rtn", num_samples=2, seq_len=32,
                               refiners=["hungry-block"], plugins=[_Hungry()])
     assert not out.exists() and not (tmp_path / "q.onecomp-partial" / "blocks").exists()
@@ -130,7 +130,7 @@ def test_a_named_block_refiner_over_max_memory_stops_before_any_work(tiny_llama,
 
 def test_a_named_model_refiner_over_max_memory_stops_after_the_pivot_is_saved(tiny_llama, tmp_path):
     out = tmp_path / "q"
-    with pytest.raises(OnecompError, match=r"^hungry-model needs ~9313.2 GB, over --max-memory 64.0 GB: raise "
+    with pytest.raises(OnecompError, match=r"^hungry-model needs ~9313.2 GiB, over --max-memory 64.0 GiB: raise "
                                            r"--max-memory or drop --refiner hungry-model$"):
         onecomp_core.quantize(tiny_llama, out, max_memory="64GiB", projector="rtn", num_samples=2, seq_len=32,
                               refiners=["hungry-model"], plugins=[_Hungry()])

@@ -155,8 +155,8 @@ class SpinQuant(Preprocessor):
         cached = n + m if o.loss == "kl" else 0
         need = rss_bytes() + _learn_bytes(cfg, x0.shape[1], cached)   # what the process holds now, plus the learning
         if ctx.max_memory is not None and need > ctx.max_memory:
-            raise OnecompError(f"spinquant needs ~{need / 2**30:.1f} GB to learn its rotations (the whole model "
-                               f"resident), max-memory {ctx.max_memory / 2**30:.1f} GB: raise --max-memory or use "
+            raise OnecompError(f"spinquant needs ~{need / 2**30:.1f} GiB to learn its rotations (the whole model "
+                               f"resident), max-memory {ctx.max_memory / 2**30:.1f} GiB: raise --max-memory or use "
                                f"--preprocessor hadamard")
         blocks = [ctx.block(i) for i in range(ctx.num_blocks)]
         try:
