@@ -71,7 +71,8 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
 def _add_budget_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refine", choices=["manual", "auto"],
                    help="auto: add the refiners (blockptq, globalptq) that fit --max-memory and --time-budget")
-    p.add_argument("--max-memory", help="memory the run may use, e.g. 8GB (default: the machine's; the GPU's on CUDA)")
+    p.add_argument("--max-memory", help="memory the run may use, e.g. 8GB or 8GiB (default: the machine's; the GPU's on CUDA); "
+                        "given, it also stops a named --refiner that would need more, before it starts")
     p.add_argument("--time-budget", help="time the whole run may take, e.g. 45m or 2h (--refine auto skips what would not fit)")
 
 
