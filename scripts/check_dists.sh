@@ -9,15 +9,33 @@
 #      tree) pass there.
 # The third-party libraries (torch, transformers, ...) are installed once into the core's
 # environment and shared with the plugin environments through a .pth file; onecomp packages are
-# never shared. CHECK_DISTS_DIR keeps the work folder; CHECK_DISTS_ONLY=a,b checks only those
-# plugin folders (e.g. onecomp-plugin-qep). Prints one line per distribution; exits 1 on a failure.
-# CHECK_DISTS_JOBS=N checks N plugins at once (default 2).
+# never shared. The work folder (about 2 GiB) is removed after a passing run; CHECK_DISTS_DIR
+# names one to keep (and reuse); a failing run keeps it and prints the failing step's log.
+# CHECK_DISTS_ONLY=a,b checks only those plugin folders (e.g. onecomp-plugin-qep). Prints one line
+# per distribution; exits 1 on a failure. CHECK_DISTS_JOBS=N checks N plugins at once (default 2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 PY=${PYTHON:-python3}
 WORK=${CHECK_DISTS_DIR:-$(mktemp -d -t onecomp-dists.XXXXXX)}
 mkdir -p "$WORK"
+STEP_LOG=$WORK/pip.log      # the log a failing step's message points at
+on_exit() {
+    local rc=$?
+    if [ $rc != 0 ]; then
+        [ -s "$STEP_LOG" ] && { echo "[check_dists] last lines of $STEP_LOG:"; grep -v "WARNING: Location" "$STEP_LOG" | tail -30; } >&2
+        echo "[check_dists] FAILED (exit $rc); work folder kept: $WORK" >&2
+    elif [ -z "${CHECK_DISTS_DIR:-}" ]; then
+        rm -rf "$WORK"
+    fi
+}
+trap on_exit EXIT
+# the wheels, one core environment with torch and one environment per plugin at once
+free_kib=$(df -Pk "$WORK" | awk 'NR==2 {print $4}')
+if [ "${free_kib:-0}" -lt $((3 * 1024 * 1024)) ]; then
+    echo "[check_dists] only $((free_kib / 1024)) MiB free under $WORK; it needs about 3 GiB: free some disk or set CHECK_DISTS_DIR to a folder on a larger disk" >&2
+    exit 1
+fi
 WHEELS=$WORK/wheels
 export ONECOMP_PROGRESS=0 TOKENIZERS_PARALLELISM=false
 PLUGINS=(onecomp_plugins_gptq onecomp_plugins_dbf plugins/*/)
@@ -25,6 +43,7 @@ log() { printf '[check_dists] %s\n' "$*"; }
 pipin() { local env=$1; shift; "$env/bin/pip" install -q --disable-pip-version-check "$@" 2>>"$WORK/pip.log"; }
 
 # -- 1. wheels --------------------------------------------------------------------------------
+STEP_LOG=$WORK/pip.log
 [ -x "$WORK/build/bin/python" ] || "$PY" -m venv "$WORK/build"
 pipin "$WORK/build" build
 rm -rf "$WHEELS"
@@ -36,11 +55,13 @@ done
 log "built $(ls "$WHEELS"/*.whl | wc -l) wheels: $(cd "$WHEELS" && ls *.whl | sed 's/-py3-none-any.whl//' | tr '\n' ' ')"
 
 # -- 2. the core alone ----------------------------------------------------------------------------
+STEP_LOG=$WORK/pip.log
 BASE=$WORK/core
 [ -x "$BASE/bin/python" ] || "$PY" -m venv "$BASE"
 "$BASE/bin/python" -c "import torch" 2>/dev/null || pipin "$BASE" "${TORCH_SPEC:-torch==2.13.0}"
 pipin "$BASE" "$WHEELS"/onecomp_core-*.whl pytest hypothesis
 pipin "$BASE" --force-reinstall --no-deps "$WHEELS"/onecomp_core-*.whl         # this build, on a re-run too
+STEP_LOG=$WORK/core-check.log
 "$BASE/bin/python" - "$WORK/core-check" 2>"$WORK/core-check.log" <<'PY'
 import json, os, subprocess, sys
 from pathlib import Path
@@ -112,4 +133,4 @@ if [ ${#failed[@]} -gt 0 ]; then
     log "FAILED: ${failed[*]} (logs in $WORK)"
     exit 1
 fi
-log "every distribution installs from its wheel alone and passes its tests (work folder: $WORK)"
+log "every distribution installs from its wheel alone and passes its tests$([ -n "${CHECK_DISTS_DIR:-}" ] && echo " (work folder: $WORK)")"
