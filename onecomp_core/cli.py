@@ -147,7 +147,8 @@ def cmd_refine(a) -> int:
     for rec in report["refine"][earlier:]:
         what = rec["name"] + (" (its blocks)" if rec.get("scope") == "block" else "")
         if rec.get("skipped"):
-            print(f"{what}: skipped, does not fit (held-out KL stays {rec['before']:.4f})")
+            why = f" ({rec['why']})" if rec.get("why") else ""
+            print(f"{what}: skipped{why}, held-out KL stays {rec['before']:.4f}")
             continue
         verdict = "kept" if rec["kept"] else "discarded"
         print(f"{what}: held-out KL {rec['before']:.4f} -> {rec['after']:.4f}, {verdict} ({rec['seconds']} s)")

@@ -33,7 +33,11 @@ class RefineChoice:
                                f"(~{human_bytes(need)}): raise it, or lower --num-samples / --seq-len")
 
     def allow(self, refiner, estimate: dict | None, base: int = 0, floor: int = 0) -> bool:
-        """Run ``refiner``? Those ``--refine auto`` added run only if the estimate, plus ``base``
+        """Run ``refiner``? (``decide``'s verdict.)"""
+        return self.decide(refiner, estimate, base, floor)["run"]
+
+    def decide(self, refiner, estimate: dict | None, base: int = 0, floor: int = 0) -> dict:
+        """Whether ``refiner`` runs and why (the dict recorded in the report). Those ``--refine auto`` added run only if the estimate, plus ``base``
         bytes already needed, fits. Refiners named in the config run (their estimate is recorded),
         except that one whose estimate exceeds an explicit ``--max-memory`` stops the run with one
         line before it starts (the time budget stays advisory for them: an overrun loses nothing).
@@ -68,4 +72,4 @@ class RefineChoice:
         verdict = "runs" if d["run"] else "skipped"
         print(f"onecomp: {refiner.name} {verdict}: {d['reason']}", file=sys.stderr, flush=True)
         self.decisions.append(d)
-        return d["run"]
+        return d

@@ -232,7 +232,8 @@ def run_model_refiners(refiners, store: RefineStore | None, *, plan, formats, pl
                        heldout_ref, train_ids, heldout_ids, device, run, choose=None, ranks=None,
                        out: Path | None = None, block_train_ids=None) -> list[dict]:
     """Each model refiner in order on ``store.current``; -> one record per refiner.
-    ``choose(refiner, mctx)``: whether it runs (the resource-adaptive choice). ``load_reference()``:
+    ``choose(refiner, mctx)``: whether it runs and why, ``{"run": bool, "reason": str}`` (the
+    resource-adaptive choice; a skipped refiner's record keeps the reason as ``why``). ``load_reference()``:
     the FP model, for the refiners that ask for it; ``heldout_ref``: what judges each stage (the FP
     model's ReferenceLogProbs over ``heldout_ids``, or the model itself; None on other ranks).
     Model refiners train on ``train_ids``; block refiners over the checkpoint's blocks on
@@ -285,10 +286,11 @@ def run_model_refiners(refiners, store: RefineStore | None, *, plan, formats, pl
             release_memory()          # the judged model's pages, before the refiner's own peak
         t0 = time.time()
         mctx = context(refiner)
-        if choose is not None and not choose(refiner, attrs.evolve(mctx, ranks=None)):   # its probe runs here alone
+        decision = choose(refiner, attrs.evolve(mctx, ranks=None)) if choose is not None else None  # its probe runs here alone
+        if decision is not None and not decision["run"]:
             tell(False)
             record = {"name": refiner.name, "scope": key[1], "modules": 0, "before": before, "after": before,
-                      "kept": False, "skipped": True, "seconds": round(time.time() - t0, 2)}
+                      "kept": False, "skipped": True, "why": decision["reason"], "seconds": round(time.time() - t0, 2)}
             store.record(record)
             records.append(record)
             continue

@@ -596,10 +596,10 @@ class Runner:
         if not hasattr(self, "choice"):
             self.choice = self.refine_choice()
 
-        def choose(refiner, mctx) -> bool:
+        def choose(refiner, mctx) -> dict:
             # the held-out judgement of the checkpoint has just run; the candidate's repeats it
             judged = peak_gpu_mb() if self.device.type == "cuda" else peak_rss_mb()
-            return self.choice.allow(refiner, refiner.estimate(mctx), floor=int((judged or 0) * 2**20))
+            return self.choice.decide(refiner, refiner.estimate(mctx), floor=int((judged or 0) * 2**20))
 
         try:
             self.refined = run_model_refiners(

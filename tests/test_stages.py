@@ -2,6 +2,7 @@
 formats before any work), model refiners with keep-if-better, the core alone."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -298,6 +299,7 @@ def test_refine_auto_on_a_saved_pivot_runs_what_fits_and_leaves_the_pivot_where_
     rep = onecomp_core.refine(q, refine="auto", max_memory="1MB")
     assert [(r["name"], r["scope"], r["skipped"]) for r in rep["refine"]] == [("blockptq", "block", True),
                                                                               ("globalptq", "model", True)]
+    assert all(r["why"].startswith("needs ~") and "max-memory" in r["why"] for r in rep["refine"])
     choice = {d["name"]: d for d in rep["refine_choice"]}
     assert not choice["blockptq"]["run"] and choice["blockptq"]["predicted_peak_mb"] > 1
     assert choice["blockptq"]["predicted_seconds"] > 0
@@ -344,7 +346,9 @@ def test_the_refine_command_takes_the_budget_flags(tiny_llama, tmp_path, capsys)
     assert "'time_budget': must be a duration such as 45m" in capsys.readouterr().err
     assert main(["refine", str(q), "--refine", "auto", "--max-memory", "1MB"]) == 0
     out = capsys.readouterr().out
-    assert "blockptq (its blocks): skipped, does not fit" in out and "globalptq: skipped, does not fit" in out
+    # each skipped refiner says why: here its memory, not the time budget
+    assert re.search(r"blockptq \(its blocks\): skipped \(needs ~[\d.]+ \w+, max-memory [\d.]+ \w+\), held-out KL", out)
+    assert re.search(r"globalptq: skipped \(needs ~[\d.]+ \w+, max-memory", out)
 
 
 @pytest.mark.skipif(not (installed("preprocessor", "hadamard") and installed("preprocessor", "awq")),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from onecomp_core.sdk import damp_hessian, grid, inverse_cholesky_upper
+from onecomp_core.sdk import damp_hessian, grid, inverse_cholesky_upper, quiet_loading
 
 
 def rtn_weight(W: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> torch.Tensor:
@@ -66,7 +66,8 @@ def output_curvature(folder, ids: torch.Tensor, names: list[str], device="cpu", 
     Loads the full FP model once; only activations get gradients (the embeddings are the
     leaf), so no parameter gradients are stored."""
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).to(device)
+    with quiet_loading():
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).to(device)
     model.eval().requires_grad_(False)
     sums: dict = {n: None for n in names}
     counts = {n: 0 for n in names}

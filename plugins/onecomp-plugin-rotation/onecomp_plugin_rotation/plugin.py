@@ -4,8 +4,8 @@ from __future__ import annotations
 import attrs
 import torch
 
-from onecomp_core.sdk import (OnecompError, Preprocessor, Transform, boolean, cast_floats, hookimpl, in_range, one_of,
-                              rss_bytes)
+from onecomp_core.sdk import (OnecompError, Preprocessor, Transform, boolean, cast_floats, hookimpl, human_bytes,
+                              in_range, one_of, rss_bytes)
 
 from .fuse import columns_times, fold_norm, rotate_heads_columns, rotate_heads_rows, rows_times
 from .hadamard import largest_order, rotation
@@ -155,8 +155,8 @@ class SpinQuant(Preprocessor):
         cached = n + m if o.loss == "kl" else 0
         need = rss_bytes() + _learn_bytes(cfg, x0.shape[1], cached)   # what the process holds now, plus the learning
         if ctx.max_memory is not None and need > ctx.max_memory:
-            raise OnecompError(f"spinquant needs ~{need / 2**30:.1f} GiB to learn its rotations (the whole model "
-                               f"resident), max-memory {ctx.max_memory / 2**30:.1f} GiB: raise --max-memory or use "
+            raise OnecompError(f"spinquant needs ~{human_bytes(need)} to learn its rotations (the whole model "
+                               f"resident), max-memory {human_bytes(ctx.max_memory)}: raise --max-memory or use "
                                f"--preprocessor hadamard")
         blocks = [ctx.block(i) for i in range(ctx.num_blocks)]
         try:
