@@ -13,8 +13,10 @@ from .runner import Runner
 __all__ = ["quantize", "load_quantized", "make_config", "Resolved", "Runner"]
 
 
-def quantize(model=None, out=None, *, config=None, plugins=(), options=None, **fields) -> dict:
+def quantize(model=None, out=None, *, config=None, plugins=(), options=None, dry_run: bool = False, **fields) -> dict:
     """Quantize ``model`` (folder, .gguf file or hub id) into ``out``; returns the run report.
+    ``dry_run=True`` stops after the plan and the refiners' choice, writes nothing in or beside
+    ``out`` and returns what the run would do (``onecomp_core.dry_run``).
 
     Keyword fields are those of :class:`~onecomp_core.config.RunConfig` (bits, group_size,
     symmetric, projector, preprocessors, refiners, planner, format, exports, device, ...), the
@@ -24,7 +26,7 @@ def quantize(model=None, out=None, *, config=None, plugins=(), options=None, **f
     run = make_config(model, config, options=options, out=str(out) if out is not None else None, **fields)
     if not run.out:
         raise OnecompError("no output folder: pass out=DIR (--out DIR)")
-    return Runner(Resolved(run, load_plugins(extra=list(plugins)))).run()
+    return Runner(Resolved(run, load_plugins(extra=list(plugins))), dry_run=dry_run).run()
 
 
 def refine(folder, *, refiners=(), options=None, plugins=(), **fields) -> dict:

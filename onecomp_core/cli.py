@@ -122,8 +122,12 @@ def cmd_quantize(a) -> int:
     run = _run_config(a)
     if not run.out:
         raise OnecompError("no output folder: pass --out DIR")
-    report = Runner(Resolved(run, load_plugins())).run()
+    report = Runner(Resolved(run, load_plugins()), dry_run=a.dry_run).run()
     if report.get("rank"):                           # a data-parallel rank other than 0: rank 0 reports
+        return 0
+    if a.dry_run:
+        from .dry_run import dry_run_lines
+        print(json.dumps(report) if a.json else "\n".join(dry_run_lines(report)))
         return 0
     s, ev = report["summary"], report.get("evaluation")
     line = f"wrote {report['out']}: {s['bpw']} bits per weight, {s['wall_seconds']} s, peak RSS {s['peak_rss_mb']} MiB"
@@ -272,6 +276,10 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quantize", help="quantize a model into an output folder")
     _add_run_flags(q)
+    q.add_argument("--dry-run", action="store_true",
+                   help="stop after the plan: check the whole config, fit the preprocessors, make the plan, estimate "
+                        "memory and the block refiners, print what the run would do, and write nothing")
+    q.add_argument("--json", action="store_true", help="with --dry-run: print its report as JSON")
     q.set_defaults(fn=cmd_quantize)
     r = sub.add_parser("refine", help="run refiners (model refiners, and block refiners such as blockptq over its "
                                       "blocks) on an onecomp checkpoint, replacing it if they help")

@@ -45,6 +45,7 @@ from .resolve import Resolved
 from .spec import LayerSpec, Plan
 from .skeleton import Skeleton, forward_autocast, pick_device
 from .distributed import rank_device, start_ranks
+from .dry_run import dry_run_report
 from .store import FollowerStore, RunStore, atomic_write_bytes
 from .streams import SpilledStreams, capture, cast_floats
 
@@ -123,9 +124,10 @@ class Runner:
     refiners, and block refiners over its blocks; a quantize run resuming its refine stage also
     plans from the checkpoint, but its block refiners ran inside its pass already)."""
 
-    def __init__(self, res: Resolved, refine_only: bool = False):
+    def __init__(self, res: Resolved, refine_only: bool = False, dry_run: bool = False):
         self.res, self.run_cfg = res, res.run
         self.refine_only = refine_only
+        self.dry_run = dry_run                       # up to the plan and the choice, writing nothing
         self.checkpoint_blocks = refine_only         # `onecomp refine`: block refiners run over the checkpoint
         self.refine_store = None
         self.layers = None
@@ -159,6 +161,8 @@ class Runner:
     def run(self) -> dict:
         self.ranks = start_ranks(self.run_cfg.device)    # one process unless torchrun launched several
         if self.ranks.active:
+            if self.dry_run:
+                raise OnecompError("a dry run plans in one process: run it without torchrun")
             self.check_data_parallel()
         t_start = time.time()
         self.threads = set_threads()
@@ -167,11 +171,15 @@ class Runner:
         self.stage("calibration", self.calibrate)
         if self.refine_only:
             self.stage("plan", self.plan_from_checkpoint)
+            if self.dry_run:
+                return dry_run_report(self, time.time() - t_start)
         else:
             self.stage("capture", self.capture)
             if self.res.preprocessors:
                 self.stage("preprocess", self.preprocess)
             self.stage("plan", self.plan)
+            if self.dry_run:
+                return dry_run_report(self, time.time() - t_start)
             if self.start < len(self.sk.blocks):
                 self.stage("layerwise", self.layerwise, total=len(self.sk.blocks))
             if not self.ranks.leader and not self.parallel_refine():    # the leader alone exports and evaluates
@@ -216,10 +224,13 @@ class Runner:
                                f"in one process: run `onecomp refine` without torchrun")
         if self.refine_only:
             self.base_report = json.loads((out / "report.json").read_text()) if (out / "report.json").is_file() else {}
+            self.outlook = ("refine", f"refines the checkpoint in {out} (the refine stage; its pivot is saved)")
         else:                                        # only the leader writes; it says where to resume
-            self.store = self.ranks.leader_does(lambda: RunStore(out, self.fingerprint, run.overwrite), share=False) \
+            self.store = self.ranks.leader_does(lambda: RunStore(out, self.fingerprint, run.overwrite, self.dry_run),
+                                                share=False) \
                 or FollowerStore(out, self.ranks.rank)
             self.start = self.ranks.broadcast(self.store.finished if self.ranks.leader else None)
+            self.outlook = self.store.outlook if self.ranks.leader else None
         from transformers import AutoTokenizer
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder))
         # read the evaluation text now: a wrong path should stop the run before the long work

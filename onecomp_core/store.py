@@ -77,18 +77,31 @@ def _no_crc32():
 
 
 class RunStore:
-    def __init__(self, out: Path, fingerprint: str, overwrite: bool):
+    def __init__(self, out: Path, fingerprint: str, overwrite: bool, dry_run: bool = False):
+        """``dry_run``: only read, and say in ``self.outlook`` what the run would do."""
         self.out = Path(out)
         self.work = self.out.with_name(self.out.name + ".onecomp-partial")
         self.fingerprint = fingerprint
+        self.outlook = self.look(overwrite)
+        if self.outlook[0] == "start over" and not dry_run:
+            shutil.rmtree(self.work)
+
+    def look(self, overwrite: bool) -> tuple[str, str]:
+        """(what happens to ``out`` and the work folder, a line saying so); raises where the run
+        would refuse: ``out`` exists, or the work folder holds another config's unfinished run,
+        without ``overwrite``."""
         if self.out.exists() and not overwrite:
             raise OnecompError(f"output {self.out} already exists; choose another --out or pass --overwrite")
+        replaces = f"; replaces {self.out} when it finishes (--overwrite)" if self.out.exists() else ""
         state = self.read_state()
-        if state is not None and state.get("fingerprint") != fingerprint:
+        if state is not None and state.get("fingerprint") != self.fingerprint:
             if not overwrite:
                 raise OnecompError(f"{self.work} holds an unfinished run with a different config; use the same "
                                    f"config to resume it, or pass --overwrite to start over")
-            shutil.rmtree(self.work)
+            return "start over", f"discards the unfinished run of another config in {self.work}{replaces}"
+        if self.finished:
+            return "resume", f"resumes after block {self.finished} (finished in {self.work}){replaces}"
+        return "new", f"a new run{replaces}"
 
     def read_state(self) -> dict | None:
         p = self.work / STATE

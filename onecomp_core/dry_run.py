@@ -1,0 +1,75 @@
+"""A dry run (``--dry-run``): the run up to its plan and the refiners' choice (model opened,
+calibration tokenised, preprocessors fitted, the plan made and checked, block refiners
+estimated), then a report of what the run would do, without writing the output or its work
+folder. Caches (calibration tokens, AutoBit's candidate errors) are kept as a real run keeps them."""
+from __future__ import annotations
+
+from collections import Counter
+
+from .report import peak_rss_mb
+from .resources import human_bytes, memory_budget
+
+
+def planned_bpw(plan, formats, shapes) -> float:
+    """Σ_m bpw_m · |W_m| / Σ_m |W_m|, each module's bits per weight as its format accounts them."""
+    params = sum(shapes[n][0] * shapes[n][1] for n in plan.specs)
+    bits = sum(formats[s.format].bits_per_weight(s, shapes[n]) * shapes[n][0] * shapes[n][1]
+               for n, s in plan.specs.items())
+    return bits / max(params, 1)
+
+
+def spec_label(spec) -> str:
+    """One plan entry in words: ``gptq int4 g128``, ``dbf 1.5 bpw``."""
+    if "bpw" in spec.options:
+        grid = f"{spec.format} {spec.options['bpw']} bpw"
+    else:
+        grid = f"{spec.format} {spec.bits}-bit " + (f"g{spec.group_size}" if (spec.group_size or 0) > 0 else "per-channel")
+    return f"{spec.projector} {grid}"
+
+
+def dry_run_report(runner, wall: float) -> dict:
+    """What the run would do, from a runner stopped after its plan stage; printed in a few lines."""
+    run, res = runner.run_cfg, runner.res
+    plan, shapes = runner.plan_, runner.shapes
+    need = None if runner.refine_only else runner.layerwise_need_bytes()
+    budget = memory_budget(run.max_memory, runner.device)
+    counts = Counter(spec_label(s) for s in plan.specs.values())
+    choice = getattr(runner, "choice", None)
+    model_refiners = [r.name for r in runner.stage_refiners()]
+    summary = {"model": str(run.model), "out": str(run.out), "outlook": runner.outlook[0],
+               "modules": len(plan.specs), "bpw": round(planned_bpw(plan, res.formats, shapes), 4),
+               "quantized_params": sum(shapes[n][0] * shapes[n][1] for n in plan.specs),
+               "blocks": len(runner.sk.blocks), "resumes_after_block": runner.start, "device": str(runner.device),
+               "predicted_layerwise_peak_mb": None if need is None else round(need / 2**20, 1),
+               "max_memory_mb": round(budget / 2**20, 1), "max_memory_explicit": run.max_memory is not None,
+               "streams_on_disk": bool(need is not None and runner.streams_spill(*runner.layerwise_parts())),
+               "wall_seconds": round(wall, 2), "peak_rss_mb": round(peak_rss_mb(), 1)}
+    report = {"dry_run": True, "summary": summary, "outlook": runner.outlook[1], "plan_counts": dict(counts),
+              "plan": {n: s.to_dict() for n, s in plan.specs.items()}, "plan_info": plan.info,
+              "preprocessors": [{"name": n, **t.describe()} for n, t in runner.transforms],
+              "refine_choice": choice.decisions if choice is not None else [],
+              "later_refiners": model_refiners, "stages": runner.stages, "config": res.describe()}
+    return report
+
+
+def dry_run_lines(report: dict) -> list[str]:
+    """The dry run in words, for the command line."""
+    s = report["summary"]
+    plan = ", ".join(f"{n} x {label}" for label, n in sorted(report["plan_counts"].items(), key=lambda kv: -kv[1]))
+    lines = [f"dry run, nothing written: {s['model']} -> {s['out']}: {report['outlook']}",
+             f"plan: {s['modules']} modules in {s['blocks']} blocks at {s['bpw']} bits per weight ({plan})"]
+    if s["predicted_layerwise_peak_mb"] is not None:
+        fits = "fits" if s["predicted_layerwise_peak_mb"] <= s["max_memory_mb"] else "over"
+        which = "--max-memory" if s["max_memory_explicit"] else "this machine's memory"
+        lines.append(f"layer-wise pass: ~{human_bytes(s['predicted_layerwise_peak_mb'] * 2**20)} predicted peak, "
+                     f"{fits} {which} ({human_bytes(s['max_memory_mb'] * 2**20)})"
+                     + ("; the streams go to disk" if s["streams_on_disk"] else ""))
+    if report["preprocessors"]:
+        lines.append(f"preprocessors fitted (not saved): {', '.join(p['name'] for p in report['preprocessors'])}")
+    for d in report["refine_choice"]:
+        lines.append(f"{d['name']} {'runs' if d['run'] else 'skipped'}: {d['reason']}")
+    if report["later_refiners"]:
+        lines.append(f"then {', '.join(report['later_refiners'])}: estimated when the refine stage starts "
+                     f"(after the pivot is saved)")
+    lines.append(f"planned in {s['wall_seconds']} s, peak RSS {s['peak_rss_mb']} MiB")
+    return lines
