@@ -232,22 +232,24 @@ class LayerwisePass:
         # another precision than the statistics forwards that recorded them
         self.replay = not block_refiners and spill is None and (forward_dtype is None or stream_autocast)
 
-    def run(self, fp: torch.Tensor, q: torch.Tensor, kwargs: list[dict], start: int, samples: int | None = None) -> dict:
-        """Blocks ``start``.. on the streams ``fp``, ``q`` (this rank's shard of ``samples`` rows)."""
+    def run(self, fp: torch.Tensor, q: torch.Tensor, kwargs: list[dict], start: int, samples: int | None = None,
+            stop: int | None = None) -> dict:
+        """Blocks ``start``..``stop`` - 1 (default: to the last) on the streams ``fp``, ``q`` (this
+        rank's shard of ``samples`` rows)."""
         # the objects alive before the pass (imported libraries, the skeleton) are left out of the
         # per-block collection: a full collection over them cost 0.26 s a block on SmolLM2
         gc.freeze()
         try:
-            return self._run(fp, q, kwargs, start, samples)
+            return self._run(fp, q, kwargs, start, samples, stop)
         finally:
             gc.unfreeze()
 
-    def _run(self, fp, q, kwargs, start, samples) -> dict:
+    def _run(self, fp, q, kwargs, start, samples, stop) -> dict:
         sk = self.sk
         samples = fp.shape[0] if samples is None else samples
         total = len(sk.blocks)
         per_block_s, per_block_rss = [], []
-        for i in range(start, total):
+        for i in range(start, total if stop is None else min(stop, total)):
             t0 = time.time()
             block = sk.block(i)
             if self.fp_stream and not self.data_free:

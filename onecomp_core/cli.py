@@ -278,7 +278,8 @@ def parser() -> argparse.ArgumentParser:
     _add_run_flags(q)
     q.add_argument("--dry-run", action="store_true",
                    help="stop after the plan: check the whole config, fit the preprocessors, make the plan, estimate "
-                        "memory and the block refiners, print what the run would do, and write nothing")
+                        "memory and the block refiners, time the first block (thrown away), print what the run "
+                        "would do, and write nothing")
     q.add_argument("--json", action="store_true", help="with --dry-run: print its report as JSON")
     q.set_defaults(fn=cmd_quantize)
     r = sub.add_parser("refine", help="run refiners (model refiners, and block refiners such as blockptq over its "

@@ -1,13 +1,14 @@
 """A dry run (``--dry-run``): the run up to its plan and the refiners' choice (model opened,
 calibration tokenised, preprocessors fitted, the plan made and checked, block refiners
-estimated), then a report of what the run would do, without writing the output or its work
-folder. Caches (calibration tokens, AutoBit's candidate errors) are kept as a real run keeps them."""
+estimated), the first block's layer-wise pass run and thrown away to time it, then a report of
+what the run would do, without writing the output or its work folder. Caches (calibration
+tokens, AutoBit's candidate errors) are kept as a real run keeps them."""
 from __future__ import annotations
 
 from collections import Counter
 
 from .report import peak_rss_mb
-from .resources import human_bytes, memory_budget
+from .resources import human_bytes, human_seconds, memory_budget
 
 
 def planned_bpw(plan, formats, shapes) -> float:
@@ -32,6 +33,7 @@ def dry_run_report(runner, wall: float) -> dict:
     run, res = runner.run_cfg, runner.res
     plan, shapes = runner.plan_, runner.shapes
     need = None if runner.refine_only else runner.layerwise_need_bytes()
+    secs = getattr(runner, "block_timing", None)
     budget = memory_budget(run.max_memory, runner.device)
     counts = Counter(spec_label(s) for s in plan.specs.values())
     choice = getattr(runner, "choice", None)
@@ -43,6 +45,9 @@ def dry_run_report(runner, wall: float) -> dict:
                "predicted_layerwise_peak_mb": None if need is None else round(need / 2**20, 1),
                "max_memory_mb": round(budget / 2**20, 1), "max_memory_explicit": run.max_memory is not None,
                "streams_on_disk": bool(need is not None and runner.streams_spill(*runner.layerwise_parts())),
+               # the first block to do, run for real and thrown away: its seconds, times the blocks left
+               "timed_block_seconds": None if secs is None else round(secs, 2),
+               "predicted_layerwise_seconds": None if secs is None else round(secs * (len(runner.sk.blocks) - runner.start), 1),
                "wall_seconds": round(wall, 2), "peak_rss_mb": round(peak_rss_mb(), 1)}
     report = {"dry_run": True, "summary": summary, "outlook": runner.outlook[1], "plan_counts": dict(counts),
               "plan": {n: s.to_dict() for n, s in plan.specs.items()}, "plan_info": plan.info,
@@ -64,6 +69,9 @@ def dry_run_lines(report: dict) -> list[str]:
         lines.append(f"layer-wise pass: ~{human_bytes(s['predicted_layerwise_peak_mb'] * 2**20)} predicted peak, "
                      f"{fits} {which} ({human_bytes(s['max_memory_mb'] * 2**20)})"
                      + ("; the streams go to disk" if s["streams_on_disk"] else ""))
+    if s["timed_block_seconds"] is not None:
+        lines.append(f"layer-wise time: ~{human_seconds(s['predicted_layerwise_seconds'])} for {s['blocks'] - s['resumes_after_block']} "
+                     f"blocks (block {s['resumes_after_block']} run and thrown away: {s['timed_block_seconds']} s)")
     if report["preprocessors"]:
         lines.append(f"preprocessors fitted (not saved): {', '.join(p['name'] for p in report['preprocessors'])}")
     for d in report["refine_choice"]:
@@ -71,5 +79,5 @@ def dry_run_lines(report: dict) -> list[str]:
     if report["later_refiners"]:
         lines.append(f"then {', '.join(report['later_refiners'])}: estimated when the refine stage starts "
                      f"(after the pivot is saved)")
-    lines.append(f"planned in {s['wall_seconds']} s, peak RSS {s['peak_rss_mb']} MiB")
+    lines.append(f"the dry run took {s['wall_seconds']} s, peak RSS {s['peak_rss_mb']} MiB")
     return lines

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -179,6 +180,7 @@ class Runner:
                 self.stage("preprocess", self.preprocess)
             self.stage("plan", self.plan)
             if self.dry_run:
+                self.block_timing = self.stage("time_block", self.time_first_block)
                 return dry_run_report(self, time.time() - t_start)
             if self.start < len(self.sk.blocks):
                 self.stage("layerwise", self.layerwise, total=len(self.sk.blocks))
@@ -415,7 +417,7 @@ class Runner:
             print(f"onecomp: warning: {few}", file=sys.stderr)
         self.choose_block_refiners()
 
-    def layerwise(self) -> None:
+    def layerwise(self, stop: int | None = None) -> None:
         res = self.res
         n = self.run_cfg.calibration.num_samples
         mine = self.ranks.shard(n)                   # data-parallel: this rank's samples of both streams
@@ -435,10 +437,26 @@ class Runner:
                            forward_dtype=self.forward_dtype,
                            stream_autocast=self.run_cfg.calibration.forward_dtype != "statistics")
         try:
-            self.timing = lw.run(fp, q, self.kwargs, self.start, samples=n)
+            self.timing = lw.run(fp, q, self.kwargs, self.start, samples=n, stop=stop)
         finally:
             if spill is not None:
                 spill.remove()
+
+    def time_first_block(self) -> float | None:
+        """A dry run's timing: the layer-wise pass over the first block to do (block refiners
+        included), its tensors and streams dropped (a store that writes nothing, its spilled
+        streams in a throwaway folder); -> seconds, or None when the run would resume (its
+        streams are the work folder's, which a dry run leaves alone)."""
+        if self.start > 0:
+            return None
+        real = self.store
+        with tempfile.TemporaryDirectory(prefix="onecomp-dry-run-") as tmp:
+            self.store = FollowerStore(Path(tmp) / "out", 0)
+            try:
+                self.layerwise(stop=1)
+            finally:
+                self.store = real
+        return self.timing["block_seconds"][0]
 
     # -- the resource-adaptive choice (--refine auto, --max-memory, --time-budget) ---------------
     def layerwise_need_bytes(self) -> int:

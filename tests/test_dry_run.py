@@ -24,6 +24,8 @@ def test_a_dry_run_writes_nothing_and_plans_what_the_run_does(tiny_llama, tmp_pa
     assert s["modules"] == 14 and s["blocks"] == 2 and s["resumes_after_block"] == 0
     assert dry["plan_counts"] == {"gptq uniform 3-bit g32": 14}
     assert 0 < s["predicted_layerwise_peak_mb"] < s["max_memory_mb"] and not s["max_memory_explicit"]
+    assert s["timed_block_seconds"] > 0                         # block 0, run and thrown away
+    assert s["predicted_layerwise_seconds"] == pytest.approx(2 * s["timed_block_seconds"], abs=0.1)
     real = onecomp_core.quantize(tiny_llama, out, **quick(bits=3, projector="gptq", num_samples=4))
     assert dry["plan"] == real["plan"]
     assert s["bpw"] == real["summary"]["bpw"] and s["quantized_params"] == real["summary"]["quantized_params"]
@@ -63,6 +65,7 @@ def test_a_dry_run_names_the_block_a_rerun_resumes_after_and_keeps_the_work_fold
     before = files_under(partial)
     dry = onecomp_core.quantize(tiny_llama, out, dry_run=True, **quick())
     assert dry["summary"]["outlook"] == "resume" and dry["summary"]["resumes_after_block"] == 1
+    assert dry["summary"]["timed_block_seconds"] is None        # the streams it would resume from are not its to read
     assert dry["outlook"] == f"resumes after block 1 (finished in {partial})"
     # another config: refused without --overwrite, as the real run; with it, the dry run says the
     # unfinished run would be discarded, and discards nothing
@@ -96,6 +99,7 @@ def test_the_dry_run_flag_prints_the_plan_in_words_or_json(tiny_llama, tmp_path,
     assert lines[0] == f"dry run, nothing written: {tiny_llama} -> {tmp_path / 'q'}: a new run"
     assert lines[1] == "plan: 14 modules in 2 blocks at 4.625 bits per weight (14 x rtn uniform 4-bit g32)"
     assert lines[2].startswith("layer-wise pass: ~") and "fits this machine's memory" in lines[2]
+    assert lines[3].startswith("layer-wise time: ~") and "for 2 blocks (block 0 run and thrown away: " in lines[3]
     assert main(args + ["--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["dry_run"] and rep["summary"]["bpw"] == 4.625
