@@ -205,6 +205,14 @@ class BlockContext:
         self._fp_block = None
 
 
+def streams_used(needs, corrections, block_refiners) -> tuple[bool, bool]:
+    """(data-free: nothing reads the streams, the blocks never run on calibration data;
+    the FP stream is computed: paired statistics (cross, residual) and block refiners read it, the
+    FP block's output being their target)."""
+    data_free = not needs and not corrections and not block_refiners
+    return data_free, bool({"cross", "residual"} & set(needs)) or bool(block_refiners)
+
+
 class LayerwisePass:
     def __init__(self, sk, plan, projectors, formats, corrections, block_refiners, store, hook,
                  needs: set, batch: int = 1, spill=None, ranks: Ranks | None = None,
@@ -222,11 +230,7 @@ class LayerwisePass:
         self.spill = spill                                # SpilledStreams: outputs go to files on disk
         self.paired = bool({"cross", "residual"} & self.needs)
         self.keep_fp = any(r.needs_fp_weights for r in block_refiners)
-        # nothing reads the streams: the blocks never run on calibration data
-        self.data_free = not self.needs and not corrections and not block_refiners
-        # the FP stream is read only by paired statistics (cross, residual) and by block refiners
-        # (the FP block's output is their target); without them it is not computed
-        self.fp_stream = self.paired or bool(block_refiners)
+        self.data_free, self.fp_stream = streams_used(self.needs, corrections, block_refiners)
         # replay settled submodules' outputs: not when block refiners may change any weight at any
         # time, nor when memory is short (streams on disk), nor where the q stream's forward runs in
         # another precision than the statistics forwards that recorded them

@@ -357,7 +357,13 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("\nonecomp: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    except (MemoryError, RuntimeError) as exc:
+    except Exception as exc:
+        from .disk import disk_full
+        if disk_full(exc):
+            print(f"onecomp: error: the disk is full ({first_line(exc)}); finished blocks are kept and the same "
+                  f"command resumes once there is room: free some space, or choose --out on a larger disk",
+                  file=sys.stderr)
+            return 2
         if not out_of_memory(exc):
             raise
         print(f"onecomp: error: out of memory ({first_line(exc)}); finished blocks are kept and the same command "

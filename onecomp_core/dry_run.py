@@ -52,7 +52,7 @@ def dry_run_report(runner, wall: float) -> dict:
     report = {"dry_run": True, "summary": summary, "outlook": runner.outlook[1], "plan_counts": dict(counts),
               "plan": {n: s.to_dict() for n, s in plan.specs.items()}, "plan_info": plan.info,
               "preprocessors": [{"name": n, **t.describe()} for n, t in runner.transforms],
-              "refine_choice": choice.decisions if choice is not None else [],
+              "refine_choice": choice.decisions if choice is not None else [], "disk": runner.disk,
               "later_refiners": model_refiners, "stages": runner.stages, "config": res.describe()}
     return report
 
@@ -72,6 +72,9 @@ def dry_run_lines(report: dict) -> list[str]:
     if s["timed_block_seconds"] is not None:
         lines.append(f"layer-wise time: ~{human_seconds(s['predicted_layerwise_seconds'])} for {s['blocks'] - s['resumes_after_block']} "
                      f"blocks (block {s['resumes_after_block']} run and thrown away: {s['timed_block_seconds']} s)")
+    d = report["disk"]
+    lines.append(f"disk: ~{human_bytes(d['need_mb'] * 2**20)} at the peak (checkpoint ~{human_bytes(d['checkpoint_mb'] * 2**20)}), "
+                 f"{human_bytes(d['free_mb'] * 2**20)} free under {d['where']}")
     if report["preprocessors"]:
         lines.append(f"preprocessors fitted (not saved): {', '.join(p['name'] for p in report['preprocessors'])}")
     for d in report["refine_choice"]:

@@ -34,7 +34,7 @@ from .formats.trainable import attach_views
 from .evaluate import evaluate, load_reference, text_tokens
 from .hashing import weights_digest
 from .gather import input_diagonals, input_statistics
-from .block_pass import LayerwisePass
+from .block_pass import LayerwisePass, streams_used
 from .model_source import resolve_model
 from .refine_stage import RefineStore, heldout_reference, refine_work, run_model_refiners
 from .fit import OverBudget, RefineChoice
@@ -46,6 +46,7 @@ from .resolve import Resolved
 from .spec import LayerSpec, Plan
 from .skeleton import Skeleton, forward_autocast, pick_device
 from .distributed import rank_device, start_ranks
+from .disk import check_disk, checkpoint_bytes, free_bytes, run_need
 from .dry_run import dry_run_report
 from .store import FollowerStore, RunStore, atomic_write_bytes
 from .streams import SpilledStreams, capture, cast_floats
@@ -416,6 +417,7 @@ class Runner:
         if few:
             print(f"onecomp: warning: {few}", file=sys.stderr)
         self.choose_block_refiners()
+        self.check_disk()
 
     def layerwise(self, stop: int | None = None) -> None:
         res = self.res
@@ -591,6 +593,36 @@ class Runner:
             for r in res.refiners:
                 r.check(spec, fmt)
         self.settle_formats()                        # the storage choices the checkpoint was written with
+        self.check_disk()
+
+    def check_disk(self) -> None:
+        """What the run will write (disk.run_need) against the free space beside ``--out``, before
+        the first block; recorded for the report and the dry run."""
+        if not self.ranks.leader:
+            return
+        out = Path(self.run_cfg.out)
+        if self.refine_only:                         # one candidate beside the checkpoint
+            ckpt = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+            need = run_need(ckpt, 0, 0, 0, refiners=False)
+        else:
+            sk, cal = self.sk, self.run_cfg.calibration
+            prefixes = tuple(sk.block_prefix(i) + "." for i in range(len(sk.blocks)))
+            ckpt, in_blocks = checkpoint_bytes(self.plan_, self.res.formats, self.shapes, sk.weights, sk.store_dtype,
+                                               lambda k: k.startswith(prefixes))
+            rows = -(-cal.num_samples // self.ranks.world)
+            stream = rows * cal.seq_len * int(getattr(sk.config, "hidden_size", 0)) * (torch.finfo(sk.dtype).bits // 8)
+            data_free, fp_stream = streams_used(self.statistics_needed(), self.res.refiners_of("layer"),
+                                                [r for r in self.res.refiners_of("block") if r.name not in self.skipped])
+            stream *= 0 if data_free else 1 + fp_stream                   # the streams saved between blocks
+            spilled = 2 * stream if self.streams_spill(*self.layerwise_parts()) else 0   # two buffers a stream
+            blocks = len(sk.blocks)
+            need = run_need(ckpt, in_blocks * (blocks - self.start) // blocks, stream, spilled,
+                            bool(self.stage_refiners()))
+            need += ckpt * max(0, len(self.res.exporters) - 1)           # each extra export beside it
+        where, free = free_bytes(out)
+        self.disk = {"need_mb": round(need / 2**20, 1), "free_mb": round(free / 2**20, 1), "where": str(where),
+                     "checkpoint_mb": round(ckpt / 2**20, 1)}
+        check_disk(need, out)
 
     def settle_formats(self) -> None:
         """Each format sees the whole plan before any tensor is written (``Format.settle``)."""
@@ -735,6 +767,7 @@ class Runner:
                 "preprocessors": [{"name": n, **t.describe()} for n, t in self.transforms],
                 "refine": self.refined, "exports": self.exported,
                 "refine_choice": self.choice.decisions if hasattr(self, "choice") else [],
+                "disk": getattr(self, "disk", None),
                 "config": res.describe(), "plan": {n: s.to_dict() for n, s in plan.specs.items()},
                 "plan_info": plan.info}
 

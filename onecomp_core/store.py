@@ -9,6 +9,7 @@ consistent pair. The streams file also records the block it enters, checked on r
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -41,11 +42,27 @@ def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = _tmp(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
+def _written(tmp: Path, path: Path, write) -> None:
+    """``write(tmp)``, then the durable rename to ``path``; a failed write leaves no temporary file
+    behind, and torch's archive writer's failure (its message says only "unexpected pos") is
+    raised as the OSError it was: ENOSPC where the disk has no room left."""
+    try:
+        write(tmp)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, RuntimeError) and "inline_container" in str(exc):
+            full = shutil.disk_usage(path.parent).free < 2**24
+            raise OSError(errno.ENOSPC if full else errno.EIO,
+                          f"{'No space left on device' if full else 'write failed'} writing {path}") from exc
+        raise
     _durable_replace(tmp, path)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+    _written(_tmp(path), path, write)
 
 
 def atomic_json(path: Path, obj) -> None:
@@ -53,19 +70,18 @@ def atomic_json(path: Path, obj) -> None:
 
 
 def atomic_save_tensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
-    tmp = _tmp(path)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    _durable_replace(tmp, path)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    _written(_tmp(path), path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def atomic_torch_save(path: Path, obj, checksum: bool = True) -> None:
     """torch.save through a temporary file; ``checksum=False`` skips the archive's CRC-32 (where
     torch can), which is most of the time of saving a large tensor: for scratch files that the
     atomic rename already guards, such as the streams between blocks."""
-    tmp = _tmp(path)
-    with contextlib.nullcontext() if checksum else _no_crc32():
-        torch.save(obj, tmp)
-    _durable_replace(tmp, path)
+    def write(tmp):
+        with contextlib.nullcontext() if checksum else _no_crc32():
+            torch.save(obj, tmp)
+    _written(_tmp(path), path, write)
 
 
 def _no_crc32():
