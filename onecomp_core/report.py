@@ -88,6 +88,10 @@ def markdown(report: dict) -> str:
               "bpw", "quantized_params", "checkpoint_mb", "source_mb", "size_ratio", "stage", "wall_seconds", "peak_rss_mb", "peak_gpu_mb", "resumed_from_block"):
         if k in s:
             lines.append(f"- **{k}**: {s[k]}")
+    if report.get("disk"):
+        d = report["disk"]
+        lines.append(f"- **disk**: {d['need_mb']} MB predicted at the peak (checkpoint {d['checkpoint_mb']} MB), "
+                     f"{d['free_mb']} MB free under {d['where']} when the run started")
     predicted = {d["name"]: d for d in report.get("refine_choice", [])}
     if report.get("refine"):
         lines += ["", "## Model refiners", "", "| refiner | modules | held-out KL before | after | kept | seconds | "

@@ -28,6 +28,8 @@ def test_the_predicted_checkpoint_size_is_the_written_one(tiny_llama, tmp_path, 
     written = safetensors_bytes(tmp_path / "q")
     assert rep["disk"]["checkpoint_mb"] * 2**20 == pytest.approx(written, rel=0.05, abs=0.05 * 2**20)
     assert rep["disk"]["need_mb"] > rep["disk"]["checkpoint_mb"]
+    md = (tmp_path / "q" / "report.md").read_text()
+    assert f"- **disk**: {rep['disk']['need_mb']} MB predicted at the peak" in md
 
 
 def test_too_little_free_disk_stops_the_run_before_any_block(tiny_llama, tmp_path, monkeypatch):
