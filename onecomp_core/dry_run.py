@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import Counter
 
 from .report import peak_rss_mb
-from .resources import human_bytes, human_seconds, memory_budget
+from .resources import human_bytes, human_seconds, memory_budget, parse_duration
 
 
 def planned_bpw(plan, formats, shapes) -> float:
@@ -44,6 +44,7 @@ def dry_run_report(runner, wall: float) -> dict:
                "blocks": len(runner.sk.blocks), "resumes_after_block": runner.start, "device": str(runner.device),
                "predicted_layerwise_peak_mb": None if need is None else round(need / 2**20, 1),
                "max_memory_mb": round(budget / 2**20, 1), "max_memory_explicit": run.max_memory is not None,
+               "time_budget_s": None if run.time_budget is None else parse_duration(run.time_budget),
                "streams_on_disk": bool(need is not None and runner.streams_spill(*runner.layerwise_parts())),
                # the first block to do, run for real and thrown away: its seconds, times the blocks left
                "timed_block_seconds": None if secs is None else round(secs, 2),
@@ -71,7 +72,10 @@ def dry_run_lines(report: dict) -> list[str]:
                      + ("; the streams go to disk" if s["streams_on_disk"] else ""))
     if s["timed_block_seconds"] is not None:
         lines.append(f"layer-wise time: ~{human_seconds(s['predicted_layerwise_seconds'])} for {s['blocks'] - s['resumes_after_block']} "
-                     f"blocks (block {s['resumes_after_block']} run and thrown away: {s['timed_block_seconds']} s)")
+                     f"blocks (block {s['resumes_after_block']} run and thrown away: {s['timed_block_seconds']} s)"
+                     + ("" if s["time_budget_s"] is None else
+                        f", {100 * s['predicted_layerwise_seconds'] / s['time_budget_s']:.0f}% of --time-budget "
+                        f"{human_seconds(s['time_budget_s'])}"))
     d = report["disk"]
     lines.append(f"disk: ~{human_bytes(d['need_mb'] * 2**20)} at the peak (checkpoint ~{human_bytes(d['checkpoint_mb'] * 2**20)}), "
                  f"{human_bytes(d['free_mb'] * 2**20)} free under {d['where']}")

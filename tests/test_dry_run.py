@@ -1,6 +1,7 @@
 """A dry run (``--dry-run``): the run up to its plan and the refiners' choice, reported, with
 nothing written in or beside ``--out``; its plan and bits per weight are the real run's."""
 import json
+import re
 
 import pytest
 
@@ -100,6 +101,10 @@ def test_the_dry_run_flag_prints_the_plan_in_words_or_json(tiny_llama, tmp_path,
     assert lines[1] == "plan: 14 modules in 2 blocks at 4.625 bits per weight (14 x rtn uniform 4-bit g32)"
     assert lines[2].startswith("layer-wise pass: ~") and "fits this machine's memory" in lines[2]
     assert lines[3].startswith("layer-wise time: ~") and "for 2 blocks (block 0 run and thrown away: " in lines[3]
+    assert main(args + ["--time-budget", "2h"]) == 0
+    timed = capsys.readouterr().out.splitlines()[3]
+    assert re.fullmatch(r"layer-wise time: ~\d+ s for 2 blocks \(block 0 run and thrown away: [\d.]+ s\), "
+                        r"\d+% of --time-budget 120 min", timed), timed
     assert main(args + ["--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["dry_run"] and rep["summary"]["bpw"] == 4.625
