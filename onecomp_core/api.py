@@ -29,7 +29,7 @@ def quantize(model=None, out=None, *, config=None, plugins=(), options=None, dry
     return Runner(Resolved(run, load_plugins(extra=list(plugins))), dry_run=dry_run).run()
 
 
-def refine(folder, *, refiners=(), options=None, plugins=(), **fields) -> dict:
+def refine(folder, *, refiners=(), options=None, plugins=(), dry_run: bool = False, **fields) -> dict:
     """Run refiners (``refiners``, in order) on the onecomp checkpoint ``folder`` (a pivot or an
     already refined one), as the quantize run that made it would have: same source model,
     calibration and plan. Model refiners train the whole checkpoint; a block refiner that can
@@ -39,7 +39,8 @@ def refine(folder, *, refiners=(), options=None, plugins=(), **fields) -> dict:
     ``refine="auto"`` adds the installed refiners of ``AUTO_REFINERS`` that fit ``max_memory``
     and ``time_budget`` (as ``quantize`` does; those that cannot run on this checkpoint are
     skipped with a line saying why). ``fields``: ``eval_text``, ``refine_samples``, ``heldout``,
-    ``device``, ``dtype``, ``refine``, ``max_memory``, ``time_budget``."""
+    ``device``, ``dtype``, ``refine``, ``max_memory``, ``time_budget``. ``dry_run=True``: each step's
+    estimate and the choice, nothing trained, judged or written (``onecomp_core.dry_run``)."""
     from .checkpoint import read_meta
     folder = Path(folder)
     if not folder.is_dir():
@@ -64,7 +65,7 @@ def refine(folder, *, refiners=(), options=None, plugins=(), **fields) -> dict:
     if not res.refiners:
         raise OnecompError(f"--refine auto found no refiner that can act on {folder} (see the lines above); "
                            f"install onecomp-plugin-globalptq (or -blockptq), or name a refiner with --refiner")
-    return Runner(res, refine_only=True).run()
+    return Runner(res, refine_only=True, dry_run=dry_run).run()
 
 
 def _check_refinable(r, meta: dict, folder: Path) -> None:

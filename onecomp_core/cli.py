@@ -126,9 +126,7 @@ def cmd_quantize(a) -> int:
     if report.get("rank"):                           # a data-parallel rank other than 0: rank 0 reports
         return 0
     if a.dry_run:
-        from .dry_run import dry_run_lines
-        print(json.dumps(report) if a.json else "\n".join(dry_run_lines(report)))
-        return 0
+        return _print_dry_run(report, a.json)
     s, ev = report["summary"], report.get("evaluation")
     line = f"wrote {report['out']}: {s['bpw']} bits per weight, {s['wall_seconds']} s, peak RSS {s['peak_rss_mb']} MiB"
     if ev:
@@ -139,15 +137,23 @@ def cmd_quantize(a) -> int:
     return 0
 
 
+def _print_dry_run(report: dict, as_json: bool) -> int:
+    from .dry_run import dry_run_lines
+    print(json.dumps(report) if as_json else "\n".join(dry_run_lines(report)))
+    return 0
+
+
 def cmd_refine(a) -> int:
     from .api import refine
     old = Path(a.dir) / "report.json"
     earlier = len(json.loads(old.read_text()).get("refine", [])) if old.is_file() else 0
     report = refine(a.dir, refiners=a.refiners or [], options=_options(a.option), eval_text=a.eval_text,
                     refine_samples=a.refine_samples, heldout=a.heldout, device=a.device, dtype=a.dtype,
-                    refine=a.refine, max_memory=a.max_memory, time_budget=a.time_budget)
+                    refine=a.refine, max_memory=a.max_memory, time_budget=a.time_budget, dry_run=a.dry_run)
     if report.get("rank"):                           # a data-parallel rank other than 0: rank 0 reports
         return 0
+    if a.dry_run:
+        return _print_dry_run(report, a.json)
     for rec in report["refine"][earlier:]:
         what = rec["name"] + (" (its blocks)" if rec.get("scope") == "block" else "")
         if rec.get("skipped"):
@@ -293,6 +299,10 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--eval-text", help="afterwards, measure perplexity and KL on this text")
     r.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     r.add_argument("--dtype", help="auto or a torch dtype name")
+    r.add_argument("--dry-run", action="store_true",
+                   help="estimate each refiner on the checkpoint as it is (memory, time) and print which would run; "
+                        "nothing is trained, judged or written")
+    r.add_argument("--json", action="store_true", help="with --dry-run: print its report as JSON")
     r.set_defaults(fn=cmd_refine)
     e = sub.add_parser("eval", help="perplexity (and KL with --ref) of a quantized folder")
     e.add_argument("dir")

@@ -37,7 +37,7 @@ def dry_run_report(runner, wall: float) -> dict:
     budget = memory_budget(run.max_memory, runner.device)
     counts = Counter(spec_label(s) for s in plan.specs.values())
     choice = getattr(runner, "choice", None)
-    model_refiners = [r.name for r in runner.stage_refiners()]
+    later = [] if getattr(runner, "refine_estimated", False) else [r.name for r in runner.stage_refiners()]
     summary = {"model": str(run.model), "out": str(run.out), "outlook": runner.outlook[0],
                "modules": len(plan.specs), "bpw": round(planned_bpw(plan, res.formats, shapes), 4),
                "quantized_params": sum(shapes[n][0] * shapes[n][1] for n in plan.specs),
@@ -54,7 +54,7 @@ def dry_run_report(runner, wall: float) -> dict:
               "plan": {n: s.to_dict() for n, s in plan.specs.items()}, "plan_info": plan.info,
               "preprocessors": [{"name": n, **t.describe()} for n, t in runner.transforms],
               "refine_choice": choice.decisions if choice is not None else [], "disk": runner.disk,
-              "later_refiners": model_refiners, "stages": runner.stages, "config": res.describe()}
+              "later_refiners": later, "stages": runner.stages, "config": res.describe()}
     return report
 
 

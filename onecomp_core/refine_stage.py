@@ -228,6 +228,18 @@ def scope_of(refiner) -> str:
     return getattr(refiner, "scope", "model")
 
 
+def model_context(refiner, checkpoint: Path, scratch: Path, *, plan, formats, plugins, reference, load_reference,
+                  train_ids, block_train_ids, heldout_ids, device, run, ranks=None) -> ModelContext:
+    """What ``refiner`` sees of the checkpoint in ``checkpoint`` (block refiners train on
+    ``block_train_ids`` when given, model refiners on ``train_ids``)."""
+    ids = block_train_ids if block_train_ids is not None and scope_of(refiner) == "block" else train_ids
+    return ModelContext(checkpoint=checkpoint, reference=reference, plan=plan, formats=formats,
+                        calibration_ids=ids, heldout_ids=heldout_ids, device=device,
+                        load=lambda folder=None: load_quantized(folder or checkpoint, str(device), run.dtype, plugins),
+                        load_reference=load_reference, run=run,
+                        quantized=lambda: stored_modules(checkpoint, plugins.registry), scratch=scratch, ranks=ranks)
+
+
 def run_model_refiners(refiners, store: RefineStore | None, *, plan, formats, plugins, reference, load_reference,
                        heldout_ref, train_ids, heldout_ids, device, run, choose=None, ranks=None,
                        out: Path | None = None, block_train_ids=None) -> list[dict]:
@@ -254,13 +266,10 @@ def run_model_refiners(refiners, store: RefineStore | None, *, plan, formats, pl
         return work / f"refiner-{refiner.name}{'' if scope_of(refiner) == 'model' else '-' + scope_of(refiner)}"
 
     def context(refiner) -> ModelContext:
-        current = work / "current"
-        ids = block_train_ids if block_train_ids is not None and scope_of(refiner) == "block" else train_ids
-        return ModelContext(checkpoint=current, reference=reference, plan=plan, formats=formats,
-                            calibration_ids=ids, heldout_ids=heldout_ids, device=device,
-                            load=load, load_reference=load_reference, run=run,
-                            quantized=lambda: stored_modules(current, plugins.registry),
-                            scratch=scratch(refiner), ranks=ranks)
+        return model_context(refiner, work / "current", scratch(refiner), plan=plan, formats=formats, plugins=plugins,
+                             reference=reference, load_reference=load_reference, train_ids=train_ids,
+                             block_train_ids=block_train_ids, heldout_ids=heldout_ids, device=device, run=run,
+                             ranks=ranks)
 
     def tell(runs: bool) -> bool:             # the leader's decision, on every rank
         return ranks.broadcast(runs) if ranks is not None else runs

@@ -36,7 +36,7 @@ from .hashing import weights_digest
 from .gather import input_diagonals, input_statistics
 from .block_pass import LayerwisePass, streams_used
 from .model_source import resolve_model
-from .refine_stage import RefineStore, heldout_reference, refine_work, run_model_refiners
+from .refine_stage import RefineStore, heldout_reference, model_context, refine_work, run_model_refiners
 from .fit import OverBudget, RefineChoice
 from .reference_pass import measure_reference
 from .resources import memory_budget, parse_size, release_memory, set_threads
@@ -174,6 +174,7 @@ class Runner:
         if self.refine_only:
             self.stage("plan", self.plan_from_checkpoint)
             if self.dry_run:
+                self.stage("estimate", self.estimate_refine_stage)
                 return dry_run_report(self, time.time() - t_start)
         else:
             self.stage("capture", self.capture)
@@ -218,7 +219,8 @@ class Runner:
         self.shapes = self.sk.linear_shapes()
         self.fingerprint = fingerprint(self.res, self.folder)
         out = Path(run.out)
-        if not self.refine_only and not run.overwrite and refine_pending(out, self.fingerprint):
+        resuming = not self.refine_only and not run.overwrite and refine_pending(out, self.fingerprint)
+        if resuming:
             self.refine_only = True                  # killed during the refine stage: resume it
         self.refine_only = self.ranks.broadcast(self.refine_only)       # the leader's view of the folder
         if self.refine_only and self.ranks.active and not self.parallel_refine():
@@ -227,7 +229,9 @@ class Runner:
                                f"in one process: run `onecomp refine` without torchrun")
         if self.refine_only:
             self.base_report = json.loads((out / "report.json").read_text()) if (out / "report.json").is_file() else {}
-            self.outlook = ("refine", f"refines the checkpoint in {out} (the refine stage; its pivot is saved)")
+            self.outlook = ("resume refine", f"resumes the unfinished refine stage of {out} (its pivot is saved)") \
+                if resuming else ("refine", f"refines the checkpoint in {out} in place (keeping only what lowers "
+                                            f"the held-out KL)")
         else:                                        # only the leader writes; it says where to resume
             self.store = self.ranks.leader_does(lambda: RunStore(out, self.fingerprint, run.overwrite, self.dry_run),
                                                 share=False) \
@@ -675,6 +679,22 @@ class Runner:
             raise
         if self.ranks.leader:
             self.final = self.refine_store.current
+
+    def estimate_refine_stage(self) -> None:
+        """A dry run of the refine stage: each step's estimate on the checkpoint in ``--out`` as it
+        is (its timed probes included) and the choice, in order; nothing is trained or judged, and
+        a probe's scratch goes to a throwaway folder."""
+        run = self.run_cfg
+        self.choice = self.refine_choice()
+        reference_model = functools.cache(lambda: load_reference(str(self.folder), str(self.device), run.dtype)[0])
+        with tempfile.TemporaryDirectory(prefix="onecomp-dry-run-") as tmp:
+            for r in self.stage_refiners():
+                mctx = model_context(r, Path(run.out), Path(tmp) / r.name, plan=self.plan_, formats=self.res.formats,
+                                     plugins=self.res.plugins, reference=self.folder, load_reference=reference_model,
+                                     train_ids=self.refine_ids, block_train_ids=self.block_refine_ids,
+                                     heldout_ids=self.heldout_ids, device=self.device, run=run)
+                self.choice.decide(r, r.estimate(mctx))
+        self.refine_estimated = True
 
     def export(self) -> None:
         res = self.res

@@ -109,3 +109,35 @@ def test_the_dry_run_flag_prints_the_plan_in_words_or_json(tiny_llama, tmp_path,
     rep = json.loads(capsys.readouterr().out)
     assert rep["dry_run"] and rep["summary"]["bpw"] == 4.625
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not (installed("refiner", "blockptq") and installed("refiner", "globalptq")),
+                    reason="needs the blockptq and globalptq distributions")
+def test_a_dry_run_of_the_refine_stage_estimates_each_step_and_touches_nothing(tiny_llama, tmp_path, capsys):
+    q = tmp_path / "q"
+    onecomp_core.quantize(tiny_llama, q, **quick(bits=3))
+    before = files_under(tmp_path)
+    dry = onecomp_core.refine(q, refine="auto", dry_run=True, options={"globalptq": {"epochs": 1}})
+    assert dry["summary"]["outlook"] == "refine" and "in place" in dry["outlook"]
+    steps = {d["name"]: d for d in dry["refine_choice"]}
+    assert set(steps) == {"blockptq", "globalptq"} and all(d["run"] for d in steps.values())
+    assert all(d["predicted_peak_mb"] > 0 and d["predicted_seconds"] is not None for d in steps.values())
+    assert dry["later_refiners"] == [] and dry["summary"]["predicted_layerwise_peak_mb"] is None
+    assert files_under(tmp_path) == before                     # no work folder, the checkpoint as it was
+    with pytest.raises(OnecompError, match="globalptq needs ~.* over --max-memory"):     # as the run refuses
+        onecomp_core.refine(q, refiners=["globalptq"], max_memory="1MB", dry_run=True)
+    assert files_under(tmp_path) == before
+    capsys.readouterr()
+    assert main(["refine", str(q), "--refiner", "blockptq", "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"dry run, nothing written: {tiny_llama} -> {q}: refines the checkpoint in {q} in place " \
+                     f"(keeping only what lowers the held-out KL)"
+    assert any(x.startswith("blockptq runs: named in the config (~") for x in out)
+
+
+def test_a_dry_run_where_the_refine_stage_was_interrupted_says_it_resumes_there(tiny_llama, tmp_path, monkeypatch):
+    q = tmp_path / "q"
+    onecomp_core.quantize(tiny_llama, q, **quick())
+    monkeypatch.setattr(onecomp_core.runner, "refine_pending", lambda out, fp: True)
+    dry = onecomp_core.quantize(tiny_llama, q, dry_run=True, **quick())
+    assert dry["summary"]["outlook"] == "resume refine" and "resumes the unfinished refine stage" in dry["outlook"]
