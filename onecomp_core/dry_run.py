@@ -20,7 +20,7 @@ def planned_bpw(plan, formats, shapes) -> float:
 
 
 def spec_label(spec) -> str:
-    """One plan entry in words: ``gptq int4 g128``, ``dbf 1.5 bpw``."""
+    """One plan entry in words: ``gptq uniform 4-bit g128``, ``dbf dbf 1.5 bpw`` (projector, format, grid)."""
     if "bpw" in spec.options:
         grid = f"{spec.format} {spec.options['bpw']} bpw"
     else:
@@ -48,7 +48,8 @@ def dry_run_report(runner, wall: float) -> dict:
                "streams_on_disk": bool(need is not None and runner.streams_spill(*runner.layerwise_parts())),
                # the first block to do, run for real and thrown away: its seconds, times the blocks left
                "timed_block_seconds": None if secs is None else round(secs, 2),
-               "predicted_layerwise_seconds": None if secs is None else round(secs * (len(runner.sk.blocks) - runner.start), 1),
+               "predicted_layerwise_seconds": None if secs is None else
+               round(secs * (len(runner.sk.blocks) - runner.start), 1),
                "wall_seconds": round(wall, 2), "peak_rss_mb": round(peak_rss_mb(), 1)}
     report = {"dry_run": True, "summary": summary, "outlook": runner.outlook[1], "plan_counts": dict(counts),
               "plan": {n: s.to_dict() for n, s in plan.specs.items()}, "plan_info": plan.info,
@@ -71,14 +72,15 @@ def dry_run_lines(report: dict) -> list[str]:
                      f"{fits} {which} ({human_bytes(s['max_memory_mb'] * 2**20)})"
                      + ("; the streams go to disk" if s["streams_on_disk"] else ""))
     if s["timed_block_seconds"] is not None:
-        lines.append(f"layer-wise time: ~{human_seconds(s['predicted_layerwise_seconds'])} for {s['blocks'] - s['resumes_after_block']} "
-                     f"blocks (block {s['resumes_after_block']} run and thrown away: {s['timed_block_seconds']} s)"
-                     + ("" if s["time_budget_s"] is None else
-                        f", {100 * s['predicted_layerwise_seconds'] / s['time_budget_s']:.0f}% of --time-budget "
-                        f"{human_seconds(s['time_budget_s'])}"))
+        todo, secs = s["blocks"] - s["resumes_after_block"], s["predicted_layerwise_seconds"]
+        share = "" if s["time_budget_s"] is None else \
+            f", {100 * secs / s['time_budget_s']:.0f}% of --time-budget {human_seconds(s['time_budget_s'])}"
+        lines.append(f"layer-wise time: ~{human_seconds(secs)} for {todo} blocks (block {s['resumes_after_block']} "
+                     f"run and thrown away: {s['timed_block_seconds']} s){share}")
+    mib = lambda x: human_bytes(x * 2**20)
     d = report["disk"]
-    lines.append(f"disk: ~{human_bytes(d['need_mb'] * 2**20)} at the peak (checkpoint ~{human_bytes(d['checkpoint_mb'] * 2**20)}), "
-                 f"{human_bytes(d['free_mb'] * 2**20)} free under {d['where']}")
+    lines.append(f"disk: ~{mib(d['need_mb'])} at the peak (checkpoint ~{mib(d['checkpoint_mb'])}), "
+                 f"{mib(d['free_mb'])} free under {d['where']}")
     if report["preprocessors"]:
         lines.append(f"preprocessors fitted (not saved): {', '.join(p['name'] for p in report['preprocessors'])}")
     for d in report["refine_choice"]:
