@@ -32,8 +32,8 @@ on_exit() {
 trap on_exit EXIT
 # the wheels, one core environment with torch and one environment per plugin at once
 free_kib=$(df -Pk "$WORK" | awk 'NR==2 {print $4}')
-if [ "${free_kib:-0}" -lt $((3 * 1024 * 1024)) ]; then
-    echo "[check_dists] only $((free_kib / 1024)) MiB free under $WORK; it needs about 3 GiB: free some disk or set CHECK_DISTS_DIR to a folder on a larger disk" >&2
+if [ "${free_kib:-0}" -lt $((5 * 1024 * 1024 / 2)) ]; then
+    echo "[check_dists] only $((free_kib / 1024)) MiB free under $WORK; it needs about 2.5 GiB: free some disk or set CHECK_DISTS_DIR to a folder on a larger disk" >&2
     exit 1
 fi
 WHEELS=$WORK/wheels

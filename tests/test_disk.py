@@ -106,4 +106,4 @@ def test_what_counts_as_a_full_disk():
 
 def test_free_bytes_looks_at_the_nearest_existing_folder(tmp_path):
     where, free = disk.free_bytes(tmp_path / "a" / "b" / "out")
-    assert where == tmp_path and free == shutil.disk_usage(tmp_path).free
+    assert where == tmp_path and abs(free - shutil.disk_usage(tmp_path).free) < 2**30   # others write meanwhile
