@@ -33,11 +33,12 @@ from .errors import OnecompError
 from .formats.trainable import attach_views
 from .evaluate import evaluate, load_reference, text_tokens
 from .hashing import weights_digest
+from .lazy_weights import LazyWeights
 from .gather import input_diagonals, input_statistics
 from .block_pass import LayerwisePass, streams_used
 from .model_source import resolve_model
 from .refine_stage import RefineStore, heldout_reference, model_context, refine_work, run_model_refiners
-from .fit import OverBudget, RefineChoice
+from .fit import RefineChoice
 from .reference_pass import measure_reference
 from .resources import memory_budget, parse_size, release_memory, set_threads
 from .report import peak_gpu_mb, peak_rss_mb, reset_stage_peak, rss_mb, stage_peak_mb, write_reports
@@ -589,6 +590,7 @@ class Runner:
         the refiners asked for before any work."""
         res = self.res
         modules = read_meta(Path(self.run_cfg.out))["modules"]
+        LazyWeights(Path(self.run_cfg.out))          # every file's header read: a damaged one is named now
         names = {a.name for a in LayerSpec.__attrs_attrs__}
         self.plan_ = Plan(specs={n: LayerSpec(**{k: v for k, v in m.items() if k in names}) for n, m in modules.items()})
         self.shapes = {n: tuple(m["shape"]) for n, m in modules.items()}
@@ -672,10 +674,12 @@ class Runner:
                 plugins=self.res.plugins, reference=self.folder, load_reference=reference_model, heldout_ref=judge,
                 train_ids=self.refine_ids, block_train_ids=self.block_refine_ids,
                 heldout_ids=self.heldout_ids, device=self.device, run=run, choose=choose, ranks=ranks, out=Path(run.out))
-        except OverBudget:
-            # `onecomp refine` refused before any refiner finished: the checkpoint is as it was, nothing to resume
-            if self.refine_only and self.refine_store is not None and not self.refine_store.records():
-                shutil.rmtree(self.refine_store.work, ignore_errors=True)
+        except OnecompError:
+            # `onecomp refine` stopped with one line (over --max-memory, a damaged checkpoint) before any
+            # refiner finished or kept state: the checkpoint is as it was, nothing to resume
+            st = self.refine_store
+            if self.refine_only and st is not None and not st.records() and not any(st.work.glob("refiner-*")):
+                shutil.rmtree(st.work, ignore_errors=True)
             raise
         if self.ranks.leader:
             self.final = self.refine_store.current

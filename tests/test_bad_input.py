@@ -55,6 +55,16 @@ class Inputs:
             _MADE["ckpt"] = root
         return str(_MADE["ckpt"])
 
+    @property
+    def damaged_checkpoint(self) -> str:
+        """A copy of the checkpoint with a block file cut short (a disk that filled, a copy killed)."""
+        import shutil
+        copy = self.tmp / "damaged"
+        shutil.copytree(self.checkpoint, copy)
+        block = sorted(copy.glob("*block-00000*.safetensors"))[0]
+        block.write_bytes(block.read_bytes()[:5000])
+        return str(copy)
+
     def dir(self, name: str) -> str:
         (self.tmp / name).mkdir(exist_ok=True)
         return str(self.tmp / name)
@@ -160,6 +170,8 @@ CASES = [
     ("refine-named-over-max-memory", lambda f: ["refine", f.checkpoint, "--refiner", "globalptq", "--max-memory", "1MB"],
      r"^onecomp: error: globalptq needs ~[\d.]+ [MG]iB, over --max-memory 1 MiB: raise --max-memory or drop --refiner "
      r"globalptq$", True),
+    ("refine-damaged-checkpoint", lambda f: ["refine", f.damaged_checkpoint, "--refiner", "blockptq"],
+     r"corrupt safetensors file .*damaged/model-block-00000.safetensors: tensor .* lies outside the file", True),
     ("refine-bad-option", lambda f: ["refine", f.checkpoint, "--refiner", "globalptq", "--option", "globalptq.epochs=-1"],
      "epochs", True),
     ("eval-missing-dir", lambda f: ["eval", f.tmp.as_posix() + "/nockpt", "--text", f.file("t.txt", TEXT)],

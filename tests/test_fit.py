@@ -141,3 +141,40 @@ def test_a_named_model_refiner_over_max_memory_stops_after_the_pivot_is_saved(ti
         onecomp_core.refine(out, refiners=["hungry-model"], max_memory="64GiB", plugins=[_Hungry()])
     assert {p.name: p.read_bytes() for p in out.glob("*.safetensors")} == files
     assert not (tmp_path / "q.onecomp-refine").exists()                # and nothing left to resume
+
+
+class _Failing:
+    """Model refiners that stop with one line: one before keeping any state, one after."""
+    from onecomp_core.sdk import ModelRefiner, hookimpl
+
+    class Early(ModelRefiner):
+        name = "fails-early"
+
+        def refine(self, mctx):
+            raise OnecompError("fails-early cannot refine this checkpoint")
+
+    class Late(ModelRefiner):
+        name = "fails-late"
+
+        def refine(self, mctx):
+            mctx.scratch.mkdir(parents=True, exist_ok=True)
+            (mctx.scratch / "epoch-1.pt").write_bytes(b"state")          # what a rerun would resume from
+            raise OnecompError("fails-late stopped after its first epoch")
+
+    @hookimpl
+    def onecomp_register_refiners(self, registry):
+        registry.add_refiner(_Failing.Early)
+        registry.add_refiner(_Failing.Late)
+
+
+def test_a_refine_that_stops_before_keeping_any_state_leaves_no_work_folder(tiny_llama, tmp_path):
+    out = tmp_path / "q"
+    onecomp_core.quantize(tiny_llama, out, projector="rtn", num_samples=2, seq_len=32)
+    files = {p.name: p.read_bytes() for p in out.glob("*.safetensors")}
+    with pytest.raises(OnecompError, match="^fails-early cannot refine"):
+        onecomp_core.refine(out, refiners=["fails-early"], plugins=[_Failing()])
+    assert not (tmp_path / "q.onecomp-refine").exists()                # nothing to resume: nothing left
+    with pytest.raises(OnecompError, match="^fails-late stopped"):
+        onecomp_core.refine(out, refiners=["fails-late"], plugins=[_Failing()])
+    assert (tmp_path / "q.onecomp-refine" / "refiner-fails-late" / "epoch-1.pt").is_file()   # kept for the rerun
+    assert {p.name: p.read_bytes() for p in out.glob("*.safetensors")} == files
