@@ -119,6 +119,7 @@ def cmd_quantize(a) -> int:
     from .plugins import load_plugins
     from .resolve import Resolved
     from .runner import Runner
+    _json_needs_dry_run(a)
     run = _run_config(a)
     if not run.out:
         raise OnecompError("no output folder: pass --out DIR")
@@ -137,6 +138,12 @@ def cmd_quantize(a) -> int:
     return 0
 
 
+def _json_needs_dry_run(a) -> None:
+    if a.json and not a.dry_run:
+        raise OnecompError("--json prints a dry run's report: add --dry-run (a run writes its report to "
+                           "report.json in the output folder)")
+
+
 def _print_dry_run(report: dict, as_json: bool) -> int:
     from .dry_run import dry_run_lines
     print(json.dumps(report) if as_json else "\n".join(dry_run_lines(report)))
@@ -145,6 +152,7 @@ def _print_dry_run(report: dict, as_json: bool) -> int:
 
 def cmd_refine(a) -> int:
     from .api import refine
+    _json_needs_dry_run(a)
     old = Path(a.dir) / "report.json"
     earlier = len(json.loads(old.read_text()).get("refine", [])) if old.is_file() else 0
     report = refine(a.dir, refiners=a.refiners or [], options=_options(a.option), eval_text=a.eval_text,

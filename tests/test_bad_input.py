@@ -170,6 +170,10 @@ CASES = [
     ("refine-named-over-max-memory", lambda f: ["refine", f.checkpoint, "--refiner", "globalptq", "--max-memory", "1MB"],
      r"^onecomp: error: globalptq needs ~[\d.]+ [MG]iB, over --max-memory 1 MiB: raise --max-memory or drop --refiner "
      r"globalptq$", True),
+    ("quantize-json-without-dry-run", lambda f: ["quantize", f.model, "--json"],
+     r"--json prints a dry run's report: add --dry-run", True),
+    ("refine-json-without-dry-run", lambda f: ["refine", f.checkpoint, "--refiner", "blockptq", "--json"],
+     r"--json prints a dry run's report: add --dry-run", True),
     ("refine-damaged-checkpoint", lambda f: ["refine", f.damaged_checkpoint, "--refiner", "blockptq"],
      r"corrupt safetensors file .*damaged/model-block-00000.safetensors: tensor .* lies outside the file", True),
     ("refine-bad-option", lambda f: ["refine", f.checkpoint, "--refiner", "globalptq", "--option", "globalptq.epochs=-1"],
