@@ -31,7 +31,7 @@ from .evaluate import quiet_loading
 from .progress import bar
 from .report import rss_bytes
 from .projectors import GridOptions
-from .resources import human_bytes, human_seconds, parse_duration, parse_size
+from .resources import human_bytes, human_seconds, parse_duration, parse_size, release_memory
 from .schedules import geometric, go_round, warmup_cosine
 from .spec import LayerSpec, Plan
 from .store import atomic_json, atomic_torch_save
@@ -58,7 +58,7 @@ __all__ = [
     # helpers
     "find_adapter", "excluded", "scale_dtype_for", "damp_hessian", "inverse_cholesky_upper", "cache_root", "block_error",
     "run_block", "load_plugins", "quantized_tensors", "parse_size", "parse_duration", "cast_floats", "rss_bytes",
-    "quiet_loading",
+    "quiet_loading", "release_memory",
     # sizes and durations in messages, as the core writes them (binary units, labelled)
     "human_bytes", "human_seconds",
     # a resume state written whole or not at all

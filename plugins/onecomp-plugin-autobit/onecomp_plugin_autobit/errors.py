@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from onecomp_core.sdk import damp_hessian, grid, inverse_cholesky_upper, quiet_loading
+from onecomp_core.sdk import damp_hessian, grid, inverse_cholesky_upper, quiet_loading, release_memory
 
 
 def rtn_weight(W: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> torch.Tensor:
@@ -66,6 +66,7 @@ def output_curvature(folder, ids: torch.Tensor, names: list[str], device="cpu", 
     Loads the full FP model once; only activations get gradients (the embeddings are the
     leaf), so no parameter gradients are stored."""
     from transformers import AutoModelForCausalLM
+    release_memory()                  # the statistics passes before this one leave freed pages resident
     with quiet_loading():
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).to(device)
     model.eval().requires_grad_(False)
@@ -95,6 +96,7 @@ def output_curvature(folder, ids: torch.Tensor, names: list[str], device="cpu", 
                 logits = model(inputs_embeds=emb).logits[0].float()
                 y = torch.multinomial(torch.softmax(logits.detach(), -1), 1, generator=g).squeeze(1)
                 torch.nn.functional.cross_entropy(logits, y).backward()
+            release_memory()          # each sample's vocabulary-sized temporaries, before the next one's
     finally:
         for h in hooks:
             h.remove()

@@ -12,7 +12,7 @@ import attrs
 import torch
 
 from onecomp_core.sdk import (LayerSpec, OnecompError, Plan, Planner, boolean, cache_root, excluded, hookimpl,
-                              in_range, one_of, scale_dtype_for, tensor_digest, weights_digest)
+                              in_range, one_of, release_memory, scale_dtype_for, tensor_digest, weights_digest)
 
 from .budget import fit_memory_budget_bits, parse_size
 from .errors import conditional_variances, output_curvature, row_errors, rtn_weight, total_error
@@ -223,10 +223,14 @@ class AutoBit(Planner):
             B = self._curvature(ctx, names) if B is None else B
             workers = o.workers or min(8, os.cpu_count() or 1)
             with ThreadPoolExecutor(workers) as pool:      # torch releases the GIL inside its ops
-                for n in names:
+                for k, n in enumerate(names):
                     todo = [c for c in allowed[n] if f"{n}|{_label(c)}" not in rows]
                     if not todo:
                         continue
+                    if k % 10 == 9:
+                        # the workers' freed weight-sized temporaries stay in their threads' heaps: handed
+                        # back every 10 modules (without it the resident size grew 4.1 GB on SmolLM2)
+                        release_memory()
                     W, a = ctx.weight(n).float(), A.get(n)     # one module's weight in memory at a time
 
                     def err(c, n=n, W=W, a=a):
