@@ -37,7 +37,7 @@ def dry_run_report(runner, wall: float) -> dict:
     budget = memory_budget(run.max_memory, runner.device)
     counts = Counter(spec_label(s) for s in plan.specs.values())
     choice = getattr(runner, "choice", None)
-    later = [] if getattr(runner, "refine_estimated", False) else [r.name for r in runner.stage_refiners()]
+    later = [] if runner.refine_only else [r.name for r in runner.stage_refiners()]   # refine only: estimated
     summary = {"model": str(run.model), "out": str(run.out), "outlook": runner.outlook[0],
                "modules": len(plan.specs), "bpw": round(planned_bpw(plan, res.formats, shapes), 4),
                "quantized_params": sum(shapes[n][0] * shapes[n][1] for n in plan.specs),

@@ -37,10 +37,10 @@ class RefineChoice:
         return self.decide(refiner, estimate, base, floor)["run"]
 
     def decide(self, refiner, estimate: dict | None, base: int = 0, floor: int = 0) -> dict:
-        """Whether ``refiner`` runs and why (the dict recorded in the report). Those ``--refine auto`` added run only if the estimate, plus ``base``
-        bytes already needed, fits. Refiners named in the config run (their estimate is recorded),
-        except that one whose estimate exceeds an explicit ``--max-memory`` stops the run with one
-        line before it starts (the time budget stays advisory for them: an overrun loses nothing).
+        """Whether ``refiner`` runs and why (the dict recorded in the report). Those ``--refine
+        auto`` added run only if the estimate, plus ``base`` bytes already needed, fits. Refiners
+        named in the config run (their estimate is recorded), except that one whose estimate
+        exceeds an explicit ``--max-memory`` stops the run with one line before it starts (the time budget stays advisory for them: an overrun loses nothing).
         The estimate's ``seconds`` may be a zero-argument callable (a timed probe that itself needs
         the refiner's memory): it is called only when the memory fits or the refiner runs anyway.
         ``floor``: the process's peak so far, reached in work this step repeats (the refine stage

@@ -295,7 +295,8 @@ def run_model_refiners(refiners, store: RefineStore | None, *, plan, formats, pl
             release_memory()          # the judged model's pages, before the refiner's own peak
         t0 = time.time()
         mctx = context(refiner)
-        decision = choose(refiner, attrs.evolve(mctx, ranks=None)) if choose is not None else None  # its probe runs here alone
+        # its probe runs here alone
+        decision = choose(refiner, attrs.evolve(mctx, ranks=None)) if choose is not None else None
         if decision is not None and not decision["run"]:
             tell(False)
             record = {"name": refiner.name, "scope": key[1], "modules": 0, "before": before, "after": before,

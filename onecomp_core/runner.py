@@ -10,7 +10,6 @@ committed) are skipped.
 from __future__ import annotations
 
 import copy
-import functools
 import hashlib
 import json
 import os
@@ -424,8 +423,9 @@ class Runner:
         self.choose_block_refiners()
         self.check_disk()
 
-    def layerwise(self, stop: int | None = None) -> None:
-        res = self.res
+    def layerwise(self, stop: int | None = None, store=None) -> None:
+        """The pass over blocks ``self.start``..``stop`` - 1 into ``store`` (default: the run's)."""
+        res, store = self.res, store or self.store
         n = self.run_cfg.calibration.num_samples
         mine = self.ranks.shard(n)                   # data-parallel: this rank's samples of both streams
         if self.start > 0:
@@ -435,11 +435,11 @@ class Runner:
             fp = self.inputs[mine].clone() if self.ranks.active else self.inputs
             q = fp.clone()
         self.inputs = streams = None
-        block_refiners = [r for r in res.refiners_of("block") if r.name not in self.skipped]
+        block_refiners = self.block_refiners_to_run()
         self.spilled = self.streams_spill(*self.layerwise_parts())
-        spill = SpilledStreams(self.store.work / "spill", fp.shape, fp.dtype) if self.spilled else None
+        spill = SpilledStreams(store.work / "spill", fp.shape, fp.dtype) if self.spilled else None
         lw = LayerwisePass(self.sk, self.plan_, res.projectors, res.formats, res.refiners_of("layer"),
-                           block_refiners, self.store, self.hook, self.needs, self.batch, spill=spill,
+                           block_refiners, store, self.hook, self.needs, self.batch, spill=spill,
                            ranks=self.ranks, stats_dtype=getattr(torch, self.run_cfg.calibration.stats_dtype),
                            forward_dtype=self.forward_dtype,
                            stream_autocast=self.run_cfg.calibration.forward_dtype != "statistics")
@@ -456,14 +456,13 @@ class Runner:
         streams are the work folder's, which a dry run leaves alone)."""
         if self.start > 0:
             return None
-        real = self.store
         with tempfile.TemporaryDirectory(prefix="onecomp-dry-run-") as tmp:
-            self.store = FollowerStore(Path(tmp) / "out", 0)
-            try:
-                self.layerwise(stop=1)
-            finally:
-                self.store = real
+            self.layerwise(stop=1, store=FollowerStore(Path(tmp) / "out", 0))
         return self.timing["block_seconds"][0]
+
+    def block_refiners_to_run(self) -> list:
+        """The block refiners of the layer-wise pass, less those the refine choice skipped."""
+        return [r for r in self.res.refiners_of("block") if r.name not in self.skipped]
 
     # -- the resource-adaptive choice (--refine auto, --max-memory, --time-budget) ---------------
     def layerwise_need_bytes(self) -> int:
@@ -486,9 +485,7 @@ class Runner:
         sk = self.sk
         width = torch.finfo(sk.dtype).bits // 8
         block = self.largest_block_params()
-        cal = self.run_cfg.calibration
-        rows = -(-cal.num_samples // self.ranks.world) if rows is None else rows    # this rank's shard
-        stream = rows * cal.seq_len * int(getattr(sk.config, "hidden_size", 0)) * width
+        stream = self.stream_bytes(rows)
         widest = max(s[1] for s in self.shapes.values())
         needs = self.statistics_needed() if needs is None else needs
         stats = widest * widest * 4 * (2 if {"cross", "residual"} & needs else 1) if needs else 0
@@ -499,6 +496,12 @@ class Runner:
         if replays is None:
             replays = 0 if self.res.refiners_of("block") else (3 if {"cross", "residual"} & needs else 2)
         return int(rss_mb() * 2**20 + 3 * block * width + stats + factor), (2 + replays) * stream
+
+    def stream_bytes(self, rows: int | None = None) -> int:
+        """One hidden-state stream of the pass: ``rows`` samples (default: this rank's shard)."""
+        sk, cal = self.sk, self.run_cfg.calibration
+        rows = -(-cal.num_samples // self.ranks.world) if rows is None else rows
+        return rows * cal.seq_len * int(getattr(sk.config, "hidden_size", 0)) * (torch.finfo(sk.dtype).bits // 8)
 
     def streams_spill(self, base: int, streams: int) -> bool:
         """The two streams go to files on disk when asked, or when an explicit --max-memory leaves
@@ -611,15 +614,13 @@ class Runner:
             ckpt = sum(p.stat().st_size for p in out.glob("*.safetensors"))
             need = run_need(ckpt, 0, 0, 0, refiners=False)
         else:
-            sk, cal = self.sk, self.run_cfg.calibration
+            sk = self.sk
             prefixes = tuple(sk.block_prefix(i) + "." for i in range(len(sk.blocks)))
             ckpt, in_blocks = checkpoint_bytes(self.plan_, self.res.formats, self.shapes, sk.weights, sk.store_dtype,
                                                lambda k: k.startswith(prefixes))
-            rows = -(-cal.num_samples // self.ranks.world)
-            stream = rows * cal.seq_len * int(getattr(sk.config, "hidden_size", 0)) * (torch.finfo(sk.dtype).bits // 8)
             data_free, fp_stream = streams_used(self.statistics_needed(), self.res.refiners_of("layer"),
-                                                [r for r in self.res.refiners_of("block") if r.name not in self.skipped])
-            stream *= 0 if data_free else 1 + fp_stream                   # the streams saved between blocks
+                                                self.block_refiners_to_run())
+            stream = 0 if data_free else self.stream_bytes() * (1 + fp_stream)   # the streams saved between blocks
             spilled = 2 * stream if self.streams_spill(*self.layerwise_parts()) else 0   # two buffers a stream
             blocks = len(sk.blocks)
             need = run_need(ckpt, in_blocks * (blocks - self.start) // blocks, stream, spilled,
@@ -656,8 +657,6 @@ class Runner:
         run = self.run_cfg
         ranks = self.ranks if self.ranks.active else None
         self.refine_store = RefineStore(Path(run.out), self.fingerprint) if self.ranks.leader else None
-        # the FP model, loaded when a refiner first asks for it and kept for the ones after it
-        reference_model = functools.cache(lambda: load_reference(str(self.folder), str(self.device), run.dtype)[0])
         judge = heldout_reference(self.folder, self.heldout_ids, self.device, run.dtype, self.res.plugins) \
             if self.ranks.leader else None
         if not hasattr(self, "choice"):
@@ -671,7 +670,7 @@ class Runner:
         try:
             self.refined = run_model_refiners(
                 self.stage_refiners(), self.refine_store, plan=self.plan_, formats=self.res.formats,
-                plugins=self.res.plugins, reference=self.folder, load_reference=reference_model, heldout_ref=judge,
+                plugins=self.res.plugins, reference=self.folder, load_reference=self.reference_model, heldout_ref=judge,
                 train_ids=self.refine_ids, block_train_ids=self.block_refine_ids,
                 heldout_ids=self.heldout_ids, device=self.device, run=run, choose=choose, ranks=ranks, out=Path(run.out))
         except OnecompError:
@@ -681,8 +680,17 @@ class Runner:
             if self.refine_only and st is not None and not st.records() and not any(st.work.glob("refiner-*")):
                 shutil.rmtree(st.work, ignore_errors=True)
             raise
+        finally:
+            self._reference = None                   # the FP model goes before the evaluation loads its own
         if self.ranks.leader:
             self.final = self.refine_store.current
+
+    def reference_model(self):
+        """The FP model, loaded when a refiner first asks for it and kept by this run for the ones
+        after it in the refine stage (released when the stage ends)."""
+        if getattr(self, "_reference", None) is None:
+            self._reference = load_reference(str(self.folder), str(self.device), self.run_cfg.dtype)[0]
+        return self._reference
 
     def estimate_refine_stage(self) -> None:
         """A dry run of the refine stage: each step's estimate on the checkpoint in ``--out`` as it
@@ -690,15 +698,14 @@ class Runner:
         a probe's scratch goes to a throwaway folder."""
         run = self.run_cfg
         self.choice = self.refine_choice()
-        reference_model = functools.cache(lambda: load_reference(str(self.folder), str(self.device), run.dtype)[0])
         with tempfile.TemporaryDirectory(prefix="onecomp-dry-run-") as tmp:
             for r in self.stage_refiners():
                 mctx = model_context(r, Path(run.out), Path(tmp) / r.name, plan=self.plan_, formats=self.res.formats,
-                                     plugins=self.res.plugins, reference=self.folder, load_reference=reference_model,
+                                     plugins=self.res.plugins, reference=self.folder, load_reference=self.reference_model,
                                      train_ids=self.refine_ids, block_train_ids=self.block_refine_ids,
                                      heldout_ids=self.heldout_ids, device=self.device, run=run)
                 self.choice.decide(r, r.estimate(mctx))
-        self.refine_estimated = True
+        self._reference = None
 
     def export(self) -> None:
         res = self.res
